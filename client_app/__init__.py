@@ -1,0 +1,1 @@
+"""Client side: local training and the ClientApp."""

@@ -1,0 +1,215 @@
+"""Experiment configuration: YAML files in configs/, a preset, then Flower run-config overrides.
+
+Resolution order (later wins): schema defaults < experiment YAML < preset < run config.
+Every leaf of the schema is also a key of `[tool.flwr.app.config]` in pyproject.toml with the
+value "" (meaning "keep the YAML's value"), because Flower only accepts overrides for keys the
+app declares. `flwr run . -c 'client.lr=0.005 hypernetwork.update_mode="batched"'` then works.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+UNSET = ""  # run-config value meaning "not overridden"
+EXPERIMENT_KEY = "experiment"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "mnist",
+        description="cifar10|cifar100|mnist|fashion_mnist|emnist, "
+        "imagefolder:<dir>, tinyimagenet:<dir> or npz:<file>",
+    )
+    root: str = "data"
+    download: bool = True
+    cache_dir: str = "~/.cache/mh-pfedhn"
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    partitioner: Literal["noniid1", "noniid2", "iid"] = "noniid1"
+    num_clients: int | Literal["auto"] = "auto"
+    classes_per_client: int | Literal["auto"] = "auto"
+    dirichlet_beta: float | Literal["auto"] = "auto"
+    min_samples: int | Literal["auto"] = "auto"
+    train_fraction: float = Field(0.75, gt=0.0, lt=1.0)
+    normalize: str = "auto"
+    image_size: int = Field(32, gt=0)
+
+
+class ClientsConfig(_Section):
+    """How simulated clients pick a model: client index mod len(models) (SPEC section 3)."""
+
+    models: list[str] = Field(default_factory=lambda: ["lenet"])
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not value:
+            raise ValueError("at least one model name is needed")
+        return value
+
+
+class ClientTrainConfig(_Section):
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(64, gt=0)
+    epochs: int = Field(2, gt=0)
+    grad_clip: float = Field(50.0, gt=0)
+    device: str = "cpu"
+
+
+class HypernetworkConfig(_Section):
+    chunk_size: int = Field(3072, gt=0)
+    embedding_dim: int = Field(64, gt=0)
+    hidden_dim: int = Field(128, gt=0)
+    hidden_layers: int = Field(3, gt=0)
+    embedding_std: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    grad_clip: float = Field(50.0, gt=0)
+    update_mode: Literal["sequential", "batched"] = "sequential"
+    max_params: int = Field(50_000_000, gt=0)
+    device: str = "auto"
+
+
+class ServerConfig(_Section):
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    min_nodes: int = Field(2, gt=0)
+    wait_for_nodes_s: float = Field(300.0, ge=0)
+    timeout_s: float = Field(3600.0, gt=0)
+    evaluate_every: int = Field(1, ge=0)
+    output_root: str = "outputs"
+    run_name: str = "auto"
+
+
+class ExperimentConfig(_Section):
+    name: str = "default"
+    method: Literal["mh_pfedhn"] = "mh_pfedhn"
+    preset: Literal["none", "paper"] = "none"
+    seed: int = 0
+    rounds: int = Field(5, gt=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    client: ClientTrainConfig = Field(default_factory=ClientTrainConfig)
+    hypernetwork: HypernetworkConfig = Field(default_factory=HypernetworkConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+# The authors' code (DangDang1895/MH-pFL) where it differs from the paper's text (SPEC 4, 5).
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "paper": {
+        "hypernetwork": {"embedding_std": 0.002},
+        "client": {"lr": 5e-3, "weight_decay": 5e-4, "epochs": 1},
+    },
+}
+
+
+def leaf_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf setting, in schema order (the run-config keys)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += leaf_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def experiment_path(name_or_path: str) -> Path:
+    """A name in configs/ (with or without .yaml) or a path to a YAML file."""
+    candidates = [Path(name_or_path).expanduser()]
+    if not name_or_path.endswith((".yaml", ".yml")):
+        candidates.append(CONFIG_DIR / f"{name_or_path}.yaml")
+    candidates.append(CONFIG_DIR / name_or_path)
+    for path in candidates:
+        if path.is_file():
+            return path
+    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"experiment {name_or_path!r} not found: give a YAML path or one of {available}"
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return loaded
+
+
+def _validate(raw: Mapping[str, Any], origin: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid configuration ({origin}): {problems}") from None
+
+
+def resolve_config(
+    experiment: str = "default", overrides: Mapping[str, Any] | None = None
+) -> ExperimentConfig:
+    """YAML file, then its preset, then flat dotted overrides ("" values are skipped)."""
+    path = experiment_path(experiment)
+    raw = _read_yaml(path)
+    flat = {k: v for k, v in (overrides or {}).items() if v != UNSET and k != EXPERIMENT_KEY}
+    unknown = sorted(set(flat) - set(leaf_keys()))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; valid keys: {leaf_keys()}")
+    nested_overrides = _nest(flat)
+    preset = nested_overrides.get("preset", raw.get("preset", "none"))
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    merged = _merge(_merge(raw, PRESETS[preset]), nested_overrides)
+    return _validate(merged, f"{path} with overrides {flat}" if flat else str(path))
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """The resolved experiment for a Flower Context's run_config."""
+    experiment = str(run_config.get(EXPERIMENT_KEY) or "default")
+    return resolve_config(experiment, run_config)
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,162 @@
+"""The wire protocol between the MH-pFedHN server and its clients (Flower Message content).
+
+This is all a client implementation has to honour (see README "Plugging in your own model"):
+
+- query         reply   config  {"client-key": str, "num-params": K}
+- train         in      arrays  {"theta": float32[K]}, config {"server-round": int}
+                reply   arrays  {"delta": float32[K]}  (sent minus trained, "old - new")
+                        metrics {"num-examples": int, "train-loss": float}
+- evaluate      in      arrays  {"theta": float32[K]}, config {"server-round": int}
+                reply   metrics {"num-examples": int, "correct": int, "loss-sum": float}
+
+The server never learns an architecture, layer names or data: only K, deltas and counts.
+Parsing is strict so that a malformed reply is refused before it can touch server state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+QUERY = "query"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+THETA = "theta"
+DELTA = "delta"
+CLIENT_KEY = "client-key"
+NUM_PARAMS = "num-params"
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"
+
+
+class ReplyError(ValueError):
+    """A client reply that cannot be used; the round goes on without it."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    client_key: str
+    num_params: object  # validated by the server (it may be anything a client sends)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    delta: np.ndarray
+    num_examples: int
+    train_loss: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_examples: int
+    correct: int
+    loss_sum: float
+
+
+# ------------------------------------------------------------------ server -> client
+def instruction(theta: np.ndarray | None, server_round: int) -> RecordDict:
+    """Content of a train/evaluate instruction (a query carries no vector)."""
+    content = RecordDict({"config": ConfigRecord({SERVER_ROUND: server_round})})
+    if theta is not None:
+        content["arrays"] = ArrayRecord({THETA: Array(np.ascontiguousarray(theta, np.float32))})
+    return content
+
+
+def read_theta(message: Message) -> np.ndarray:
+    return message.content["arrays"][THETA].numpy()
+
+
+def read_round(message: Message) -> int:
+    return int(message.content["config"][SERVER_ROUND])
+
+
+# ------------------------------------------------------------------ client -> server
+def identity_reply(client_key: str, num_params: int) -> RecordDict:
+    return RecordDict({"config": ConfigRecord({CLIENT_KEY: client_key, NUM_PARAMS: num_params})})
+
+
+def train_reply(delta: np.ndarray, num_examples: int, train_loss: float) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": ArrayRecord({DELTA: Array(np.ascontiguousarray(delta, np.float32))}),
+            "metrics": MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": train_loss}),
+        }
+    )
+
+
+def evaluate_reply(num_examples: int, correct: int, loss_sum: float) -> RecordDict:
+    return RecordDict(
+        {
+            "metrics": MetricRecord(
+                {NUM_EXAMPLES: num_examples, "correct": correct, "loss-sum": loss_sum}
+            )
+        }
+    )
+
+
+# --------------------------------------------------------------- strict parsing
+def _record(message: Message, name: str, kind: type):
+    if message.has_error():
+        raise ReplyError(f"client error {message.error.code}: {message.error.reason}")
+    if not message.has_content() or name not in message.content:
+        raise ReplyError(f"reply has no {name!r} record")
+    record = message.content[name]
+    if not isinstance(record, kind):
+        raise ReplyError(f"reply record {name!r} is a {type(record).__name__}, not {kind.__name__}")
+    return record
+
+
+def _field(record, name: str, types: tuple[type, ...]):
+    if name not in record:
+        raise ReplyError(f"reply lacks {name!r}")
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ReplyError(f"{name!r} has type {type(value).__name__}")
+    return value
+
+
+def parse_identity(message: Message) -> Identity:
+    config = _record(message, "config", ConfigRecord)
+    key = _field(config, CLIENT_KEY, (str,))
+    if NUM_PARAMS not in config:
+        raise ReplyError(f"reply lacks {NUM_PARAMS!r}")
+    return Identity(client_key=key, num_params=config[NUM_PARAMS])
+
+
+def _count(metrics, name: str) -> int:
+    value = _field(metrics, name, (int, float))
+    if not np.isfinite(value) or value < 0 or float(value) != int(value):
+        raise ReplyError(f"{name!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def parse_train_reply(message: Message, expected_params: int) -> TrainResult:
+    arrays = _record(message, "arrays", ArrayRecord)
+    metrics = _record(message, "metrics", MetricRecord)
+    if DELTA not in arrays:
+        raise ReplyError(f"reply lacks the {DELTA!r} array")
+    delta = arrays[DELTA].numpy()
+    if delta.dtype != np.float32:
+        raise ReplyError(f"delta has dtype {delta.dtype}, expected float32")
+    if delta.shape != (expected_params,):
+        raise ReplyError(f"delta has shape {delta.shape}, expected ({expected_params},)")
+    if not np.isfinite(delta).all():
+        raise ReplyError(f"delta holds {int((~np.isfinite(delta)).sum())} NaN/Inf values")
+    num_examples = _count(metrics, NUM_EXAMPLES)
+    if num_examples == 0:
+        raise ReplyError("num-examples is 0")
+    loss = float(metrics.get("train-loss", float("nan")))
+    return TrainResult(delta=delta, num_examples=num_examples, train_loss=loss)
+
+
+def parse_evaluate_reply(message: Message) -> EvalResult:
+    metrics = _record(message, "metrics", MetricRecord)
+    n = _count(metrics, NUM_EXAMPLES)
+    correct = _count(metrics, "correct")
+    loss_sum = float(_field(metrics, "loss-sum", (int, float)))
+    if correct > n or not np.isfinite(loss_sum):
+        raise ReplyError(f"inconsistent evaluation: correct={correct}, n={n}, loss-sum={loss_sum}")
+    return EvalResult(num_examples=n, correct=correct, loss_sum=loss_sum)

@@ -1,0 +1,1 @@
+"""Server side: the hypernetwork, its state, the Strategy and the ServerApp."""

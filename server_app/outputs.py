@@ -1,0 +1,49 @@
+"""A run's output directory: resolved config, metrics.jsonl (one line per round), summary.json.
+
+Lines are appended and flushed as each round ends, so a crashed run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from common.config import ExperimentConfig, to_yaml
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.metrics_path = directory / "metrics.jsonl"
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig, run_id: int | str = "local") -> RunRecorder:
+        """outputs/<name>-<time>-run<id>/ unless server.run_name is set."""
+        name = cfg.server.run_name
+        if name == "auto":
+            name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
+        directory = Path(cfg.server.output_root).expanduser().resolve() / name
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / "config.yaml", to_yaml(cfg))
+        return cls(directory)
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+            f.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.directory / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

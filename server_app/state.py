@@ -1,0 +1,245 @@
+"""Server state of MH-pFedHN: the hypernetwork, per-client embeddings, registry and optimizer.
+
+Pure PyTorch, no Flower: the Strategy feeds it client keys, parameter counts and deltas.
+Invariants (SPEC section 4):
+- a client is known by its stable key; its tau embedding vectors are created when it first
+  reports K, and a key never changes its K;
+- an update for client i touches only the feature extractor, the head of tau_i and v_i;
+  every other embedding and head stays bit-identical (their gradients are None, which Adam skips).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.seeding import stable_seed
+from server_app.hypernetwork import MultiHeadHypernetwork, num_chunks
+
+logger = logging.getLogger(__name__)
+
+UPDATE_MODES = ("sequential", "batched")
+
+
+class RegistrationError(ValueError):
+    """A client's reported size or key cannot be accepted; server state is unchanged."""
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    key: str
+    num_params: int
+    tau: int
+    embedding_name: str
+
+
+@dataclass(frozen=True)
+class HypernetworkSettings:
+    chunk_size: int = 3072
+    embedding_dim: int = 64
+    hidden_dim: int = 128
+    hidden_layers: int = 3
+    embedding_std: float = 1.0
+    lr: float = 2e-4
+    grad_clip: float = 50.0
+    update_mode: str = "sequential"
+    max_params: int = 50_000_000
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' picks CUDA when present; an unavailable CUDA request falls back to CPU loudly."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("device %r requested but CUDA is not available: using the CPU", requested)
+        return torch.device("cpu")
+    return device
+
+
+def validate_num_params(value: object, max_params: int) -> int:
+    """K must be a positive integer not above the configured capacity."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise RegistrationError(f"parameter count K must be a positive integer, got {value!r}")
+    value = int(value)
+    if value <= 0:
+        raise RegistrationError(f"parameter count K must be a positive integer, got {value}")
+    if value > max_params:
+        raise RegistrationError(
+            f"parameter count K={value} exceeds the server's maximum of {max_params} "
+            "(raise hypernetwork.max_params to accept larger models)"
+        )
+    return value
+
+
+class HypernetworkServer:
+    """Owns everything the server learns; generates vectors and applies client deltas."""
+
+    def __init__(
+        self,
+        settings: HypernetworkSettings | None = None,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.settings = settings or HypernetworkSettings()
+        if self.settings.update_mode not in UPDATE_MODES:
+            raise ValueError(
+                f"update_mode must be one of {UPDATE_MODES}, got {self.settings.update_mode!r}"
+            )
+        self.seed = seed
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        s = self.settings
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_seed(seed, "feature_extractor"))
+            self.hnet = MultiHeadHypernetwork(
+                chunk_size=s.chunk_size,
+                embedding_dim=s.embedding_dim,
+                hidden_dim=s.hidden_dim,
+                hidden_layers=s.hidden_layers,
+            ).to(self.device)
+        self.embeddings = nn.ParameterDict()
+        self.clients: dict[str, ClientRecord] = {}
+        self.optimizer = torch.optim.Adam(self.hnet.feature_extractor.parameters(), lr=s.lr)
+
+    # ---------------------------------------------------------------- registry
+    def register(self, key: str, num_params: object) -> ClientRecord:
+        """Accept a client's K (idempotent for the same K); create its embeddings and head."""
+        if not isinstance(key, str) or not key:
+            raise RegistrationError(f"client key must be a non-empty string, got {key!r}")
+        k = validate_num_params(num_params, self.settings.max_params)
+        known = self.clients.get(key)
+        if known is not None:
+            if known.num_params != k:
+                raise RegistrationError(
+                    f"client {key!r} reported K={k} but is registered with K={known.num_params}; "
+                    "a client key cannot change its model size (use a new key for a new model)"
+                )
+            return known
+        tau = num_chunks(k, self.settings.chunk_size)
+        if not self.hnet.has_head(tau):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(stable_seed(self.seed, "head", tau))
+                head = self.hnet.add_head(tau)
+            self.optimizer.add_param_group({"params": list(head.parameters())})
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "embedding", key))
+        init = torch.randn(tau, self.settings.embedding_dim, generator=generator)
+        embedding = nn.Parameter((init * self.settings.embedding_std).to(self.device))
+        name = f"client{len(self.clients)}"
+        self.embeddings[name] = embedding
+        self.optimizer.add_param_group({"params": [embedding]})
+        record = ClientRecord(key=key, num_params=k, tau=tau, embedding_name=name)
+        self.clients[key] = record
+        return record
+
+    def record(self, key: str) -> ClientRecord:
+        try:
+            return self.clients[key]
+        except KeyError:
+            raise KeyError(f"client {key!r} is not registered") from None
+
+    def embedding(self, key: str) -> nn.Parameter:
+        return self.embeddings[self.record(key).embedding_name]
+
+    # -------------------------------------------------------------- generation
+    def _generate_group(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        """Generate clients of one tau with one batched call; returns theta_i per key."""
+        stacked = torch.stack([self.embedding(k) for k in keys])
+        flat = self.hnet(stacked)
+        return [flat[i, : self.record(k).num_params] for i, k in enumerate(keys)]
+
+    def _by_tau(self, keys: Sequence[str]) -> dict[int, list[str]]:
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.record(key).tau, []).append(key)
+        return groups
+
+    def generate(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Current theta_i (float32, CPU) for each key, grouped by head."""
+        out: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            for group in self._by_tau(keys).values():
+                for key, theta in zip(group, self._generate_group(group), strict=True):
+                    out[key] = theta.detach().to("cpu", torch.float32).numpy()
+        return out
+
+    # ----------------------------------------------------------------- updates
+    def _involved_parameters(self, keys: Sequence[str]) -> list[nn.Parameter]:
+        params = list(self.hnet.feature_extractor.parameters())
+        for tau in sorted({self.record(k).tau for k in keys}):
+            params += list(self.hnet.head(tau).parameters())
+        params += [self.embedding(k) for k in keys]
+        return params
+
+    def gradients(self, deltas: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict:
+        """scale * sum_i J_i^T delta_i for the parameters that produced the thetas.
+
+        Equals the gradient of scale * sum_i <theta_i(phi), delta_i>; returns {param: grad}.
+        """
+        keys = list(deltas)
+        params = self._involved_parameters(keys)
+        outputs, grad_outputs = [], []
+        for group in self._by_tau(keys).values():
+            for key, theta in zip(group, self._generate_group(group), strict=True):
+                outputs.append(theta)
+                grad_outputs.append(deltas[key].to(self.device, torch.float32) * scale)
+        grads = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
+        return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
+
+    def _step(self, grads: dict) -> float:
+        """Clip the joint gradient norm, one Adam step; other parameters keep grad None."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for param, grad in grads.items():
+            param.grad = grad
+        norm = torch.nn.utils.clip_grad_norm_(list(grads), self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def update_order(self, keys: Sequence[str], server_round: int) -> list[str]:
+        """Seeded random client order for sequential mode, independent of reply arrival order."""
+        ordered = sorted(keys)
+        rng = np.random.default_rng(stable_seed(self.seed, "order", server_round))
+        return [ordered[i] for i in rng.permutation(len(ordered))]
+
+    def apply_deltas(
+        self, deltas: Mapping[str, np.ndarray | torch.Tensor], server_round: int
+    ) -> dict:
+        """Apply a round's deltas (old - new) in the configured mode; returns timing facts."""
+        tensors = {k: torch.as_tensor(np.asarray(d, dtype=np.float32)) for k, d in deltas.items()}
+        for key, delta in tensors.items():
+            expected = self.record(key).num_params
+            if delta.shape != (expected,):
+                raise ValueError(
+                    f"delta of {key!r} has shape {tuple(delta.shape)}, expected ({expected},)"
+                )
+        if not tensors:
+            return {"updates": 0, "grad_norms": []}
+        norms = []
+        if self.settings.update_mode == "sequential":
+            for key in self.update_order(list(tensors), server_round):
+                norms.append(self._step(self.gradients({key: tensors[key]})))
+        else:
+            norms.append(self._step(self.gradients(tensors, scale=1.0 / len(tensors))))
+        return {"updates": len(norms), "grad_norms": norms}
+
+    # ------------------------------------------------------------------ sizes
+    def num_parameters(self) -> int:
+        """Trainable scalars on the server (feature extractor, heads, embeddings)."""
+        total = sum(p.numel() for p in self.hnet.parameters())
+        return total + sum(p.numel() for p in self.embeddings.values())
+
+    def describe(self) -> str:
+        taus = sorted({r.tau for r in self.clients.values()})
+        return (
+            f"{len(self.clients)} clients, {len(taus)} heads (tau {taus}), "
+            f"{self.num_parameters() / 1e6:.1f}M parameters on {self.device}"
+        )

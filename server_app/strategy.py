@@ -1,0 +1,330 @@
+"""The MH-pFedHN Strategy on Flower's Message API.
+
+Flower's stock strategies send one global model to everyone; here every node gets its own
+generated vector, so the round loop is ours (`start`), built from the usual
+configure/aggregate pieces. Each round: query nodes not seen before (K and client key),
+send each sampled client theta_i, apply the valid deltas to the hypernetwork, then send every
+known client its regenerated theta_i for evaluation on its own test split.
+Replies that are malformed are logged and dropped; they never reach the server state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from common import protocol
+from common.config import ExperimentConfig
+from common.seeding import stable_seed
+from server_app.outputs import RunRecorder
+from server_app.state import HypernetworkServer, RegistrationError
+
+logger = logging.getLogger("flwr.mh_pfedhn")
+
+
+@dataclass
+class RoundLog:
+    """What one round measured; becomes a line of metrics.jsonl."""
+
+    round: int
+    started: float = field(default_factory=time.perf_counter)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    values: dict[str, Any] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def reject(self, who: str, reason: str) -> None:
+        logger.warning("round %d: rejected reply from %s: %s", self.round, who, reason)
+        self.rejected.append({"client": who, "reason": reason})
+
+
+class MHpFedHN(Strategy):
+    def __init__(
+        self,
+        server: HypernetworkServer,
+        cfg: ExperimentConfig,
+        recorder: RunRecorder | None = None,
+    ) -> None:
+        self.server = server
+        self.cfg = cfg
+        self.recorder = recorder
+        self.node_of: dict[str, int] = {}  # client key -> latest node id
+        self.key_of: dict[int, str] = {}  # node id -> client key
+        self.refused: dict[int, str] = {}  # node id -> why it was refused
+        self.history: list[dict[str, Any]] = []
+        self._outbox: dict[str, str] = {}  # message id -> client key (filled after push)
+        self._pending: list[tuple[Message, str]] = []
+        self._log = RoundLog(0)
+
+    # ------------------------------------------------------------------ nodes
+    def wait_for_nodes(self, grid: Grid) -> None:
+        deadline = time.monotonic() + self.cfg.server.wait_for_nodes_s
+        needed = self.cfg.server.min_nodes
+        while len(list(grid.get_node_ids())) < needed and time.monotonic() < deadline:
+            time.sleep(1.0)
+        found = len(list(grid.get_node_ids()))
+        if found < needed:
+            logger.warning("only %d of %d nodes connected; starting anyway", found, needed)
+
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Query nodes never seen (new or restarted SuperNodes) for their key and K."""
+        new = [n for n in grid.get_node_ids() if n not in self.key_of and n not in self.refused]
+        if not new:
+            return
+        messages = [
+            Message(protocol.instruction(None, 0), dst_node_id=n, message_type=protocol.QUERY)
+            for n in new
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
+            node = node_of_message.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            try:
+                identity = protocol.parse_identity(reply)
+                record = self.server.register(identity.client_key, identity.num_params)
+            except (protocol.ReplyError, RegistrationError) as err:
+                self.refused[node] = str(err)
+                logger.warning("node %d refused: %s", node, err)
+                continue
+            old = self.node_of.get(record.key)
+            if old is not None and old != node:
+                self.key_of.pop(old, None)
+                logger.info("client %s is back on node %d (was %d)", record.key, node, old)
+            self.node_of[record.key] = node
+            self.key_of[node] = record.key
+            logger.info("client %s: K=%d, tau=%d", record.key, record.num_params, record.tau)
+
+    def connected_clients(self, grid: Grid) -> list[str]:
+        live = set(grid.get_node_ids())
+        return sorted(k for k, n in self.node_of.items() if n in live)
+
+    def sample(self, server_round: int, keys: list[str]) -> list[str]:
+        """Seeded fraction of the connected clients (all of them by default)."""
+        fraction = self.cfg.server.fraction_train
+        if fraction >= 1.0 or not keys:
+            return keys
+        count = max(1, int(round(fraction * len(keys))))
+        rng = np.random.default_rng(stable_seed(self.cfg.seed, "sample", server_round))
+        return sorted(keys[i] for i in rng.choice(len(keys), count, replace=False))
+
+    # ------------------------------------------------------------- messaging
+    def _messages(self, keys: list[str], message_type: str, server_round: int) -> list[Message]:
+        thetas = self.server.generate(keys)
+        self._pending = []
+        for key in keys:
+            content = protocol.instruction(thetas[key], server_round)
+            self._log.bytes_down += thetas[key].nbytes
+            message = Message(content, dst_node_id=self.node_of[key], message_type=message_type)
+            self._pending.append((message, key))
+        return [m for m, _ in self._pending]
+
+    def _by_client(self, replies: Iterable[Message]) -> dict[str, Message]:
+        """Map replies to client keys via the ids of the messages they answer."""
+        sent = {m.metadata.message_id: key for m, key in self._pending}
+        out: dict[str, Message] = {}
+        for reply in replies:
+            key = sent.get(reply.metadata.reply_to_message_id)
+            if key is None:
+                self._log.reject(f"node {reply.metadata.src_node_id}", "reply to no sent message")
+            else:
+                out[key] = reply
+        for key in sorted(set(sent.values()) - set(out)):
+            self._log.reject(key, "no reply before the timeout")
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        keys = self.sample(server_round, self.connected_clients(grid))
+        return self._messages(keys, protocol.TRAIN, server_round)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        results = {}
+        for key, reply in self._by_client(replies).items():
+            try:
+                expected = self.server.record(key).num_params
+                results[key] = protocol.parse_train_reply(reply, expected)
+            except protocol.ReplyError as err:
+                self._log.reject(key, str(err))
+                continue
+            self._log.bytes_up += results[key].delta.nbytes
+        started = time.perf_counter()
+        self.server.apply_deltas({k: r.delta for k, r in results.items()}, server_round)
+        update_s = time.perf_counter() - started
+        examples = sum(r.num_examples for r in results.values())
+        train_loss = (
+            sum(r.train_loss * r.num_examples for r in results.values()) / examples
+            if examples
+            else float("nan")
+        )
+        self._log.values.update(
+            clients_trained=len(results),
+            train_loss=train_loss,
+            server_update_seconds=update_s,
+            server_seconds_per_client_update=update_s / len(results) if results else 0.0,
+        )
+        return None, MetricRecord(
+            {"clients-trained": len(results), "train-loss": train_loss, "update-s": update_s}
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._messages(self.connected_clients(grid), protocol.EVALUATE, server_round)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        results = {}
+        for key, reply in self._by_client(replies).items():
+            try:
+                results[key] = protocol.parse_evaluate_reply(reply)
+            except protocol.ReplyError as err:
+                self._log.reject(key, str(err))
+        total = sum(r.num_examples for r in results.values())
+        if not total:
+            return None
+        per_client = {k: r.correct / r.num_examples for k, r in sorted(results.items())}
+        accuracy = sum(r.correct for r in results.values()) / total
+        loss = sum(r.loss_sum for r in results.values()) / total
+        client_mean = float(np.mean(list(per_client.values())))
+        self._log.values.update(
+            accuracy=accuracy,
+            accuracy_client_mean=client_mean,
+            loss=loss,
+            clients_evaluated=len(results),
+            client_accuracy=per_client,
+        )
+        return MetricRecord(
+            {"accuracy": accuracy, "accuracy-client-mean": client_mean, "loss": loss}
+        )
+
+    def summary(self) -> None:
+        c = self.cfg
+        logger.info(
+            "MH-pFedHN: %d rounds, %s update, data %s (%s), models %s, seed %d",
+            c.rounds,
+            c.hypernetwork.update_mode,
+            c.data.source,
+            c.data.partitioner,
+            ",".join(c.clients.models),
+            c.seed,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def _exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+        return list(grid.send_and_receive(list(messages), timeout=timeout))
+
+    def _evaluate(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
+        messages = self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
+        return self.aggregate_evaluate(server_round, self._exchange(grid, messages, timeout))
+
+    def _evaluation_due(self, server_round: int, num_rounds: int) -> bool:
+        every = self.cfg.server.evaluate_every
+        if every == 0:
+            return False
+        return server_round == 0 or server_round % every == 0 or server_round == num_rounds
+
+    def _finish_round(self) -> dict[str, Any]:
+        log = self._log
+        row: dict[str, Any] = {"round": log.round}
+        for key in ("accuracy", "accuracy_client_mean", "loss"):
+            row[key] = log.values.pop(key, None)
+        row["seconds"] = time.perf_counter() - log.started
+        row["bytes_down"] = log.bytes_down
+        row["bytes_up"] = log.bytes_up
+        row.update(log.values)
+        row["rejected"] = log.rejected
+        self.history.append(row)
+        if self.recorder is not None:
+            self.recorder.log_round(row)
+        return row
+
+    def _print_progress(self, row: dict[str, Any], num_rounds: int) -> None:
+        acc = row["accuracy"]
+        acc_text = "n/a" if acc is None else f"{acc:.4f}"
+        mean = row["accuracy_client_mean"]
+        mean_text = "" if mean is None else f" (client mean {mean:.4f})"
+        logger.info(
+            "[round %d/%d] accuracy %s%s | loss %s | %.1f s | down %.2f MB up %.2f MB%s",
+            row["round"],
+            num_rounds,
+            acc_text,
+            mean_text,
+            "n/a" if row["loss"] is None else f"{row['loss']:.4f}",
+            row["seconds"],
+            row["bytes_down"] / 1e6,
+            row["bytes_up"] / 1e6,
+            f" | {len(row['rejected'])} rejected" if row["rejected"] else "",
+        )
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+    ) -> Result:
+        """Query, then rounds of train + evaluate; every round is logged as it ends."""
+        num_rounds = self.cfg.rounds if num_rounds is None else num_rounds
+        timeout = self.cfg.server.timeout_s if timeout is None else timeout
+        self.summary()
+        result = Result()
+        self.wait_for_nodes(grid)
+        self.discover(grid, timeout)
+        logger.info("hypernetwork: %s", self.server.describe())
+        first = 0 if self._evaluation_due(0, num_rounds) else 1
+        for server_round in range(first, num_rounds + 1):
+            self._log = RoundLog(server_round)
+            if server_round > 0:
+                self.discover(grid, timeout)
+                messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+                replies = self._exchange(grid, messages, timeout)
+                _, train_metrics = self.aggregate_train(server_round, replies)
+                result.train_metrics_clientapp[server_round] = train_metrics
+            if self._evaluation_due(server_round, num_rounds):
+                eval_metrics = self._evaluate(grid, server_round, timeout)
+                if eval_metrics is not None:
+                    result.evaluate_metrics_clientapp[server_round] = eval_metrics
+            self._print_progress(self._finish_round(), num_rounds)
+        if self.recorder is not None:
+            self.recorder.write_summary(run_summary(self.history))
+        return result
+
+
+def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final and best pooled accuracy, each labelled with its round (SPEC section 7)."""
+    evaluated = [r for r in history if r.get("accuracy") is not None]
+    summary: dict[str, Any] = {
+        "rounds": max((r["round"] for r in history), default=0),
+        "total_seconds": sum(r["seconds"] for r in history),
+        "total_bytes_down": sum(r["bytes_down"] for r in history),
+        "total_bytes_up": sum(r["bytes_up"] for r in history),
+    }
+    if evaluated:
+        final = evaluated[-1]
+        best = max(evaluated, key=lambda r: r["accuracy"])
+        summary.update(
+            final_accuracy=final["accuracy"],
+            final_round=final["round"],
+            final_accuracy_client_mean=final["accuracy_client_mean"],
+            best_accuracy=best["accuracy"],
+            best_round=best["round"],
+            best_selected_by="highest pooled test accuracy over rounds (as the authors' code)",
+        )
+    return summary

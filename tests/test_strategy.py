@@ -1,0 +1,231 @@
+"""The Strategy's round logic and its refusal of bad input (issue: bad input, SPEC section 9).
+
+Clients here are scripted ClientApps speaking the protocol, run through the in-process grid,
+so each misbehaviour is exact and the server's state can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import protocol
+from common.config import resolve_config
+from server_app.app import build_server
+from server_app.inprocess import InProcessGrid
+from server_app.strategy import MHpFedHN
+
+SMALL = {
+    "hypernetwork.chunk_size": 16,
+    "hypernetwork.embedding_dim": 4,
+    "hypernetwork.hidden_dim": 8,
+    "hypernetwork.max_params": 1000,
+    "server.min_nodes": 1,
+    "server.wait_for_nodes_s": 0,
+    "rounds": 1,
+}
+
+
+def scripted_app(behaviour_of: dict[int, str], size_of: dict[int, object]) -> ClientApp:
+    """A ClientApp whose partition i replies as behaviour_of[i] says."""
+    app = ClientApp()
+
+    def who(context) -> int:
+        return int(context.node_config["partition-id"])
+
+    @app.query()
+    def query(msg, context):
+        i = who(context)
+        key = context.node_config.get("client-key", f"c{i}")
+        return Message(protocol.identity_reply(key, size_of.get(i, 40)), reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        theta = protocol.read_theta(msg)
+        kind = behaviour_of.get(who(context), "good")
+        delta = 0.01 * theta
+        if kind == "wrong-length":
+            delta = delta[:-1]
+        elif kind == "nan":
+            delta = delta.copy()
+            delta[3] = np.nan
+        elif kind == "inf":
+            delta = delta.copy()
+            delta[0] = np.inf
+        elif kind == "float64":
+            arrays = ArrayRecord({protocol.DELTA: Array(delta.astype(np.float64))})
+            metrics = MetricRecord({protocol.NUM_EXAMPLES: 10})
+            return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        elif kind == "raises":
+            raise RuntimeError("deliberate failure")
+        elif kind == "missing-metrics":
+            content = protocol.train_reply(delta, 10, 0.1)
+            return Message(RecordDict({"arrays": content["arrays"]}), reply_to=msg)
+        elif kind == "missing-arrays":
+            metrics = MetricRecord({protocol.NUM_EXAMPLES: 10})
+            return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        elif kind == "zero-examples":
+            return Message(protocol.train_reply(delta, 0, 0.1), reply_to=msg)
+        return Message(protocol.train_reply(delta, 10, 0.1), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return Message(protocol.evaluate_reply(10, 5 + who(context) % 3, 2.0), reply_to=msg)
+
+    return app
+
+
+def run(behaviour_of, size_of=None, num_nodes=None, node_configs=None, **overrides):
+    cfg = resolve_config("default", {**SMALL, **overrides})
+    size_of = size_of or {}
+    app = scripted_app(behaviour_of, size_of)
+    if node_configs is None:
+        n = num_nodes or len(behaviour_of)
+        node_configs = [{"partition-id": i} for i in range(n)]
+    grid = InProcessGrid(app, node_configs, run_config={})
+    strategy = MHpFedHN(build_server(cfg), cfg)
+    return strategy, grid
+
+
+def snapshot(strategy: MHpFedHN) -> dict[str, torch.Tensor]:
+    server = strategy.server
+    state = {f"hnet.{k}": v.clone() for k, v in server.hnet.state_dict().items()}
+    state.update({f"emb.{k}": v.detach().clone() for k, v in server.embeddings.items()})
+    return state
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+BAD_REPLIES = [
+    "wrong-length",
+    "nan",
+    "inf",
+    "float64",
+    "raises",
+    "missing-metrics",
+    "missing-arrays",
+    "zero-examples",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_REPLIES)
+def test_a_bad_reply_is_rejected_logged_and_changes_nothing(kind, caplog):
+    strategy, grid = run({0: kind})
+    strategy.discover(grid, timeout=10)
+    before = snapshot(strategy)
+    with caplog.at_level("WARNING", logger="flwr.mh_pfedhn"):
+        strategy.start(grid)
+    assert same(before, snapshot(strategy))
+    rows = strategy.history
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["clients_trained"] == 0
+    assert [r["client"] for r in rows[1]["rejected"]] == ["c0"]
+    assert "rejected reply from c0" in caplog.text
+
+
+def test_the_round_goes_on_with_the_good_clients():
+    behaviour = {0: "good", 1: "nan", 2: "wrong-length", 3: "good", 4: "raises"}
+    strategy, grid = run(behaviour, size_of={3: 100})
+    strategy.discover(grid, timeout=10)
+    embeddings = {k: strategy.server.embedding(k).detach().clone() for k in ("c1", "c2", "c4")}
+    good = {k: strategy.server.embedding(k).detach().clone() for k in ("c0", "c3")}
+    strategy.start(grid)
+    row = strategy.history[-1]
+    assert row["clients_trained"] == 2
+    assert sorted(r["client"] for r in row["rejected"]) == ["c1", "c2", "c4"]
+    for key, value in embeddings.items():
+        assert torch.equal(strategy.server.embedding(key), value)
+    for key, value in good.items():
+        assert not torch.equal(strategy.server.embedding(key), value)
+    assert row["bytes_up"] == 4 * (40 + 100)
+
+
+@pytest.mark.parametrize("bad_k", [0, -3, 2.5, "40", 10_001, True])
+def test_a_bad_parameter_count_is_refused(bad_k, caplog):
+    strategy, grid = run({0: "good", 1: "good"}, size_of={1: bad_k}, **{"hypernetwork.max_params": 10_000})
+    with caplog.at_level("WARNING", logger="flwr.mh_pfedhn"):
+        strategy.start(grid)
+    assert list(strategy.server.clients) == ["c0"]
+    assert len(strategy.refused) == 1
+    assert "refused" in caplog.text
+    assert strategy.history[-1]["clients_trained"] == 1
+
+
+def test_a_key_reporting_a_different_k_is_refused():
+    configs = [{"partition-id": 0, "client-key": "same"}, {"partition-id": 1, "client-key": "same"}]
+    strategy, grid = run({}, size_of={0: 40, 1: 48}, node_configs=configs)
+    strategy.start(grid)
+    assert strategy.server.record("same").num_params == 40
+    (reason,) = strategy.refused.values()
+    assert "registered with K=40" in reason
+
+
+def test_missing_identity_is_refused():
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        return Message(RecordDict({"config": ConfigRecord({"something": 1})}), reply_to=msg)
+
+    cfg = resolve_config("default", SMALL)
+    grid = InProcessGrid(app, [{"partition-id": 0}], run_config={})
+    strategy = MHpFedHN(build_server(cfg), cfg)
+    strategy.discover(grid, timeout=5)
+    assert not strategy.server.clients
+    assert "client-key" in next(iter(strategy.refused.values()))
+
+
+def test_metrics_are_pooled_and_per_client():
+    strategy, grid = run({i: "good" for i in range(3)})
+    strategy.start(grid)
+    row = strategy.history[-1]
+    # clients answer 10 samples with 5, 6, 7 correct
+    assert row["accuracy"] == pytest.approx(18 / 30)
+    assert row["accuracy_client_mean"] == pytest.approx(np.mean([0.5, 0.6, 0.7]))
+    assert row["client_accuracy"] == {"c0": 0.5, "c1": 0.6, "c2": 0.7}
+    assert row["loss"] == pytest.approx(0.2)
+    assert row["bytes_down"] == 2 * 3 * 4 * 40  # train + evaluate vectors
+    assert row["bytes_up"] == 3 * 4 * 40
+
+
+def test_a_node_that_joins_later_is_queried_and_trained():
+    strategy, grid = run({i: "good" for i in range(3)}, rounds=2)
+    grid.disconnected.add(1002)
+    strategy.discover(grid, timeout=5)
+    assert sorted(strategy.server.clients) == ["c0", "c1"]
+    grid.disconnected.clear()
+    strategy.start(grid)
+    assert sorted(strategy.server.clients) == ["c0", "c1", "c2"]
+    assert strategy.history[-1]["clients_trained"] == 3
+
+
+def test_a_restarted_node_keeps_its_embeddings_by_key():
+    configs = [{"partition-id": 0, "client-key": "alice"}, {"partition-id": 1}]
+    strategy, grid = run({}, node_configs=configs)
+    strategy.discover(grid, timeout=5)
+    before = strategy.server.generate(["alice"])["alice"]
+    # the node comes back under a new node id with the same key
+    context = grid.contexts.pop(1000)
+    context.node_id = 2000
+    grid.contexts[2000] = context
+    strategy.discover(grid, timeout=5)
+    assert strategy.node_of["alice"] == 2000
+    assert len(strategy.server.clients) == 2
+    assert np.array_equal(strategy.server.generate(["alice"])["alice"], before)
+
+
+def test_partial_participation_is_seeded_and_leaves_others_untouched():
+    strategy, grid = run({i: "good" for i in range(6)}, **{"server.fraction_train": 0.5})
+    strategy.discover(grid, timeout=5)
+    keys = strategy.connected_clients(grid)
+    chosen = strategy.sample(1, keys)
+    assert len(chosen) == 3 and chosen == strategy.sample(1, keys)
+    others = {k: strategy.server.embedding(k).detach().clone() for k in keys if k not in chosen}
+    strategy.start(grid)
+    for key, value in others.items():
+        assert torch.equal(strategy.server.embedding(key), value)
