@@ -1,0 +1,1 @@
+"""Code shared by the server and client apps."""
