@@ -48,7 +48,7 @@ class InProcessGrid(Grid):
     def simulation(
         cls, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any]
     ) -> InProcessGrid:
-        """Nodes configured as Flower's simulation configures them (partition-id, num-partitions)."""
+        """Nodes configured as Flower's simulation does it (partition-id, num-partitions)."""
         configs = [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         return cls(client_app, configs, run_config)
 
@@ -78,7 +78,9 @@ class InProcessGrid(Grid):
                 reply = self.client_app(message, self.contexts[node])
             except Exception as err:  # the runtimes turn ClientApp exceptions into error replies
                 reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+                reply = Message(
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message
+                )
             self._replies[message_id] = reply
         return ids
 

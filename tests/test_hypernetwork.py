@@ -130,9 +130,14 @@ def test_other_clients_and_heads_stay_bit_identical(mode):
     server.apply_deltas({"a": np.ones(120, np.float32)}, server_round=1)
     assert torch.equal(server.embedding("b"), frozen_b)
     assert torch.equal(server.embedding("c"), frozen_c)
-    assert all(torch.equal(p, q) for p, q in zip(server.hnet.head(1).parameters(), frozen_head1))
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(server.hnet.head(1).parameters(), frozen_head1, strict=True)
+    )
     assert not torch.equal(server.embedding("a"), a_before)
-    assert not all(torch.equal(p, q) for p, q in zip(server.hnet.head(3).parameters(), head3))
+    assert not all(
+        torch.equal(p, q) for p, q in zip(server.hnet.head(3).parameters(), head3, strict=True)
+    )
 
 
 def test_batched_mode_takes_one_step_on_the_mean_vjp():

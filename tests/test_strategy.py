@@ -147,7 +147,9 @@ def test_the_round_goes_on_with_the_good_clients():
 
 @pytest.mark.parametrize("bad_k", [0, -3, 2.5, "40", 10_001, True])
 def test_a_bad_parameter_count_is_refused(bad_k, caplog):
-    strategy, grid = run({0: "good", 1: "good"}, size_of={1: bad_k}, **{"hypernetwork.max_params": 10_000})
+    strategy, grid = run(
+        {0: "good", 1: "good"}, size_of={1: bad_k}, **{"hypernetwork.max_params": 10_000}
+    )
     with caplog.at_level("WARNING", logger="flwr.mh_pfedhn"):
         strategy.start(grid)
     assert list(strategy.server.clients) == ["c0"]

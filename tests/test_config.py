@@ -1,0 +1,108 @@
+"""Experiment configuration: YAML files, presets, Flower run-config overrides, clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import (
+    CONFIG_DIR,
+    ConfigError,
+    config_from_run_config,
+    leaf_keys,
+    resolve_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject_run_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_declares_every_setting_so_flwr_run_can_override_it():
+    declared = pyproject_run_config()
+    assert set(declared) == {"experiment", *leaf_keys()}
+    assert all(value == "" for key, value in declared.items() if key != "experiment")
+
+
+def test_the_declared_run_config_resolves_to_the_default_experiment():
+    cfg = config_from_run_config(pyproject_run_config())
+    assert cfg == resolve_config("default")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_is_valid(path):
+    cfg = resolve_config(path.stem)
+    assert cfg.name == path.stem
+
+
+def test_spec_defaults():
+    cfg = resolve_config("cifar10_heterogeneous")
+    assert cfg.clients.models == ["lenet", "vgg8", "resnet10", "resnet12", "resnet18"]
+    assert (cfg.client.lr, cfg.client.momentum, cfg.client.weight_decay) == (1e-3, 0.9, 1e-4)
+    assert (cfg.client.batch_size, cfg.client.epochs, cfg.client.grad_clip) == (64, 2, 50.0)
+    h = cfg.hypernetwork
+    assert (h.chunk_size, h.embedding_dim, h.hidden_dim, h.hidden_layers) == (3072, 64, 128, 3)
+    assert (h.embedding_std, h.lr, h.grad_clip, h.update_mode) == (1.0, 2e-4, 50.0, "sequential")
+    assert h.max_params == 50_000_000
+    assert cfg.data.train_fraction == 0.75
+
+
+def test_paper_preset_keeps_the_authors_code_settings():
+    cfg = resolve_config("cifar10_homogeneous", {"preset": "paper"})
+    assert cfg.hypernetwork.embedding_std == 0.002
+    assert (cfg.client.lr, cfg.client.weight_decay, cfg.client.epochs) == (5e-3, 5e-4, 1)
+
+
+def test_run_config_overrides_win_and_empty_values_keep_the_yaml():
+    run_config = {
+        **pyproject_run_config(),
+        "experiment": "cifar10_heterogeneous",
+        "preset": "paper",
+        "client.lr": 0.02,
+        "clients.models": "lenet,mlp",
+        "rounds": 7,
+    }
+    cfg = config_from_run_config(run_config)
+    assert cfg.client.lr == 0.02  # override beats the preset
+    assert cfg.client.epochs == 1  # preset beats the YAML default
+    assert cfg.clients.models == ["lenet", "mlp"]
+    assert cfg.rounds == 7
+    assert cfg.data.source == "cifar10"
+
+
+def test_an_experiment_can_be_a_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nrounds: 3\ndata: {source: 'npz:/x.npz'}\n")
+    cfg = resolve_config(str(path))
+    assert (cfg.name, cfg.rounds, cfg.data.source) == ("mine", 3, "npz:/x.npz")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"client.lrr": 1}, "unknown setting"),
+        ({"client.lr": -1}, "client.lr"),
+        ({"hypernetwork.update_mode": "parallel"}, "update_mode"),
+        ({"data.partitioner": "dirichlet"}, "partitioner"),
+        ({"preset": "fast"}, "unknown preset"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_key_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("default", overrides)
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="cifar10_heterogeneous"):
+        resolve_config("nope")
+
+
+def test_unknown_yaml_key_is_refused(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("client: {learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        resolve_config(str(path))
