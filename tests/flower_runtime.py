@@ -10,8 +10,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,34 +34,50 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
         RAY_DEDUP_LOGS="0",
+        # flwr starts flower-superlink & co. by name: use this interpreter's scripts
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env
 
 
-def _session_ids_of(marker: str) -> set[int]:
-    """Session ids of processes whose command line contains marker (Linux /proc)."""
-    sessions = set()
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) for every process (Linux /proc)."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if marker in cmdline:
-                sessions.add(os.getsid(int(entry.name)))
-        except (OSError, ProcessLookupError):
+        except (OSError, IndexError, ValueError):
             continue
-    return sessions
+        table[int(entry.name)] = (ppid, cmdline)
+    return table
 
 
-def _kill_sessions(sessions: set[int]) -> None:
-    for sid in sessions:
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getsid(int(entry.name)) == sid:
-                        os.kill(int(entry.name), signal.SIGKILL)
-                except (OSError, ProcessLookupError):
-                    continue
+def kill_tree(marker: str) -> list[int]:
+    """SIGKILL every process whose command line has marker, and all their descendants.
+
+    Flower's app processes start their own sessions and only watch their parent by
+    `--parent-pid`, so the tree is collected first (by parent links and by that flag).
+    """
+    table = _processes()
+    doomed = {pid for pid, (_, cmd) in table.items() if marker in cmd and pid != os.getpid()}
+    grew = True
+    while grew:
+        children = {
+            pid
+            for pid, (ppid, cmd) in table.items()
+            if pid not in doomed
+            and (ppid in doomed or any(f"--parent-pid {d}" in cmd for d in doomed))
+        }
+        grew = bool(children)
+        doomed |= children
+    for pid in doomed:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sorted(doomed)
 
 
 @contextmanager
@@ -71,13 +88,13 @@ def private_flower(flwr_home: Path):
     try:
         yield env
     finally:
-        _kill_sessions(_session_ids_of(marker) - {os.getsid(0)})
+        kill_tree(marker)
         time.sleep(0.5)
 
 
 def flwr_run(env: dict[str, str], run_config: str, federation_config: str, timeout: float):
     cmd = [
-        "flwr",
+        str(Path(sys.executable).parent / "flwr"),
         "run",
         str(ROOT),
         "--stream",

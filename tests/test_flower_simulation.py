@@ -1,0 +1,39 @@
+"""End to end through Flower's own runtime: `flwr run` with the Ray simulation engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from server_app.outputs import read_metrics
+from tests.flower_runtime import flwr_run, private_flower
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_with_mixed_architectures(mnist_npz, tmp_path):
+    run_config = " ".join(
+        [
+            f'data.source="npz:{mnist_npz}"',
+            "data.fraction=0.05",
+            f'data.cache_dir="{tmp_path / "cache"}"',
+            'clients.models="lenet,mlp"',
+            "client.epochs=1",
+            "rounds=2",
+            "server.min_nodes=4",
+            f'server.output_root="{tmp_path / "out"}"',
+            'server.run_name="e2e"',
+        ]
+    )
+    with private_flower(tmp_path / "flwr-home") as env:
+        done = flwr_run(
+            env, run_config, "num-supernodes=4 client-resources-num-cpus=1", timeout=900
+        )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    rows = read_metrics(tmp_path / "out" / "e2e" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2], log[-4000:]
+    assert rows[-1]["clients_trained"] == 4
+    assert rows[-1]["clients_evaluated"] == 4
+    assert not rows[-1]["rejected"]
+    assert 0.0 <= rows[-1]["accuracy"] <= 1.0
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
+    assert "[round 2/2]" in log
