@@ -25,10 +25,6 @@ _CLASSES_PER_CLIENT: dict[str, int] = {
 }
 
 
-def _canonical(dataset_name: str) -> str:
-    return dataset_name.strip().lower().replace("-", "_")
-
-
 def _check_num_clients(num_clients: int) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be at least 1, got {num_clients}")
@@ -199,26 +195,27 @@ def client_split(
 
 
 def default_classes_per_client(dataset_name: str) -> int:
-    """Classes each client draws under non-IID_1 (the authors' per-dataset values)."""
-    name = _canonical(dataset_name)
-    if name not in _CLASSES_PER_CLIENT:
+    """Classes each client draws under non-IID_1 (the authors' per-dataset values).
+
+    Dataset names are canonical, as `common.datasets.RawDataset.name` gives them.
+    """
+    if dataset_name not in _CLASSES_PER_CLIENT:
         raise ValueError(
             f"no default classes_per_client for dataset {dataset_name!r} (known: "
             f"{', '.join(sorted(_CLASSES_PER_CLIENT))}); set data.classes_per_client explicitly"
         )
-    return _CLASSES_PER_CLIENT[name]
+    return _CLASSES_PER_CLIENT[dataset_name]
 
 
 def default_dirichlet_beta(dataset_name: str) -> float:
     """Dirichlet concentration for non-IID_2: 0.1 for CIFAR-10 (authors' code), else 0.01."""
-    return 0.1 if _canonical(dataset_name) == "cifar10" else 0.01
+    return 0.1 if dataset_name == "cifar10" else 0.01
 
 
 def default_min_samples(dataset_name: str, num_clients: int) -> int:
     """Each client must hold MORE than this under non-IID_2 (authors' ``least_nums``)."""
-    name = _canonical(dataset_name)
-    if name == "emnist":
+    if dataset_name == "emnist":
         return 10
-    if name == "cifar100" and num_clients > 100:
+    if dataset_name == "cifar100" and num_clients > 100:
         return 15
     return 30

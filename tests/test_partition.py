@@ -233,7 +233,6 @@ def test_defaults_follow_spec() -> None:
     }
     for name, s in expected.items():
         assert P.default_classes_per_client(name) == s
-    assert P.default_classes_per_client("Fashion-MNIST") == 2
     with pytest.raises(ValueError, match="explicitly"):
         P.default_classes_per_client("svhn")
     assert P.default_dirichlet_beta("cifar10") == 0.1
