@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from common.datasets import load_dataset, to_model_tensors
 from torch import nn
 
 from common.config import DataConfig, ExperimentConfig
+from common.datasets import NORMALIZATION, channel_statistics, load_dataset, to_model_tensors
 from common.models import build_model
 from common.partition import (
     client_split,
@@ -128,10 +128,14 @@ def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: i
         train_fraction=data.train_fraction,
     )
 
+    normalize = data.normalize
+    if normalize == "auto" and raw.name not in NORMALIZATION:
+        normalize = channel_statistics(raw.images[pool])
+
     def tensors(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_model_tensors(
             raw.images[pool[idx]],
-            normalize=data.normalize,
+            normalize=normalize,
             dataset_name=raw.name,
             image_size=data.image_size,
         )

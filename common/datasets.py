@@ -275,6 +275,26 @@ def _decode(files: list[str], *, force_rgb: bool, desc: str) -> np.ndarray:
     return np.ascontiguousarray(images[..., :1]) if all_gray else images
 
 
+def channel_statistics(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:
+    """Per-channel (mean, std) in [0, 1] units of uint8 (n, H, W, C) images, chunked.
+
+    For datasets without known statistics, computed over the whole pool so that every
+    client (and each client's train and test split) is normalised the same way.
+    """
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+        total += block.sum(axis=0)
+        squares += (block**2).sum(axis=0)
+    count = images.size // channels
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    std = np.where(std > 0, std, 1.0)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
 def to_model_tensors(
     images: np.ndarray,
     *,

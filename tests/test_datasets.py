@@ -221,3 +221,12 @@ def test_real_mnist_npz() -> None:
     assert raw.name == "mnist" and raw.num_classes == 10
     assert raw.images.shape == (60000, 28, 28, 1)
     assert raw.labels[:5].tolist() == [5, 0, 4, 1, 9]
+
+
+def test_channel_statistics_match_a_direct_computation() -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (50, 6, 6, 3), dtype=np.uint8)
+    mean, std = D.channel_statistics(images, chunk=7)
+    x = images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-9)
+    np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-6)
