@@ -2,74 +2,168 @@
 
 BatchNorm running statistics are not in the vector; they live in `context.state` between
 messages, so each client keeps its own, as the authors' persistent client models do.
+For MH-pFedHNG(D) the client also trains and evaluates the public global model
+(`train.global`, `evaluate.global`) and keeps the phase-1 vectors it may distill from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from torch import nn
 
-from client_app.node import build_client_model, client_spec, load_client_data
-from client_app.training import SGDSettings, evaluate, train_sgd
+from client_app.node import ClientData, ClientSpec, client_spec, load_client_data
+from client_app.training import Distillation, SGDSettings, evaluate, train_sgd
 from common import protocol
-from common.config import config_from_run_config
+from common.config import ExperimentConfig, config_from_run_config
+from common.models import build_model
 from common.param_vector import model_to_vector, vector_size, vector_to_model
 from common.seeding import stable_seed
 
 app = ClientApp()
 
 BUFFERS = "buffers"
+GLOBAL_BUFFERS = "global-buffers"
+GLOBAL_RECEIVED = "global-received"  # the w_g of phase 1 (teacher "round_start")
+GLOBAL_TRAINED = "global-trained"  # this client's phase-1-trained copy ("phase1_trained")
+VECTOR = "vector"
 
 
-def _setup(context: Context):
+@dataclass(frozen=True)
+class Session:
+    cfg: ExperimentConfig
+    spec: ClientSpec
+    data: ClientData
+    context: Context
+
+    def model(self, global_model: bool = False) -> nn.Module:
+        """This client's model (or the global one) with its saved BatchNorm statistics."""
+        name = self.cfg.global_model.architecture if global_model else self.spec.model_name
+        model = build_model(
+            name,
+            num_classes=self.data.num_classes,
+            in_channels=self.data.in_channels,
+            image_size=self.spec.data.image_size,
+        ).to(torch.device(self.cfg.client.device))
+        key = GLOBAL_BUFFERS if global_model else BUFFERS
+        if key in self.context.state:
+            model.load_state_dict(self.context.state[key].to_torch_state_dict(), strict=False)
+        return model
+
+    def save_buffers(self, model: nn.Module, global_model: bool = False) -> None:
+        buffers = {name: Array(b.detach().cpu().numpy()) for name, b in model.named_buffers()}
+        if buffers:
+            self.context.state[GLOBAL_BUFFERS if global_model else BUFFERS] = ArrayRecord(buffers)
+
+    def keep_vector(self, slot: str, vector: np.ndarray, server_round: int) -> None:
+        self.context.state[slot] = ArrayRecord({VECTOR: Array(np.asarray(vector, np.float32))})
+        self.context.state[slot + "-round"] = ConfigRecord({"round": server_round})
+
+    def kept_vector(self, slot: str, server_round: int) -> np.ndarray:
+        if slot not in self.context.state:
+            raise RuntimeError(f"no {slot} vector kept: this client skipped phase 1")
+        kept_round = int(self.context.state[slot + "-round"]["round"])
+        if kept_round != server_round:
+            raise RuntimeError(f"{slot} vector is from round {kept_round}, not {server_round}")
+        return self.context.state[slot][VECTOR].numpy()
+
+    def settings(self) -> SGDSettings:
+        return SGDSettings(**self.cfg.client.model_dump(exclude={"device"}))
+
+    def generator(self, *purpose: object) -> torch.Generator:
+        return torch.Generator().manual_seed(stable_seed(self.cfg.seed, *purpose, self.spec.key))
+
+
+def _session(context: Context) -> Session:
     cfg = config_from_run_config(context.run_config)
     spec = client_spec(context.node_config, cfg)
-    data = load_client_data(spec, cfg.seed)
-    model = build_client_model(spec, data).to(torch.device(cfg.client.device))
-    if BUFFERS in context.state:
-        saved = context.state[BUFFERS].to_torch_state_dict()
-        model.load_state_dict(saved, strict=False)
-    return cfg, spec, data, model
+    return Session(cfg, spec, load_client_data(spec, cfg.seed), context)
 
 
-def _save_buffers(model: torch.nn.Module, context: Context) -> None:
-    buffers = {name: Array(b.detach().cpu().numpy()) for name, b in model.named_buffers()}
-    if buffers:
-        context.state[BUFFERS] = ArrayRecord(buffers)
-
-
-def _load_theta(model: torch.nn.Module, msg: Message) -> np.ndarray:
+def _train(
+    session: Session,
+    msg: Message,
+    model: nn.Module,
+    purpose: str,
+    distillation: Distillation | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Load theta, train, return (theta, delta = sent - trained, mean loss)."""
     theta = protocol.read_theta(msg)
     vector_to_model(model, theta)
-    return theta
+    generator = session.generator(purpose, protocol.read_round(msg))
+    data = session.data
+    loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator, distillation)
+    return theta, theta - model_to_vector(model).numpy(), loss
+
+
+def _teacher(session: Session, msg: Message) -> Distillation | None:
+    config = protocol.read_config(msg)
+    if not config.get("distill", False):
+        return None
+    server_round = protocol.read_round(msg)
+    source = config["teacher"]
+    if source == "regenerated":
+        vector = protocol.read_teacher(msg)
+    elif source == "round_start":
+        vector = session.kept_vector(GLOBAL_RECEIVED, server_round)
+    elif source == "phase1_trained":
+        vector = session.kept_vector(GLOBAL_TRAINED, server_round)
+    else:
+        raise ValueError(f"unknown teacher {source!r}")
+    teacher = session.model(global_model=True)
+    vector_to_model(teacher, vector)
+    return Distillation(teacher, float(config["distill-weight"]), float(config["temperature"]))
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    _, spec, _, model = _setup(context)
-    return Message(protocol.identity_reply(spec.key, vector_size(model)), reply_to=msg)
+    session = _session(context)
+    global_size = None
+    if session.cfg.uses_global_model:
+        global_size = vector_size(session.model(global_model=True))
+    reply = protocol.identity_reply(session.spec.key, vector_size(session.model()), global_size)
+    return Message(reply, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, spec, data, model = _setup(context)
-    theta = _load_theta(model, msg)
+    session = _session(context)
+    model = session.model()
+    _, delta, loss = _train(session, msg, model, "train", _teacher(session, msg))
+    session.save_buffers(model)
+    return Message(protocol.train_reply(delta, len(session.data.y_train), loss), reply_to=msg)
+
+
+@app.train("global")
+def train_global(msg: Message, context: Context) -> Message:
+    session = _session(context)
+    model = session.model(global_model=True)
+    theta, delta, loss = _train(session, msg, model, "train-global")
     server_round = protocol.read_round(msg)
-    generator = torch.Generator().manual_seed(
-        stable_seed(cfg.seed, "train", server_round, spec.key)
-    )
-    settings = SGDSettings(**cfg.client.model_dump(exclude={"device"}))
-    loss = train_sgd(model, data.x_train, data.y_train, settings, generator)
-    delta = theta - model_to_vector(model).numpy()
-    _save_buffers(model, context)
-    return Message(protocol.train_reply(delta, len(data.y_train), loss), reply_to=msg)
+    session.keep_vector(GLOBAL_RECEIVED, theta, server_round)
+    session.keep_vector(GLOBAL_TRAINED, theta - delta, server_round)
+    session.save_buffers(model, global_model=True)
+    return Message(protocol.train_reply(delta, len(session.data.y_train), loss), reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
+    session = _session(context)
+    model = session.model(global_model)
+    vector_to_model(model, protocol.read_theta(msg))
+    correct, loss_sum = evaluate(model, session.data.x_test, session.data.y_test)
+    reply = protocol.evaluate_reply(len(session.data.y_test), correct, loss_sum)
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_theta(msg: Message, context: Context) -> Message:
-    _, _, data, model = _setup(context)
-    _load_theta(model, msg)
-    correct, loss_sum = evaluate(model, data.x_test, data.y_test)
-    return Message(protocol.evaluate_reply(len(data.y_test), correct, loss_sum), reply_to=msg)
+    return _evaluate(msg, context, global_model=False)
+
+
+@app.evaluate("global")
+def evaluate_global(msg: Message, context: Context) -> Message:
+    return _evaluate(msg, context, global_model=True)

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from common.config import DataConfig, ExperimentConfig
 from common.datasets import NORMALIZATION, channel_statistics, load_dataset, to_model_tensors
-from common.models import build_model
 from common.partition import (
     client_split,
     default_classes_per_client,
@@ -144,12 +142,3 @@ def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: i
     x_train, y_train = tensors(train_idx)
     x_test, y_test = tensors(test_idx)
     return ClientData(x_train, y_train, x_test, y_test, raw.num_classes, raw.images.shape[-1])
-
-
-def build_client_model(spec: ClientSpec, data: ClientData) -> nn.Module:
-    return build_model(
-        spec.model_name,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        image_size=spec.data.image_size,
-    )

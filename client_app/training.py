@@ -23,15 +23,51 @@ class SGDSettings:
     grad_clip: float = 50.0
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """MH-pFedHNGD phase 2: learn from the global model's softened predictions too."""
+
+    teacher: nn.Module
+    weight: float  # a
+    temperature: float  # T
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    temperature: float,
+) -> torch.Tensor:
+    """(1 - a) CE + a T^2 KL(softmax(t/T) || softmax(s/T)), batch mean (SPEC section 8).
+
+    Both distributions stay in log space, so extreme logits give finite values.
+    """
+    ce = F.cross_entropy(student_logits, labels)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - weight) * ce + weight * temperature**2 * kl
+
+
 def train_sgd(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     settings: SGDSettings,
     generator: torch.Generator,
+    distillation: Distillation | None = None,
 ) -> float:
-    """Epochs of SGD with cross-entropy and per-step gradient clipping; mean batch loss."""
+    """Epochs of SGD with per-step gradient clipping; mean batch loss.
+
+    Cross-entropy, or the distillation loss when a teacher is given.
+    """
     model.train()
+    if distillation is not None:
+        distillation.teacher.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -44,7 +80,15 @@ def train_sgd(
             idx = order[start : start + settings.batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
+            logits = model(xb)
+            if distillation is None:
+                loss = F.cross_entropy(logits, yb)
+            else:
+                with torch.no_grad():
+                    teacher_logits = distillation.teacher(xb)
+                loss = distillation_loss(
+                    logits, teacher_logits, yb, distillation.weight, distillation.temperature
+                )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()

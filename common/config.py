@@ -98,9 +98,22 @@ class ServerConfig(_Section):
     run_name: str = "auto"
 
 
+class GlobalModelConfig(_Section):
+    """MH-pFedHNGD's public global model and its distillation (SPEC section 8, paper 3.3)."""
+
+    architecture: str = "lenet"
+    distill_weight: float = Field(0.01, ge=0.0, le=1.0, description="a in (1-a) CE + a T^2 KL")
+    temperature: float = Field(15.0, gt=0.0, description="T")
+    teacher: Literal["round_start", "regenerated", "phase1_trained"] = "round_start"
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients in phase 1")
+
+
+METHODS = ("mh_pfedhn", "mh_pfedhng", "mh_pfedhngd")
+
+
 class ExperimentConfig(_Section):
     name: str = "default"
-    method: Literal["mh_pfedhn"] = "mh_pfedhn"
+    method: Literal["mh_pfedhn", "mh_pfedhng", "mh_pfedhngd"] = "mh_pfedhn"
     preset: Literal["none", "paper"] = "none"
     seed: int = 0
     rounds: int = Field(5, gt=0)
@@ -109,6 +122,16 @@ class ExperimentConfig(_Section):
     client: ClientTrainConfig = Field(default_factory=ClientTrainConfig)
     hypernetwork: HypernetworkConfig = Field(default_factory=HypernetworkConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    global_model: GlobalModelConfig = Field(default_factory=GlobalModelConfig)
+
+    @property
+    def uses_global_model(self) -> bool:
+        return self.method != "mh_pfedhn"
+
+    @property
+    def distills(self) -> bool:
+        """MH-pFedHNG is MH-pFedHNGD without distillation (a = 0)."""
+        return self.method == "mh_pfedhngd" and self.global_model.distill_weight > 0
 
 
 # The authors' code (DangDang1895/MH-pFL) where it differs from the paper's text (SPEC 4, 5).
@@ -179,6 +202,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def _read_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML file; `extends: <name or path>` layers it over another experiment."""
+    if path in seen:
+        raise ConfigError(f"experiment files extend each other in a loop: {[*seen, path]}")
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_experiment(experiment_path(str(parent)), (*seen, path))
+    return _merge(base, raw)
+
+
 def _validate(raw: Mapping[str, Any], origin: str) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
@@ -192,7 +227,7 @@ def resolve_config(
 ) -> ExperimentConfig:
     """YAML file, then its preset, then flat dotted overrides ("" values are skipped)."""
     path = experiment_path(experiment)
-    raw = _read_yaml(path)
+    raw = _read_experiment(path)
     flat = {k: v for k, v in (overrides or {}).items() if v != UNSET and k != EXPERIMENT_KEY}
     unknown = sorted(set(flat) - set(leaf_keys()))
     if unknown:

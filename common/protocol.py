@@ -2,12 +2,17 @@
 
 This is all a client implementation has to honour (see README "Plugging in your own model"):
 
-- query         reply   config  {"client-key": str, "num-params": K}
-- train         in      arrays  {"theta": float32[K]}, config {"server-round": int}
+- query         reply   config  {"client-key": str, "num-params": K
+                                 [, "global-num-params": K_g  (MH-pFedHNG/GD)]}
+- train         in      arrays  {"theta": float32[K] [, "teacher": float32[K_g]]},
+                        config  {"server-round": int [, "distill": bool, "distill-weight": a,
+                                 "temperature": T, "teacher": "round_start" | "regenerated"
+                                 | "phase1_trained"]}
                 reply   arrays  {"delta": float32[K]}  (sent minus trained, "old - new")
                         metrics {"num-examples": int, "train-loss": float}
 - evaluate      in      arrays  {"theta": float32[K]}, config {"server-round": int}
                 reply   metrics {"num-examples": int, "correct": int, "loss-sum": float}
+- train.global, evaluate.global: as train and evaluate, for the public global model (K_g)
 
 The server never learns an architecture, layer names or data: only K, deltas and counts.
 Parsing is strict so that a malformed reply is refused before it can touch server state.
@@ -15,6 +20,7 @@ Parsing is strict so that a malformed reply is refused before it can touch serve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +29,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
+TRAIN_GLOBAL = "train.global"
+EVALUATE_GLOBAL = "evaluate.global"
 
 THETA = "theta"
+TEACHER = "teacher"
 DELTA = "delta"
 CLIENT_KEY = "client-key"
 NUM_PARAMS = "num-params"
+GLOBAL_NUM_PARAMS = "global-num-params"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 
@@ -40,6 +50,7 @@ class ReplyError(ValueError):
 class Identity:
     client_key: str
     num_params: object  # validated by the server (it may be anything a client sends)
+    global_num_params: object = None
 
 
 @dataclass(frozen=True)
@@ -57,11 +68,25 @@ class EvalResult:
 
 
 # ------------------------------------------------------------------ server -> client
-def instruction(theta: np.ndarray | None, server_round: int) -> RecordDict:
+def _array(vector: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(vector, np.float32))
+
+
+def instruction(
+    theta: np.ndarray | None,
+    server_round: int,
+    config: Mapping[str, bool | int | float | str] | None = None,
+    teacher: np.ndarray | None = None,
+) -> RecordDict:
     """Content of a train/evaluate instruction (a query carries no vector)."""
-    content = RecordDict({"config": ConfigRecord({SERVER_ROUND: server_round})})
+    content = RecordDict({"config": ConfigRecord({SERVER_ROUND: server_round, **(config or {})})})
+    arrays = {}
     if theta is not None:
-        content["arrays"] = ArrayRecord({THETA: Array(np.ascontiguousarray(theta, np.float32))})
+        arrays[THETA] = _array(theta)
+    if teacher is not None:
+        arrays[TEACHER] = _array(teacher)
+    if arrays:
+        content["arrays"] = ArrayRecord(arrays)
     return content
 
 
@@ -73,15 +98,28 @@ def read_round(message: Message) -> int:
     return int(message.content["config"][SERVER_ROUND])
 
 
+def read_config(message: Message) -> dict:
+    return dict(message.content["config"])
+
+
+def read_teacher(message: Message) -> np.ndarray:
+    return message.content["arrays"][TEACHER].numpy()
+
+
 # ------------------------------------------------------------------ client -> server
-def identity_reply(client_key: str, num_params: int) -> RecordDict:
-    return RecordDict({"config": ConfigRecord({CLIENT_KEY: client_key, NUM_PARAMS: num_params})})
+def identity_reply(
+    client_key: str, num_params: int, global_num_params: int | None = None
+) -> RecordDict:
+    identity = {CLIENT_KEY: client_key, NUM_PARAMS: num_params}
+    if global_num_params is not None:
+        identity[GLOBAL_NUM_PARAMS] = global_num_params
+    return RecordDict({"config": ConfigRecord(identity)})
 
 
 def train_reply(delta: np.ndarray, num_examples: int, train_loss: float) -> RecordDict:
     return RecordDict(
         {
-            "arrays": ArrayRecord({DELTA: Array(np.ascontiguousarray(delta, np.float32))}),
+            "arrays": ArrayRecord({DELTA: _array(delta)}),
             "metrics": MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": train_loss}),
         }
     )
@@ -123,7 +161,7 @@ def parse_identity(message: Message) -> Identity:
     key = _field(config, CLIENT_KEY, (str,))
     if NUM_PARAMS not in config:
         raise ReplyError(f"reply lacks {NUM_PARAMS!r}")
-    return Identity(client_key=key, num_params=config[NUM_PARAMS])
+    return Identity(key, config[NUM_PARAMS], config.get(GLOBAL_NUM_PARAMS))
 
 
 def _count(metrics, name: str) -> int:

@@ -9,6 +9,7 @@ from common.config import ExperimentConfig, config_from_run_config
 from server_app.outputs import RunRecorder
 from server_app.state import HypernetworkServer, HypernetworkSettings
 from server_app.strategy import MHpFedHN, logger
+from server_app.strategy_gd import MHpFedHNGD
 
 app = ServerApp()
 
@@ -22,7 +23,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_id: int | str) -> MHpF
     """Everything a run does, for the ServerApp and for in-process runs alike."""
     recorder = RunRecorder.create(cfg, run_id=run_id)
     logger.info("outputs: %s", recorder.directory)
-    strategy = MHpFedHN(build_server(cfg), cfg, recorder)
+    strategy_class = MHpFedHNGD if cfg.uses_global_model else MHpFedHN
+    strategy = strategy_class(build_server(cfg), cfg, recorder)
     strategy.start(grid)
     return strategy
 

@@ -24,6 +24,7 @@ from server_app.hypernetwork import MultiHeadHypernetwork, num_chunks
 logger = logging.getLogger(__name__)
 
 UPDATE_MODES = ("sequential", "batched")
+GLOBAL_KEY = "__global__"  # MH-pFedHNGD's global model; client keys may not start with "__"
 
 
 class RegistrationError(ValueError):
@@ -115,6 +116,15 @@ class HypernetworkServer:
         """Accept a client's K (idempotent for the same K); create its embeddings and head."""
         if not isinstance(key, str) or not key:
             raise RegistrationError(f"client key must be a non-empty string, got {key!r}")
+        if key.startswith("__"):
+            raise RegistrationError(f"client key {key!r} is reserved (keys may not start with __)")
+        return self._register(key, num_params)
+
+    def register_global(self, num_params: object) -> ClientRecord:
+        """The global model: its own embeddings, the head of its tau (shared with clients)."""
+        return self._register(GLOBAL_KEY, num_params)
+
+    def _register(self, key: str, num_params: object) -> ClientRecord:
         k = validate_num_params(num_params, self.settings.max_params)
         known = self.clients.get(key)
         if known is not None:
@@ -204,6 +214,21 @@ class HypernetworkServer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def apply_weighted_delta(
+        self, key: str, deltas: Sequence[np.ndarray], weights: Sequence[float]
+    ) -> float:
+        """One step on sum_i w_i VJP(theta, delta_i) = VJP(theta, sum_i w_i delta_i).
+
+        MH-pFedHNGD's phase 1: every client trained the same w_g, weights are m_i / M.
+        """
+        if not deltas:
+            return 0.0
+        combined = sum(
+            w * torch.as_tensor(np.asarray(d, np.float32))
+            for d, w in zip(deltas, weights, strict=True)
+        )
+        return self._step(self.gradients({key: combined}))
+
     def update_order(self, keys: Sequence[str], server_round: int) -> list[str]:
         """Seeded random client order for sequential mode, independent of reply arrival order."""
         ordered = sorted(keys)
@@ -239,7 +264,9 @@ class HypernetworkServer:
 
     def describe(self) -> str:
         taus = sorted({r.tau for r in self.clients.values()})
+        clients = len(self.clients) - (GLOBAL_KEY in self.clients)
+        extra = " and the global model" if GLOBAL_KEY in self.clients else ""
         return (
-            f"{len(self.clients)} clients, {len(taus)} heads (tau {taus}), "
+            f"{clients} clients{extra}, {len(taus)} heads (tau {taus}), "
             f"{self.num_parameters() / 1e6:.1f}M parameters on {self.device}"
         )

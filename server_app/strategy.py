@@ -25,7 +25,7 @@ from common import protocol
 from common.config import ExperimentConfig
 from common.seeding import stable_seed
 from server_app.outputs import RunRecorder
-from server_app.state import HypernetworkServer, RegistrationError
+from server_app.state import ClientRecord, HypernetworkServer, RegistrationError
 
 logger = logging.getLogger("flwr.mh_pfedhn")
 
@@ -60,8 +60,8 @@ class MHpFedHN(Strategy):
         self.key_of: dict[int, str] = {}  # node id -> client key
         self.refused: dict[int, str] = {}  # node id -> why it was refused
         self.history: list[dict[str, Any]] = []
-        self._outbox: dict[str, str] = {}  # message id -> client key (filled after push)
         self._pending: list[tuple[Message, str]] = []
+        self._sampled: tuple[int, list[str]] = (-1, [])
         self._log = RoundLog(0)
 
     # ------------------------------------------------------------------ nodes
@@ -90,8 +90,7 @@ class MHpFedHN(Strategy):
             if node is None:
                 continue
             try:
-                identity = protocol.parse_identity(reply)
-                record = self.server.register(identity.client_key, identity.num_params)
+                record = self.admit(protocol.parse_identity(reply))
             except (protocol.ReplyError, RegistrationError) as err:
                 self.refused[node] = str(err)
                 logger.warning("node %d refused: %s", node, err)
@@ -103,6 +102,10 @@ class MHpFedHN(Strategy):
             self.node_of[record.key] = node
             self.key_of[node] = record.key
             logger.info("client %s: K=%d, tau=%d", record.key, record.num_params, record.tau)
+
+    def admit(self, identity: protocol.Identity) -> ClientRecord:
+        """Register a client from its query reply (raises RegistrationError to refuse it)."""
+        return self.server.register(identity.client_key, identity.num_params)
 
     def connected_clients(self, grid: Grid) -> list[str]:
         live = set(grid.get_node_ids())
@@ -118,15 +121,27 @@ class MHpFedHN(Strategy):
         return sorted(keys[i] for i in rng.choice(len(keys), count, replace=False))
 
     # ------------------------------------------------------------- messaging
-    def _messages(self, keys: list[str], message_type: str, server_round: int) -> list[Message]:
-        thetas = self.server.generate(keys)
+    def _messages(
+        self,
+        keys: list[str],
+        message_type: str,
+        server_round: int,
+        vectors: dict[str, np.ndarray] | None = None,
+    ) -> list[Message]:
+        """One message per client with its own vector (generated now unless given)."""
+        vectors = self.server.generate(keys) if vectors is None else vectors
         self._pending = []
         for key in keys:
-            content = protocol.instruction(thetas[key], server_round)
-            self._log.bytes_down += thetas[key].nbytes
+            config, teacher = self.instruction_extras(message_type, key)
+            content = protocol.instruction(vectors[key], server_round, config, teacher)
+            self._log.bytes_down += vectors[key].nbytes + (0 if teacher is None else teacher.nbytes)
             message = Message(content, dst_node_id=self.node_of[key], message_type=message_type)
             self._pending.append((message, key))
         return [m for m, _ in self._pending]
+
+    def instruction_extras(self, message_type: str, key: str) -> tuple[dict, np.ndarray | None]:
+        """Extra config and teacher vector for a client's message (none in MH-pFedHN)."""
+        return {}, None
 
     def _by_client(self, replies: Iterable[Message]) -> dict[str, Message]:
         """Map replies to client keys via the ids of the messages they answer."""
@@ -142,11 +157,16 @@ class MHpFedHN(Strategy):
             self._log.reject(key, "no reply before the timeout")
         return out
 
+    def round_clients(self, server_round: int, grid: Grid) -> list[str]:
+        """The clients sampled for this round (drawn once per round, seeded)."""
+        if self._sampled[0] != server_round:
+            self._sampled = (server_round, self.sample(server_round, self.connected_clients(grid)))
+        return self._sampled[1]
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        keys = self.sample(server_round, self.connected_clients(grid))
-        return self._messages(keys, protocol.TRAIN, server_round)
+        return self._messages(self.round_clients(server_round, grid), protocol.TRAIN, server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -184,9 +204,8 @@ class MHpFedHN(Strategy):
     ) -> Iterable[Message]:
         return self._messages(self.connected_clients(grid), protocol.EVALUATE, server_round)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def evaluation_stats(self, replies: Iterable[Message]) -> dict[str, Any] | None:
+        """Pooled (total correct / total samples) and per-client accuracy, pooled loss."""
         results = {}
         for key, reply in self._by_client(replies).items():
             try:
@@ -197,18 +216,27 @@ class MHpFedHN(Strategy):
         if not total:
             return None
         per_client = {k: r.correct / r.num_examples for k, r in sorted(results.items())}
-        accuracy = sum(r.correct for r in results.values()) / total
-        loss = sum(r.loss_sum for r in results.values()) / total
-        client_mean = float(np.mean(list(per_client.values())))
-        self._log.values.update(
-            accuracy=accuracy,
-            accuracy_client_mean=client_mean,
-            loss=loss,
-            clients_evaluated=len(results),
-            client_accuracy=per_client,
-        )
+        return {
+            "accuracy": sum(r.correct for r in results.values()) / total,
+            "accuracy_client_mean": float(np.mean(list(per_client.values()))),
+            "loss": sum(r.loss_sum for r in results.values()) / total,
+            "clients_evaluated": len(results),
+            "client_accuracy": per_client,
+        }
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        stats = self.evaluation_stats(replies)
+        if stats is None:
+            return None
+        self._log.values.update(stats)
         return MetricRecord(
-            {"accuracy": accuracy, "accuracy-client-mean": client_mean, "loss": loss}
+            {
+                "accuracy": stats["accuracy"],
+                "accuracy-client-mean": stats["accuracy_client_mean"],
+                "loss": stats["loss"],
+            }
         )
 
     def summary(self) -> None:
@@ -227,7 +255,12 @@ class MHpFedHN(Strategy):
     def _exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
         return list(grid.send_and_receive(list(messages), timeout=timeout))
 
-    def _evaluate(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
+    def train_round(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
+        messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+        replies = self._exchange(grid, messages, timeout)
+        return self.aggregate_train(server_round, replies)[1]
+
+    def evaluate_round(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
         messages = self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
         return self.aggregate_evaluate(server_round, self._exchange(grid, messages, timeout))
 
@@ -257,6 +290,8 @@ class MHpFedHN(Strategy):
         acc_text = "n/a" if acc is None else f"{acc:.4f}"
         mean = row["accuracy_client_mean"]
         mean_text = "" if mean is None else f" (client mean {mean:.4f})"
+        if row.get("global_accuracy") is not None:
+            mean_text += f" | global model {row['global_accuracy']:.4f}"
         logger.info(
             "[round %d/%d] accuracy %s%s | loss %s | %.1f s | down %.2f MB up %.2f MB%s",
             row["round"],
@@ -293,12 +328,11 @@ class MHpFedHN(Strategy):
             self._log = RoundLog(server_round)
             if server_round > 0:
                 self.discover(grid, timeout)
-                messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-                replies = self._exchange(grid, messages, timeout)
-                _, train_metrics = self.aggregate_train(server_round, replies)
-                result.train_metrics_clientapp[server_round] = train_metrics
+                result.train_metrics_clientapp[server_round] = self.train_round(
+                    grid, server_round, timeout
+                )
             if self._evaluation_due(server_round, num_rounds):
-                eval_metrics = self._evaluate(grid, server_round, timeout)
+                eval_metrics = self.evaluate_round(grid, server_round, timeout)
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
             self._print_progress(self._finish_round(), num_rounds)

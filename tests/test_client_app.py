@@ -16,17 +16,6 @@ from common.param_vector import model_to_vector, vector_size
 from server_app.inprocess import InProcessGrid
 
 
-@pytest.fixture
-def tiny_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 60)
-    images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
-    images[:, :4, :4] = (labels * 60)[:, None, None]  # a learnable corner
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=images, y_train=labels, x_test=images[:1], y_test=labels[:1])
-    return path
-
-
 def run_config(tiny_npz, tmp_path, **extra):
     return {
         "experiment": "default",

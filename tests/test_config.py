@@ -106,3 +106,26 @@ def test_unknown_yaml_key_is_refused(tmp_path):
     path.write_text("client: {learning_rate: 0.1}\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         resolve_config(str(path))
+
+
+def test_gd_experiments_extend_their_mh_pfedhn_setup():
+    gd = resolve_config("cifar10_heterogeneous_gd")
+    base = resolve_config("cifar10_heterogeneous")
+    assert gd.method == "mh_pfedhngd" and gd.distills
+    assert gd.clients == base.clients and gd.data == base.data and gd.rounds == base.rounds
+    g = gd.global_model
+    assert (g.architecture, g.distill_weight, g.temperature, g.teacher, g.fraction) == (
+        "lenet",
+        0.01,
+        15.0,
+        "round_start",
+        1.0,
+    )
+    assert not resolve_config("cifar10_heterogeneous_gd", {"method": "mh_pfedhng"}).distills
+
+
+def test_extends_loops_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="loop"):
+        resolve_config(str(tmp_path / "a.yaml"))

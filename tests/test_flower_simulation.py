@@ -9,9 +9,11 @@ from tests.flower_runtime import flwr_run, private_flower
 
 
 @pytest.mark.slow
-def test_flwr_run_simulation_with_mixed_architectures(mnist_npz, tmp_path):
+@pytest.mark.parametrize("method", ["mh_pfedhn", "mh_pfedhngd"])
+def test_flwr_run_simulation_with_mixed_architectures(method, mnist_npz, tmp_path):
     run_config = " ".join(
         [
+            f'method="{method}"',
             f'data.source="npz:{mnist_npz}"',
             "data.fraction=0.05",
             f'data.cache_dir="{tmp_path / "cache"}"',
@@ -37,3 +39,7 @@ def test_flwr_run_simulation_with_mixed_architectures(mnist_npz, tmp_path):
     assert 0.0 <= rows[-1]["accuracy"] <= 1.0
     assert rows[-1]["accuracy"] > rows[0]["accuracy"]
     assert "[round 2/2]" in log
+    if method == "mh_pfedhngd":  # both phases ran in every round
+        assert rows[-1]["global_clients_trained"] == 4
+        assert 0.0 <= rows[-1]["global_accuracy"] <= 1.0
+        assert "global model" in log
