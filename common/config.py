@@ -96,6 +96,8 @@ class ServerConfig(_Section):
     evaluate_every: int = Field(1, ge=0)
     output_root: str = "outputs"
     run_name: str = "auto"
+    checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = never")
+    resume: str = Field("", description="a run directory to continue from its checkpoint")
 
 
 class GlobalModelConfig(_Section):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ExperimentConfig, config_from_run_config
+from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from server_app.outputs import RunRecorder
 from server_app.state import HypernetworkServer, HypernetworkSettings
 from server_app.strategy import MHpFedHN, logger
@@ -19,12 +22,33 @@ def build_server(cfg: ExperimentConfig) -> HypernetworkServer:
     return HypernetworkServer(settings, seed=cfg.seed, device=cfg.hypernetwork.device)
 
 
+def resume_server(cfg: ExperimentConfig) -> tuple[HypernetworkServer, int, list, RunRecorder]:
+    """Load a run directory's checkpoint; the hypernetwork settings must not have changed."""
+    directory = Path(cfg.server.resume).expanduser().resolve()
+    server, completed, history = load_checkpoint(
+        directory / CHECKPOINT_NAME, cfg.hypernetwork.device
+    )
+    expected = HypernetworkSettings(**cfg.hypernetwork.model_dump(exclude={"device"}))
+    if server.settings != expected or server.seed != cfg.seed:
+        raise ValueError(
+            f"{directory} was made with seed {server.seed} and {server.settings}; the "
+            f"configuration now says seed {cfg.seed} and {expected}: resume with the same ones"
+        )
+    return server, completed, history, RunRecorder.resume(directory, cfg, history)
+
+
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run_id: int | str) -> MHpFedHN:
     """Everything a run does, for the ServerApp and for in-process runs alike."""
-    recorder = RunRecorder.create(cfg, run_id=run_id)
-    logger.info("outputs: %s", recorder.directory)
     strategy_class = MHpFedHNGD if cfg.uses_global_model else MHpFedHN
-    strategy = strategy_class(build_server(cfg), cfg, recorder)
+    if cfg.server.resume:
+        server, completed, history, recorder = resume_server(cfg)
+        logger.info("resuming %s after round %d", recorder.directory, completed)
+    else:
+        server, completed, history = build_server(cfg), -1, []
+        recorder = RunRecorder.create(cfg, run_id=run_id)
+    logger.info("outputs: %s", recorder.directory)
+    strategy = strategy_class(server, cfg, recorder)
+    strategy.completed_round, strategy.history = completed, history
     strategy.start(grid)
     return strategy
 

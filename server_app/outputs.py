@@ -36,6 +36,15 @@ class RunRecorder:
         _atomic_write(directory / "config.yaml", to_yaml(cfg))
         return cls(directory)
 
+    @classmethod
+    def resume(cls, directory: Path, cfg: ExperimentConfig, history: list[dict[str, Any]]):
+        """Continue a run's directory: metrics.jsonl becomes exactly the checkpoint's rounds."""
+        recorder = cls(directory)
+        lines = "".join(json.dumps(row) + "\n" for row in history)
+        _atomic_write(recorder.metrics_path, lines)
+        _atomic_write(directory / "config.yaml", to_yaml(cfg))
+        return recorder
+
     def log_round(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=False) + "\n")

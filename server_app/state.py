@@ -10,6 +10,7 @@ Invariants (SPEC section 4):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +256,30 @@ class HypernetworkServer:
         else:
             norms.append(self._step(self.gradients(tensors, scale=1.0 / len(tensors))))
         return {"updates": len(norms), "grad_norms": norms}
+
+    # ------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit for bit: weights, Adam state, registry, seed."""
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "seed": self.seed,
+            "clients": [(r.key, r.num_params) for r in self.clients.values()],
+            "hnet": self.hnet.state_dict(),
+            "embeddings": self.embeddings.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> HypernetworkServer:
+        """Rebuild by replaying registrations in their original order (same parameter groups),
+        then load the tensors and the optimizer state."""
+        server = cls(HypernetworkSettings(**state["settings"]), seed=state["seed"], device=device)
+        for key, num_params in state["clients"]:
+            server._register(key, num_params)
+        server.hnet.load_state_dict(state["hnet"])
+        server.embeddings.load_state_dict(state["embeddings"])
+        server.optimizer.load_state_dict(state["optimizer"])
+        return server
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self) -> int:

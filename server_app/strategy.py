@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from common import protocol
 from common.config import ExperimentConfig
 from common.seeding import stable_seed
+from server_app.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from server_app.outputs import RunRecorder
 from server_app.state import ClientRecord, HypernetworkServer, RegistrationError
 
@@ -60,6 +61,7 @@ class MHpFedHN(Strategy):
         self.key_of: dict[int, str] = {}  # node id -> client key
         self.refused: dict[int, str] = {}  # node id -> why it was refused
         self.history: list[dict[str, Any]] = []
+        self.completed_round = -1  # set when resuming from a checkpoint
         self._pending: list[tuple[Message, str]] = []
         self._sampled: tuple[int, list[str]] = (-1, [])
         self._log = RoundLog(0)
@@ -285,6 +287,14 @@ class MHpFedHN(Strategy):
             self.recorder.log_round(row)
         return row
 
+    def _checkpoint(self, server_round: int, num_rounds: int) -> None:
+        every = self.cfg.server.checkpoint_every
+        if self.recorder is None or every == 0:
+            return
+        if server_round % every == 0 or server_round == num_rounds:
+            path = self.recorder.directory / CHECKPOINT_NAME
+            save_checkpoint(path, self.server, server_round, self.history)
+
     def _print_progress(self, row: dict[str, Any], num_rounds: int) -> None:
         acc = row["accuracy"]
         acc_text = "n/a" if acc is None else f"{acc:.4f}"
@@ -324,6 +334,7 @@ class MHpFedHN(Strategy):
         self.discover(grid, timeout)
         logger.info("hypernetwork: %s", self.server.describe())
         first = 0 if self._evaluation_due(0, num_rounds) else 1
+        first = max(first, self.completed_round + 1)
         for server_round in range(first, num_rounds + 1):
             self._log = RoundLog(server_round)
             if server_round > 0:
@@ -336,6 +347,7 @@ class MHpFedHN(Strategy):
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
             self._print_progress(self._finish_round(), num_rounds)
+            self._checkpoint(server_round, num_rounds)
         if self.recorder is not None:
             self.recorder.write_summary(run_summary(self.history))
         return result
