@@ -8,6 +8,8 @@ For MH-pFedHNG(D) the client also trains and evaluates the public global model
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +73,24 @@ class Session:
             raise RuntimeError(f"{slot} vector is from round {kept_round}, not {server_round}")
         return self.context.state[slot][VECTOR].numpy()
 
+    def note_received(self, msg: Message, vector: np.ndarray) -> None:
+        """Append what arrived to the node config's `message-log` file, if one is set.
+
+        An audit trail for operators: round, message type and SHA-256 of each vector.
+        """
+        path = self.context.node_config.get("message-log")
+        if not path:
+            return
+        entry = {
+            "client_key": self.spec.key,
+            "round": protocol.read_round(msg),
+            "type": msg.metadata.message_type,
+            "num_params": int(vector.size),
+            "sha256": hashlib.sha256(np.ascontiguousarray(vector).tobytes()).hexdigest(),
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
     def settings(self) -> SGDSettings:
         return SGDSettings(**self.cfg.client.model_dump(exclude={"device"}))
 
@@ -93,6 +113,7 @@ def _train(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Load theta, train, return (theta, delta = sent - trained, mean loss)."""
     theta = protocol.read_theta(msg)
+    session.note_received(msg, theta)
     vector_to_model(model, theta)
     generator = session.generator(purpose, protocol.read_round(msg))
     data = session.data
@@ -153,7 +174,9 @@ def train_global(msg: Message, context: Context) -> Message:
 def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
     session = _session(context)
     model = session.model(global_model)
-    vector_to_model(model, protocol.read_theta(msg))
+    theta = protocol.read_theta(msg)
+    session.note_received(msg, theta)
+    vector_to_model(model, theta)
     correct, loss_sum = evaluate(model, session.data.x_test, session.data.y_test)
     reply = protocol.evaluate_reply(len(session.data.y_test), correct, loss_sum)
     return Message(reply, reply_to=msg)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
@@ -102,3 +105,15 @@ def test_bad_node_config_says_what_to_set(node_config, data_clients, message):
     cfg = resolve_config("default", {"data.num_clients": data_clients})
     with pytest.raises(NodeConfigError, match=message):
         client_spec(node_config, cfg)
+
+
+def test_message_log_records_what_arrived(tiny_npz, tmp_path):
+    log = tmp_path / "received.jsonl"
+    node = {"partition-id": 1, "num-partitions": 2, "message-log": str(log)}
+    context = context_for(run_config(tiny_npz, tmp_path), node)
+    model = build_model("lenet", num_classes=4, in_channels=1)
+    theta = model_to_vector(model).numpy()
+    send(protocol.EVALUATE, context, theta, server_round=3)
+    (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entry["round"] == 3 and entry["type"] == "evaluate"
+    assert entry["sha256"] == hashlib.sha256(theta.tobytes()).hexdigest()

@@ -1,0 +1,1 @@
+"""Deployment tooling: the topology shared by docker/compose.yml and the local cluster."""

@@ -1,0 +1,210 @@
+"""Run the docker/compose.yml topology as local processes, `flwr run` against it, stop it all.
+
+    python -m deployment.local_cluster --clients 3 --models lenet,mlp \\
+        --run-config 'data.source="npz:../shared/data/mnist.npz" rounds=2'
+
+Starts a SuperLink, the ServerApp's SuperExec, and per client a SuperNode and its ClientApp
+SuperExec (process isolation, as in compose.yml, same commands), runs the app with `flwr run`,
+then stops every process it started, their children included. Logs go to <workdir>/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from deployment.processes import free_port, kill_tree, wait_for_port
+from deployment.topology import TLS, Node, Service, default_nodes, services
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+CONNECTION = "cluster"
+
+
+def flower_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's commands: private home, no runtime installs, no telemetry."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        # Flower starts its helpers by name: use this interpreter's scripts
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+class LocalCluster:
+    """The topology on one machine; nodes can be stopped and restarted (same key)."""
+
+    def __init__(
+        self,
+        nodes: list[Node],
+        workdir: Path,
+        *,
+        tls: TLS | None = None,
+        host: str = HOST,
+        extra_node_config: dict[int, str] | None = None,
+        client_env: dict[str, str] | None = None,
+    ) -> None:
+        self.nodes = nodes
+        self.workdir = workdir
+        self.tls = tls
+        self.host = host
+        self.extra_node_config = extra_node_config or {}
+        self.client_env = client_env or {}
+        self.superlink_port = free_port()
+        self.node_ports = {n.index: free_port() for n in nodes}
+        self.env = flower_environment(workdir / "flwr-home")
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    # --------------------------------------------------------------- services
+    def services(self) -> list[Service]:
+        """Exactly compose.yml's services, with local hosts and ports."""
+        out = services(
+            self.nodes,
+            host_of=lambda name: self.host,
+            superlink_port=self.superlink_port,
+            supernode_port=lambda node: self.node_ports[node.index],
+            bind_host=self.host,
+            database=str(self.workdir / "superlink.db"),
+            tls=self.tls,
+        )
+        for service in out:
+            index = _node_index(service.name, "supernode-")
+            if index is not None and index in self.extra_node_config:
+                service.argv[-1] += " " + self.extra_node_config[index]
+        return out
+
+    def _service(self, name: str) -> Service:
+        return next(s for s in self.services() if s.name == name)
+
+    def _launch(self, service: Service) -> None:
+        log = (self.logs / f"{service.name}.log").open("ab")
+        env = dict(self.env)
+        if service.name.startswith("clientapp-"):
+            env.update(self.client_env)
+        self.processes[service.name] = subprocess.Popen(
+            service.argv,
+            env=env,
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self) -> LocalCluster:
+        self._write_connection()
+        all_services = self.services()
+        self._launch(all_services[0])
+        wait_for_port(self.host, self.superlink_port)
+        for service in all_services[1:]:
+            self._launch(service)
+            if service.name.startswith("supernode-"):
+                index = _node_index(service.name, "supernode-")
+                wait_for_port(self.host, self.node_ports[index])
+        return self
+
+    def stop_node(self, index: int) -> None:
+        """Kill one site's SuperNode and ClientApp processes, as a machine failure would."""
+        roots = set()
+        for name in (f"supernode-{index}", f"clientapp-{index}"):
+            process = self.processes.pop(name, None)
+            if process is not None:
+                roots.add(process.pid)
+        kill_tree(roots, grace=0.0)
+
+    def start_node(self, index: int) -> None:
+        """Start a site again: a new Flower node id, the same client key and model."""
+        self._launch(self._service(f"supernode-{index}"))
+        wait_for_port(self.host, self.node_ports[index])
+        self._launch(self._service(f"clientapp-{index}"))
+
+    def stop(self) -> None:
+        kill_tree({p.pid for p in self.processes.values()})
+        for process in self.processes.values():
+            process.wait(timeout=10)
+        self.processes.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --------------------------------------------------------------------- run
+    def _write_connection(self) -> None:
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        security = (
+            "insecure = true"
+            if self.tls is None
+            else f'root-certificates = "{Path(self.tls.ca).resolve()}"'
+        )
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.host}:{self.superlink_port}"\n{security}\n'
+        )
+
+    def flwr_run(self, run_config: str = "", timeout: float = 900, wait: bool = True):
+        """`flwr run . cluster --stream` with the cluster's own min_nodes first."""
+        cmd = [
+            str(Path(sys.executable).parent / "flwr"),
+            "run",
+            str(ROOT),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            f"server.min_nodes={len(self.nodes)}",
+        ]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        if not wait:
+            log = (self.logs / "flwr-run.log").open("ab")
+            return subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        return subprocess.run(
+            cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
+
+def _node_index(name: str, prefix: str) -> int | None:
+    return int(name[len(prefix) :]) if name.startswith(prefix) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--models", default="lenet,vgg8,resnet10,resnet12,resnet18",
+                        help="comma-separated; client i runs models[i mod len]")  # fmt: skip
+    parser.add_argument("--data-source", default="", help="data.source for every client")
+    parser.add_argument("--run-config", default="", help="flwr run --run-config overrides")
+    parser.add_argument("--tls-dir", type=Path, help="folder with ca.crt, server.pem, server.key")
+    parser.add_argument("--workdir", type=Path, help="logs and state (default: a temp folder)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mh-pfedhn-cluster-"))
+    tls = None
+    if args.tls_dir:
+        d = args.tls_dir.resolve()
+        tls = TLS(str(d / "ca.crt"), str(d / "server.pem"), str(d / "server.key"))
+    nodes = default_nodes(args.clients, args.models.split(","), args.data_source)
+    started = time.monotonic()
+    with LocalCluster(nodes, workdir, tls=tls) as cluster:
+        print(f"cluster up: SuperLink {cluster.host}:{cluster.superlink_port}, "
+              f"{len(nodes)} SuperNodes, logs in {cluster.logs}", flush=True)  # fmt: skip
+        done = cluster.flwr_run(args.run_config)
+        sys.stdout.write(done.stdout)
+        sys.stderr.write(done.stderr)
+    print(f"cluster stopped after {time.monotonic() - started:.0f} s", flush=True)
+    return done.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""Start and stop Flower's processes without leaving any behind (Linux).
+
+Flower's app processes start sessions of their own and watch their parent only through a
+`--parent-pid` flag, so stopping a tree means collecting it first, by parent links and by
+that flag, then killing it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from contextlib import suppress
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        table[int(entry.name)] = (ppid, cmdline)
+    return table
+
+
+def process_tree(roots: set[int]) -> set[int]:
+    """The roots and every process descending from them (by parent or --parent-pid)."""
+    table = _processes()
+    tree = {pid for pid in roots if pid in table}
+    while True:
+        children = {
+            pid
+            for pid, (ppid, cmd) in table.items()
+            if pid not in tree and (ppid in tree or any(f"--parent-pid {p}" in cmd for p in tree))
+        }
+        if not children:
+            return tree
+        tree |= children
+
+
+def kill_tree(roots: set[int], grace: float = 3.0) -> None:
+    """SIGTERM the whole tree, then SIGKILL what is left after `grace` seconds."""
+    tree = process_tree(roots)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in tree:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline:
+            if not any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in tree):
+                return
+            time.sleep(0.1)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def pids_matching(marker: str) -> set[int]:
+    return {pid for pid, (_, cmd) in _processes().items() if marker in cmd and pid != os.getpid()}

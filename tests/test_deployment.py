@@ -1,0 +1,173 @@
+"""Real deployment: SuperLink and SuperNodes as separate processes, as compose.yml runs them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deployment.local_cluster import LocalCluster
+from deployment.topology import APP_IMAGE, compose_yaml, default_nodes, services
+from server_app.outputs import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUG_IN = ROOT / "examples" / "plug_in_model"
+
+
+# ----------------------------------------------------------- compose.yml checks
+def compose_services() -> dict[str, dict]:
+    import yaml
+
+    return yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
+
+
+def test_compose_file_is_the_generated_topology():
+    assert (ROOT / "docker" / "compose.yml").read_text() == compose_yaml(3), (
+        "regenerate with: python -m deployment.topology --clients 3 > docker/compose.yml"
+    )
+
+
+def accepted_flags(program: str) -> set[str]:
+    exe = Path(sys.executable).parent / program
+    text = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60).stdout
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
+
+
+def test_every_compose_command_uses_flags_the_installed_flower_accepts():
+    help_cache: dict[str, set[str]] = {}
+    for name, service in compose_services().items():
+        program = (
+            service["entrypoint"][0]
+            if "entrypoint" in service
+            else {
+                "flwr/superlink": "flower-superlink",
+                "flwr/supernode": "flower-supernode",
+            }[service["image"].split(":")[0]]
+        )
+        flags = help_cache.setdefault(program, accepted_flags(program))
+        used = {a for a in service["command"] if a.startswith("--")}
+        assert used <= flags, f"{name}: {sorted(used - flags)} not accepted by {program}"
+
+
+def test_compose_ports_and_node_configs_are_consistent():
+    svc = compose_services()
+    link_port = svc["superlink"]["command"][svc["superlink"]["command"].index("--port") + 1]
+    assert svc["superlink"]["ports"] == [f"{link_port}:{link_port}"]
+    assert svc["serverapp"]["command"][-1] == f"superlink:{link_port}"
+    keys, partitions = set(), set()
+    nodes = sorted(n for n in svc if n.startswith("supernode-"))
+    for name in nodes:
+        cmd = svc[name]["command"]
+        assert cmd[cmd.index("--superlink") + 1] == f"superlink:{link_port}"
+        port = cmd[cmd.index("--port") + 1]
+        index = name.split("-")[1]
+        assert svc[f"clientapp-{index}"]["command"][-1] == f"{name}:{port}"
+        config = dict(
+            pair.split("=", 1) for pair in shlex.split(cmd[cmd.index("--node-config") + 1])
+        )
+        assert config["partition-id"] == index and config["num-partitions"] == str(len(nodes))
+        keys.add(config["client-key"])
+        partitions.add(config["partition-id"])
+    assert len(keys) == len(partitions) == len(nodes) == 3
+    assert all(
+        svc[n]["image"] == APP_IMAGE for n in svc if n.startswith(("clientapp", "serverapp"))
+    )
+
+
+def test_local_cluster_runs_the_same_commands_as_compose(tmp_path):
+    nodes = default_nodes(3, data_source="imagefolder:/data/cifar10")
+    cluster = LocalCluster(nodes, tmp_path)
+    local = {s.name: s.argv for s in cluster.services()}
+    compose = {s.name: s.argv for s in services(nodes)}
+    assert local.keys() == compose.keys()
+
+    def normalise(argv: list[str]) -> list[str]:
+        out = []
+        for arg in argv:
+            arg = re.sub(r"^(superlink|supernode-\d+|127\.0\.0\.1):\d+$", "HOST:PORT", arg)
+            arg = re.sub(r"^(0\.0\.0\.0|127\.0\.0\.1)$", "BIND", arg)
+            arg = re.sub(r"^\d{4,5}$", "PORT", arg)
+            arg = re.sub(r".*superlink\.db$", "DB", arg)
+            out.append(arg)
+        return out
+
+    for name in compose:
+        assert normalise(local[name]) == normalise(compose[name]), name
+
+
+# ------------------------------------------------------------ real processes
+def mnist_run_config(mnist_npz: Path, out: Path, rounds: int, **extra: str) -> str:
+    pairs = {
+        "data.source": f'"npz:{mnist_npz}"',
+        "data.fraction": "0.05",
+        "data.cache_dir": f'"{out / "cache"}"',
+        "client.epochs": "1",
+        "rounds": str(rounds),
+        "server.output_root": f'"{out}"',
+        "server.run_name": '"deployed"',
+        **extra,
+    }
+    return " ".join(f"{k}={v}" for k, v in pairs.items())
+
+
+@pytest.mark.slow
+def test_superlink_and_three_supernodes_with_a_plug_in_model(mnist_npz, tmp_path):
+    nodes = default_nodes(3, ["lenet", "site_models:small_cnn", "mlp"])
+    cluster = LocalCluster(nodes, tmp_path, client_env={"PYTHONPATH": str(PLUG_IN)})
+    with cluster:
+        done = cluster.flwr_run(mnist_run_config(mnist_npz, tmp_path / "out", rounds=2))
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    rows = read_metrics(tmp_path / "out" / "deployed" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2], log[-3000:]
+    last = rows[-1]
+    assert last["clients_trained"] == 3 and last["clients_evaluated"] == 3 and not last["rejected"]
+    assert set(last["client_accuracy"]) == {"site-0", "site-1", "site-2"}
+    assert last["accuracy"] > rows[0]["accuracy"]
+    assert not any(p.poll() is None for p in cluster.processes.values())
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_comes_back_with_its_own_embeddings(mnist_npz, tmp_path):
+    """Kill site-2 while round 2 runs: the round and the run finish with the others. The site
+    restarts (new node id, same key) and a resumed run sends it the vector it had before."""
+    nodes = default_nodes(3, ["lenet", "mlp", "lenet"])
+    message_logs = {n.index: tmp_path / f"received-{n.index}.jsonl" for n in nodes}
+    extra = {i: f'message-log="{path}"' for i, path in message_logs.items()}
+    out = tmp_path / "out"
+    config = mnist_run_config(mnist_npz, out, rounds=2, **{"server.timeout_s": "45"})
+    with LocalCluster(nodes, tmp_path, extra_node_config=extra) as cluster:
+        run = cluster.flwr_run(config, wait=False)
+        deadline = time.monotonic() + 600
+        while not any(
+            e["round"] == 2 and e["type"] == "evaluate" for e in read_log(message_logs[2])
+        ):
+            assert time.monotonic() < deadline and run.poll() is None, "round 2 never reached"
+            time.sleep(0.2)
+        cluster.stop_node(2)
+        assert run.wait(timeout=600) == 0, (tmp_path / "logs" / "flwr-run.log").read_text()[-3000:]
+        rows = read_metrics(out / "deployed" / "metrics.jsonl")
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        assert rows[-1]["clients_evaluated"] == 2
+        assert [r["client"] for r in rows[-1]["rejected"]] == ["site-2"]
+        before = read_log(message_logs[2])[-1]
+
+        cluster.start_node(2)
+        resume = {"server.timeout_s": "45", "server.resume": f'"{out / "deployed"}"'}
+        done = cluster.flwr_run(mnist_run_config(mnist_npz, out, rounds=3, **resume))
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    after = next(e for e in read_log(message_logs[2]) if e["round"] == 3)
+    assert after["type"] == "train" and after["sha256"] == before["sha256"]
+    rows = read_metrics(out / "deployed" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["clients_trained"] == 3
