@@ -244,7 +244,8 @@ class MHpFedHN(Strategy):
     def summary(self) -> None:
         c = self.cfg
         logger.info(
-            "MH-pFedHN: %d rounds, %s update, data %s (%s), models %s, seed %d",
+            "%s: %d rounds, %s update, data %s (%s), models %s, seed %d",
+            c.method,
             c.rounds,
             c.hypernetwork.update_mode,
             c.data.source,

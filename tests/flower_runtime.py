@@ -6,30 +6,25 @@ tests give it private ports and FLWR_HOME, then kill its whole process group aft
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from deployment.local_cluster import flower_environment
 from deployment.processes import free_port, kill_tree, pids_matching
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    """Flower's environment with private ports for the local SuperLink `flwr run` starts."""
+    env = flower_environment(flwr_home)
     env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
         RAY_DEDUP_LOGS="0",
-        # flwr starts flower-superlink & co. by name: use this interpreter's scripts
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env
 
