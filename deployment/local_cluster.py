@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deployment.processes import free_port, kill_tree, wait_for_port
+from deployment.processes import free_port, kill_tree, wait_for_listen, wait_for_port
 from deployment.topology import TLS, Node, Service, default_nodes, services
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,14 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
 
 
 class LocalCluster:
-    """The topology on one machine; nodes can be stopped and restarted (same key)."""
+    """The topology on one machine; nodes can be stopped and restarted (same key).
+
+    By default every process runs here and listens on `host`. To put services on other
+    (e.g. network-namespace) hosts: `prefix[name]` goes before service `name`'s command (and
+    `prefix["flwr"]` before `flwr run`), e.g. ["ip", "netns", "exec", "ns0"]; `hosts[name]` is
+    the address the others reach it at and `binds[name]` the address it listens on.
+    `extra_args[name]` is appended to service `name`'s command.
+    """
 
     def __init__(
         self,
@@ -52,6 +59,10 @@ class LocalCluster:
         host: str = HOST,
         extra_node_config: dict[int, str] | None = None,
         client_env: dict[str, str] | None = None,
+        prefix: dict[str, list[str]] | None = None,
+        hosts: dict[str, str] | None = None,
+        binds: dict[str, str] | None = None,
+        extra_args: dict[str, list[str]] | None = None,
     ) -> None:
         self.nodes = nodes
         self.workdir = workdir
@@ -59,6 +70,10 @@ class LocalCluster:
         self.host = host
         self.extra_node_config = extra_node_config or {}
         self.client_env = client_env or {}
+        self.prefix = prefix or {}
+        self.hosts = hosts or {}
+        self.binds = binds or {}
+        self.extra_args = extra_args or {}
         self.superlink_port = free_port()
         self.node_ports = {n.index: free_port() for n in nodes}
         self.env = flower_environment(workdir / "flwr-home")
@@ -71,10 +86,10 @@ class LocalCluster:
         """Exactly compose.yml's services, with local hosts and ports."""
         out = services(
             self.nodes,
-            host_of=lambda name: self.host,
+            host_of=self.host_of,
             superlink_port=self.superlink_port,
             supernode_port=lambda node: self.node_ports[node.index],
-            bind_host=self.host,
+            bind_host=lambda name: self.binds.get(name, self.host),
             database=str(self.workdir / "superlink.db"),
             tls=self.tls,
         )
@@ -82,7 +97,12 @@ class LocalCluster:
             index = _node_index(service.name, "supernode-")
             if index is not None and index in self.extra_node_config:
                 service.argv[-1] += " " + self.extra_node_config[index]
+            service.argv.extend(self.extra_args.get(service.name, []))
         return out
+
+    def host_of(self, name: str) -> str:
+        """The address service `name` is reached at."""
+        return self.hosts.get(name, self.host)
 
     def _service(self, name: str) -> Service:
         return next(s for s in self.services() if s.name == name)
@@ -93,7 +113,7 @@ class LocalCluster:
         if service.name.startswith("clientapp-"):
             env.update(self.client_env)
         self.processes[service.name] = subprocess.Popen(
-            service.argv,
+            [*self.prefix.get(service.name, []), *service.argv],
             env=env,
             cwd=self.workdir,
             stdout=log,
@@ -102,16 +122,27 @@ class LocalCluster:
         )
 
     def start(self) -> LocalCluster:
-        self._write_connection()
-        all_services = self.services()
-        self._launch(all_services[0])
-        wait_for_port(self.host, self.superlink_port)
-        for service in all_services[1:]:
-            self._launch(service)
-            if service.name.startswith("supernode-"):
-                index = _node_index(service.name, "supernode-")
-                wait_for_port(self.host, self.node_ports[index])
+        try:
+            self.start_link()
+            for node in self.nodes:
+                self.start_node(node.index)
+        except BaseException:
+            self.stop()  # what did start: `with` does not stop a cluster that failed to start
+            raise
         return self
+
+    def start_link(self) -> None:
+        """The SuperLink and the ServerApp's SuperExec (start() = this + every node)."""
+        self._write_connection()
+        self._launch(self._service("superlink"))
+        self._wait_listening("superlink", self.superlink_port)
+        self._launch(self._service("serverapp"))
+
+    def _wait_listening(self, name: str, port: int) -> None:
+        if name in self.prefix:  # maybe another network namespace: look from the process
+            wait_for_listen(self.processes[name].pid, port)
+        else:
+            wait_for_port(self.host_of(name), port)
 
     def stop_node(self, index: int) -> None:
         """Kill one site's SuperNode and ClientApp processes, as a machine failure would."""
@@ -123,9 +154,9 @@ class LocalCluster:
         kill_tree(roots, grace=0.0)
 
     def start_node(self, index: int) -> None:
-        """Start a site again: a new Flower node id, the same client key and model."""
+        """Start a site (again: a new Flower node id, the same client key and model)."""
         self._launch(self._service(f"supernode-{index}"))
-        wait_for_port(self.host, self.node_ports[index])
+        self._wait_listening(f"supernode-{index}", self.node_ports[index])
         self._launch(self._service(f"clientapp-{index}"))
 
     def stop(self) -> None:
@@ -151,22 +182,27 @@ class LocalCluster:
         )
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.host}:{self.superlink_port}"\n{security}\n'
+            f'address = "{self.host_of("superlink")}:{self.superlink_port}"\n{security}\n'
         )
 
     def flwr_run(self, run_config: str = "", timeout: float = 900, wait: bool = True):
-        """`flwr run . cluster --stream` with the cluster's own min_nodes first."""
+        """`flwr run . cluster --stream` with the cluster's own min_nodes first.
+
+        One --run-config string: Flower merges repeated ones per top-level table, so a
+        separate `server.min_nodes=N` would be lost if run_config sets any other `server.*`.
+        """
+        if "server.min_nodes" not in run_config:
+            run_config = f"server.min_nodes={len(self.nodes)} {run_config}".strip()
         cmd = [
+            *self.prefix.get("flwr", []),
             str(Path(sys.executable).parent / "flwr"),
             "run",
             str(ROOT),
             CONNECTION,
             "--stream",
             "--run-config",
-            f"server.min_nodes={len(self.nodes)}",
+            run_config,
         ]
-        if run_config:
-            cmd += ["--run-config", run_config]
         if not wait:
             log = (self.logs / "flwr-run.log").open("ab")
             return subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)

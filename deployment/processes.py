@@ -32,6 +32,34 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports listened on in the network namespace of process `pid` (its own view)."""
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_for_listen(pid: int, port: int, timeout: float = 30.0) -> None:
+    """Wait until `port` listens in process `pid`'s network namespace, which can differ from
+    ours (a process started with `ip netns exec`); fail early if the process has died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _zombie(pid):
+            raise RuntimeError(f"process {pid} exited before listening on port {port}")
+        if port in listening_ports(pid):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"process {pid} does not listen on port {port} after {timeout:.0f} s")
+
+
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process."""
     table = {}

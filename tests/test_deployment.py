@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from deployment.local_cluster import LocalCluster
-from deployment.topology import APP_IMAGE, compose_yaml, default_nodes, services
+from deployment.topology import (
+    APP_IMAGE,
+    TLS,
+    compose_tls_yaml,
+    compose_yaml,
+    default_nodes,
+    services,
+)
 from server_app.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +178,48 @@ def test_a_killed_supernode_comes_back_with_its_own_embeddings(mnist_npz, tmp_pa
     rows = read_metrics(out / "deployed" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["clients_trained"] == 3
+
+
+# ------------------------------------------------------- compose.tls.yml checks
+def tls_overlay_services() -> dict[str, dict]:
+    import yaml
+
+    return yaml.safe_load((ROOT / "docker" / "compose.tls.yml").read_text())["services"]
+
+
+def test_compose_tls_overlay_is_the_generated_one():
+    assert (ROOT / "docker" / "compose.tls.yml").read_text() == compose_tls_yaml(3), (
+        "regenerate with: python -m deployment.topology --clients 3 --tls > docker/compose.tls.yml"
+    )
+    nodes = default_nodes(3, data_source="imagefolder:/data/cifar10")
+    tls = TLS("/certs/ca.crt", "/certs/server.pem", "/certs/server.key")
+    expected = {s.name: s.argv[1:] for s in services(nodes, tls=tls)}
+    for name, service in tls_overlay_services().items():
+        assert service["command"] == expected[name], name
+
+
+def test_compose_tls_overlay_only_swaps_insecure_for_certificates_and_flower_accepts_it():
+    base, overlay = compose_services(), tls_overlay_services()
+    assert set(overlay) == {"superlink", "serverapp"} | {n for n in base if "supernode" in n}
+    server_flags = ["--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "/certs/server.pem",
+                    "--ssl-keyfile", "/certs/server.key"]  # fmt: skip
+    help_cache: dict[str, set[str]] = {}
+    for name, service in overlay.items():
+        swap = server_flags if name == "superlink" else ["--root-certificates", "/certs/ca.crt"]
+        command = base[name]["command"]
+        assert "--insecure" not in service["command"], name
+        assert service["command"] == swap + [a for a in command if a != "--insecure"], name
+        expected = "./certs:/certs:ro" if name == "superlink" else "./certs/ca.crt:/certs/ca.crt:ro"
+        assert service["volumes"] == [expected], name
+        program = (
+            base[name]["entrypoint"][0]
+            if "entrypoint" in base[name]
+            else {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}[
+                base[name]["image"].split(":")[0]
+            ]
+        )
+        flags = help_cache.setdefault(program, accepted_flags(program))
+        used = {a for a in service["command"] if a.startswith("--")}
+        assert used <= flags, f"{name}: {sorted(used - flags)} not accepted by {program}"
+    # the ClientApps' SuperExecs talk to their own SuperNode and stay as compose.yml has them
+    assert all(base[n]["command"][0] == "--insecure" for n in base if n.startswith("clientapp"))
