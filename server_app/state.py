@@ -240,7 +240,10 @@ class HypernetworkServer:
         self, deltas: Mapping[str, np.ndarray | torch.Tensor], server_round: int
     ) -> dict:
         """Apply a round's deltas (old - new) in the configured mode; returns timing facts."""
-        tensors = {k: torch.as_tensor(np.asarray(d, dtype=np.float32)) for k, d in deltas.items()}
+        # sorted by key: float sums must not depend on the order replies arrived in
+        tensors = {
+            k: torch.as_tensor(np.asarray(deltas[k], dtype=np.float32)) for k in sorted(deltas)
+        }
         for key, delta in tensors.items():
             expected = self.record(key).num_params
             if delta.shape != (expected,):

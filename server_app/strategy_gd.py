@@ -76,11 +76,10 @@ class MHpFedHNGD(MHpFedHN):
                 continue
             self._log.bytes_up += results[key].delta.nbytes
         total = sum(r.num_examples for r in results.values())
+        ordered = [results[k] for k in sorted(results)]  # arrival order must not matter
         started = time.perf_counter()
         self.server.apply_weighted_delta(
-            GLOBAL_KEY,
-            [r.delta for r in results.values()],
-            [r.num_examples / total for r in results.values()],
+            GLOBAL_KEY, [r.delta for r in ordered], [r.num_examples / total for r in ordered]
         )
         self._log.values.update(
             global_clients_trained=len(results),

@@ -217,3 +217,17 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(caplog):
         assert resolve_device("cuda").type == "cpu"
     assert "CUDA is not available" in caplog.text
     assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_the_order_replies_arrive_in_does_not_change_the_result(mode):
+    servers = [small_server(update_mode=mode) for _ in range(2)]
+    rng = np.random.default_rng(7)
+    deltas = {k: rng.normal(size=120).astype(np.float32) for k in "abcd"}
+    for server in servers:
+        for key in "abcd":
+            server.register(key, 120)
+    servers[0].apply_deltas(deltas, server_round=1)
+    servers[1].apply_deltas(dict(reversed(list(deltas.items()))), server_round=1)
+    for got, want in zip(servers[0].hnet.parameters(), servers[1].hnet.parameters(), strict=True):
+        assert torch.equal(got, want)
