@@ -110,9 +110,6 @@ class GlobalModelConfig(_Section):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients in phase 1")
 
 
-METHODS = ("mh_pfedhn", "mh_pfedhng", "mh_pfedhngd")
-
-
 class ExperimentConfig(_Section):
     name: str = "default"
     method: Literal["mh_pfedhn", "mh_pfedhng", "mh_pfedhngd"] = "mh_pfedhn"

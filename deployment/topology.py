@@ -12,7 +12,6 @@ Each client has its own node config: a stable client key, its model, its data pa
 from __future__ import annotations
 
 import argparse
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -258,10 +257,6 @@ def _yaml_scalar(value: str) -> str:
     ):
         return value
     return "'" + value.replace("'", "''") + "'"
-
-
-def command_line(service: Service) -> str:
-    return shlex.join(service.argv)
 
 
 def main() -> None:

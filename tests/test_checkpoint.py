@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from server_app.app import run_experiment
 from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from server_app.inprocess import InProcessGrid
 from server_app.state import HypernetworkServer, HypernetworkSettings
+from server_app.strategy import MHpFedHN
 from tests.test_strategy import SMALL, scripted_app
 
 
@@ -63,12 +65,29 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     assert_identical(server, loaded)
 
 
-def test_resume_after_round_two_of_four_equals_an_uninterrupted_run(tmp_path):
+class ServerStopped(Exception):
+    pass
+
+
+def test_resume_after_round_two_of_four_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     whole = run(tmp_path, "whole", rounds=4)
-    first = run(tmp_path, "split", rounds=2)
+    # a 4-round run whose server side stops when round 3 begins
+    at_stop = {}
+    original = MHpFedHN.train_round
+
+    def stop_at_round_three(self, grid, server_round, timeout):
+        if server_round == 3:
+            at_stop["server"] = copy.deepcopy(self.server)
+            raise ServerStopped
+        return original(self, grid, server_round, timeout)
+
+    monkeypatch.setattr(MHpFedHN, "train_round", stop_at_round_three)
+    with pytest.raises(ServerStopped):
+        run(tmp_path, "split", rounds=4)
+    monkeypatch.setattr(MHpFedHN, "train_round", original)
     saved, completed, _ = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
     assert completed == 2
-    assert_identical(first.server, saved)
+    assert_identical(at_stop["server"], saved)
     resumed = run(tmp_path, "split", rounds=4, resume=str(tmp_path / "split"))
     assert_identical(whole.server, resumed.server)
     rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
