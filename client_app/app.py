@@ -32,6 +32,7 @@ BUFFERS = "buffers"
 GLOBAL_BUFFERS = "global-buffers"
 GLOBAL_RECEIVED = "global-received"  # the w_g of phase 1 (teacher "round_start")
 GLOBAL_TRAINED = "global-trained"  # this client's phase-1-trained copy ("phase1_trained")
+LOCAL_MODEL = "local-model"  # the Local baseline's own model (parameters and buffers)
 VECTOR = "vector"
 
 
@@ -43,14 +44,21 @@ class Session:
     context: Context
 
     def model(self, global_model: bool = False) -> nn.Module:
-        """This client's model (or the global one) with its saved BatchNorm statistics."""
+        """This client's model (or the global one) with its saved BatchNorm statistics.
+
+        Built from a seed that depends on the architecture only, so clients of one
+        architecture start alike (FedAvg's initial model, the Local baseline's start).
+        """
         name = self.cfg.global_model.architecture if global_model else self.spec.model_name
-        model = build_model(
-            name,
-            num_classes=self.data.num_classes,
-            in_channels=self.data.in_channels,
-            image_size=self.spec.data.image_size,
-        ).to(torch.device(self.cfg.client.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_seed(self.cfg.seed, "init", name))
+            model = build_model(
+                name,
+                num_classes=self.data.num_classes,
+                in_channels=self.data.in_channels,
+                image_size=self.spec.data.image_size,
+            )
+        model = model.to(torch.device(self.cfg.client.device))
         key = GLOBAL_BUFFERS if global_model else BUFFERS
         if key in self.context.state:
             model.load_state_dict(self.context.state[key].to_torch_state_dict(), strict=False)
@@ -72,6 +80,17 @@ class Session:
         if kept_round != server_round:
             raise RuntimeError(f"{slot} vector is from round {kept_round}, not {server_round}")
         return self.context.state[slot][VECTOR].numpy()
+
+    def local_model(self) -> nn.Module:
+        """The Local baseline's model, as this client last left it."""
+        model = self.model()
+        if LOCAL_MODEL in self.context.state:
+            model.load_state_dict(self.context.state[LOCAL_MODEL].to_torch_state_dict())
+        return model
+
+    def save_local_model(self, model: nn.Module) -> None:
+        state = {k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()}
+        self.context.state[LOCAL_MODEL] = ArrayRecord(state)
 
     def note_received(self, msg: Message, vector: np.ndarray) -> None:
         """Append what arrived to the node config's `message-log` file, if one is set.
@@ -142,21 +161,38 @@ def _teacher(session: Session, msg: Message) -> Distillation | None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    """K (and what the chosen method needs besides: K_g, tensor sizes, initial vector)."""
     session = _session(context)
+    model = session.model()
+    method = session.cfg.method
     global_size = None
     if session.cfg.uses_global_model:
         global_size = vector_size(session.model(global_model=True))
-    reply = protocol.identity_reply(session.spec.key, vector_size(session.model()), global_size)
+    sizes = None
+    if method == "pfedhn":
+        sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    initial = model_to_vector(model).numpy() if method == "fedavg" else None
+    reply = protocol.identity_reply(
+        session.spec.key, vector_size(model), global_size, sizes, initial
+    )
     return Message(reply, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     session = _session(context)
+    n = len(session.data.y_train)
+    if "arrays" not in msg.content:  # Local baseline: train this client's own model
+        model = session.local_model()
+        data = session.data
+        generator = session.generator("train", protocol.read_round(msg))
+        loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator)
+        session.save_local_model(model)
+        return Message(protocol.train_reply(None, n, loss), reply_to=msg)
     model = session.model()
     _, delta, loss = _train(session, msg, model, "train", _teacher(session, msg))
     session.save_buffers(model)
-    return Message(protocol.train_reply(delta, len(session.data.y_train), loss), reply_to=msg)
+    return Message(protocol.train_reply(delta, n, loss), reply_to=msg)
 
 
 @app.train("global")
@@ -173,10 +209,13 @@ def train_global(msg: Message, context: Context) -> Message:
 
 def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
     session = _session(context)
-    model = session.model(global_model)
-    theta = protocol.read_theta(msg)
-    session.note_received(msg, theta)
-    vector_to_model(model, theta)
+    if "arrays" not in msg.content:  # Local baseline: this client's own model
+        model = session.local_model()
+    else:
+        model = session.model(global_model)
+        theta = protocol.read_theta(msg)
+        session.note_received(msg, theta)
+        vector_to_model(model, theta)
     correct, loss_sum = evaluate(model, session.data.x_test, session.data.y_test)
     reply = protocol.evaluate_reply(len(session.data.y_test), correct, loss_sum)
     return Message(reply, reply_to=msg)

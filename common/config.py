@@ -112,7 +112,9 @@ class GlobalModelConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = "default"
-    method: Literal["mh_pfedhn", "mh_pfedhng", "mh_pfedhngd"] = "mh_pfedhn"
+    method: Literal["mh_pfedhn", "mh_pfedhng", "mh_pfedhngd", "local", "fedavg", "pfedhn"] = (
+        "mh_pfedhn"
+    )
     preset: Literal["none", "paper"] = "none"
     seed: int = 0
     rounds: int = Field(5, gt=0)
@@ -125,7 +127,7 @@ class ExperimentConfig(_Section):
 
     @property
     def uses_global_model(self) -> bool:
-        return self.method != "mh_pfedhn"
+        return self.method in ("mh_pfedhng", "mh_pfedhngd")
 
     @property
     def distills(self) -> bool:

@@ -3,7 +3,9 @@
 This is all a client implementation has to honour (see README "Plugging in your own model"):
 
 - query         reply   config  {"client-key": str, "num-params": K
-                                 [, "global-num-params": K_g  (MH-pFedHNG/GD)]}
+                                 [, "global-num-params": K_g  (MH-pFedHNG/GD)]
+                                 [, "tensor-sizes": [int, ...]  (pFedHN baseline)]}
+                        arrays  {"initial": float32[K]}  (FedAvg baseline only)
 - train         in      arrays  {"theta": float32[K] [, "teacher": float32[K_g]]},
                         config  {"server-round": int [, "distill": bool, "distill-weight": a,
                                  "temperature": T, "teacher": "round_start" | "regenerated"
@@ -13,6 +15,8 @@ This is all a client implementation has to honour (see README "Plugging in your 
 - evaluate      in      arrays  {"theta": float32[K]}, config {"server-round": int}
                 reply   metrics {"num-examples": int, "correct": int, "loss-sum": float}
 - train.global, evaluate.global: as train and evaluate, for the public global model (K_g)
+- train, evaluate without "arrays" (Local baseline): the client trains / evaluates the model it
+  keeps itself; the train reply then carries metrics only
 
 The server never learns an architecture, layer names or data: only K, deltas and counts.
 Parsing is strict so that a malformed reply is refused before it can touch server state.
@@ -38,6 +42,8 @@ DELTA = "delta"
 CLIENT_KEY = "client-key"
 NUM_PARAMS = "num-params"
 GLOBAL_NUM_PARAMS = "global-num-params"
+TENSOR_SIZES = "tensor-sizes"
+INITIAL = "initial"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 
@@ -51,6 +57,8 @@ class Identity:
     client_key: str
     num_params: object  # validated by the server (it may be anything a client sends)
     global_num_params: object = None
+    tensor_sizes: list | None = None
+    initial: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -108,21 +116,31 @@ def read_teacher(message: Message) -> np.ndarray:
 
 # ------------------------------------------------------------------ client -> server
 def identity_reply(
-    client_key: str, num_params: int, global_num_params: int | None = None
+    client_key: str,
+    num_params: int,
+    global_num_params: int | None = None,
+    tensor_sizes: list[int] | None = None,
+    initial: np.ndarray | None = None,
 ) -> RecordDict:
     identity = {CLIENT_KEY: client_key, NUM_PARAMS: num_params}
     if global_num_params is not None:
         identity[GLOBAL_NUM_PARAMS] = global_num_params
-    return RecordDict({"config": ConfigRecord(identity)})
+    if tensor_sizes is not None:
+        identity[TENSOR_SIZES] = tensor_sizes
+    content = RecordDict({"config": ConfigRecord(identity)})
+    if initial is not None:
+        content["arrays"] = ArrayRecord({INITIAL: _array(initial)})
+    return content
 
 
-def train_reply(delta: np.ndarray, num_examples: int, train_loss: float) -> RecordDict:
-    return RecordDict(
-        {
-            "arrays": ArrayRecord({DELTA: _array(delta)}),
-            "metrics": MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": train_loss}),
-        }
+def train_reply(delta: np.ndarray | None, num_examples: int, train_loss: float) -> RecordDict:
+    """delta None: the Local baseline, which sends no parameters."""
+    content = RecordDict(
+        {"metrics": MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": train_loss})}
     )
+    if delta is not None:
+        content["arrays"] = ArrayRecord({DELTA: _array(delta)})
+    return content
 
 
 def evaluate_reply(num_examples: int, correct: int, loss_sum: float) -> RecordDict:
@@ -161,7 +179,17 @@ def parse_identity(message: Message) -> Identity:
     key = _field(config, CLIENT_KEY, (str,))
     if NUM_PARAMS not in config:
         raise ReplyError(f"reply lacks {NUM_PARAMS!r}")
-    return Identity(key, config[NUM_PARAMS], config.get(GLOBAL_NUM_PARAMS))
+    initial = None
+    if "arrays" in message.content and INITIAL in message.content["arrays"]:
+        initial = message.content["arrays"][INITIAL].numpy()
+    sizes = config.get(TENSOR_SIZES)
+    return Identity(
+        key,
+        config[NUM_PARAMS],
+        config.get(GLOBAL_NUM_PARAMS),
+        None if sizes is None else list(sizes),
+        initial,
+    )
 
 
 def _count(metrics, name: str) -> int:
@@ -188,6 +216,16 @@ def parse_train_reply(message: Message, expected_params: int) -> TrainResult:
         raise ReplyError("num-examples is 0")
     loss = float(metrics.get("train-loss", float("nan")))
     return TrainResult(delta=delta, num_examples=num_examples, train_loss=loss)
+
+
+def parse_local_train_reply(message: Message) -> TrainResult:
+    """A Local-baseline reply: metrics only, and it must carry no parameters."""
+    metrics = _record(message, "metrics", MetricRecord)
+    if "arrays" in message.content:
+        raise ReplyError("a Local client must not send parameters")
+    num_examples = _count(metrics, NUM_EXAMPLES)
+    loss = float(metrics.get("train-loss", float("nan")))
+    return TrainResult(delta=np.empty(0, np.float32), num_examples=num_examples, train_loss=loss)
 
 
 def parse_evaluate_reply(message: Message) -> EvalResult:

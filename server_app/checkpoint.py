@@ -21,10 +21,11 @@ FORMAT = 1
 
 
 def save_checkpoint(
-    path: Path, server: HypernetworkServer, completed_round: int, history: list[dict[str, Any]]
+    path: Path, server: Any, completed_round: int, history: list[dict[str, Any]]
 ) -> None:
     state = {
         "format": FORMAT,
+        "kind": type(server).__name__,
         "round": completed_round,
         "history": history,
         "server": server.state_dict(),
@@ -38,9 +39,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, device: str | torch.device = "cpu"
-) -> tuple[HypernetworkServer, int, list[dict[str, Any]]]:
-    """(server, last completed round, metrics rows so far)."""
+    path: Path, server_class: type = HypernetworkServer, device: str | torch.device = "cpu"
+) -> tuple[Any, int, list[dict[str, Any]]]:
+    """(server, last completed round, metrics rows so far); server_class is the method's."""
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path} (server.resume must name a run directory)"
@@ -48,5 +49,7 @@ def load_checkpoint(
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')}, expected {FORMAT}")
-    server = HypernetworkServer.from_state_dict(state["server"], device=device)
+    if state.get("kind", server_class.__name__) != server_class.__name__:
+        raise ValueError(f"{path} holds a {state['kind']} state, not a {server_class.__name__}")
+    server = server_class.from_state_dict(state["server"], device=device)
     return server, int(state["round"]), list(state["history"])

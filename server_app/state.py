@@ -237,9 +237,15 @@ class HypernetworkServer:
         return [ordered[i] for i in rng.permutation(len(ordered))]
 
     def apply_deltas(
-        self, deltas: Mapping[str, np.ndarray | torch.Tensor], server_round: int
+        self,
+        deltas: Mapping[str, np.ndarray | torch.Tensor],
+        server_round: int,
+        weights: Mapping[str, float] | None = None,
     ) -> dict:
-        """Apply a round's deltas (old - new) in the configured mode; returns timing facts."""
+        """Apply a round's deltas (old - new) in the configured mode.
+
+        `weights` (example counts) are not used: MH-pFedHN updates per client, unweighted.
+        """
         # sorted by key: float sums must not depend on the order replies arrived in
         tensors = {
             k: torch.as_tensor(np.asarray(deltas[k], dtype=np.float32)) for k in sorted(deltas)

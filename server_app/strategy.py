@@ -136,7 +136,8 @@ class MHpFedHN(Strategy):
         for key in keys:
             config, teacher = self.instruction_extras(message_type, key)
             content = protocol.instruction(vectors[key], server_round, config, teacher)
-            self._log.bytes_down += vectors[key].nbytes + (0 if teacher is None else teacher.nbytes)
+            for array in (vectors[key], teacher):
+                self._log.bytes_down += 0 if array is None else array.nbytes
             message = Message(content, dst_node_id=self.node_of[key], message_type=message_type)
             self._pending.append((message, key))
         return [m for m, _ in self._pending]
@@ -183,7 +184,11 @@ class MHpFedHN(Strategy):
                 continue
             self._log.bytes_up += results[key].delta.nbytes
         started = time.perf_counter()
-        self.server.apply_deltas({k: r.delta for k, r in results.items()}, server_round)
+        self.server.apply_deltas(
+            {k: r.delta for k, r in results.items()},
+            server_round,
+            weights={k: r.num_examples for k, r in results.items()},
+        )
         update_s = time.perf_counter() - started
         examples = sum(r.num_examples for r in results.values())
         train_loss = (
@@ -333,7 +338,7 @@ class MHpFedHN(Strategy):
         result = Result()
         self.wait_for_nodes(grid)
         self.discover(grid, timeout)
-        logger.info("hypernetwork: %s", self.server.describe())
+        logger.info("server state: %s", self.server.describe())
         first = 0 if self._evaluation_due(0, num_rounds) else 1
         first = max(first, self.completed_round + 1)
         for server_round in range(first, num_rounds + 1):

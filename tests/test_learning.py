@@ -79,8 +79,8 @@ def test_a_broken_update_cannot_reach_the_threshold(sabotage, mnist_npz, tmp_pat
 
     original = HypernetworkServer.apply_deltas
 
-    def broken(self, deltas, server_round):
-        return original(self, sabotage(deltas), server_round)
+    def broken(self, deltas, server_round, weights=None):
+        return original(self, sabotage(deltas), server_round, weights)
 
     monkeypatch.setattr(HypernetworkServer, "apply_deltas", broken)
     _, rows = mnist_run(mnist_npz, tmp_path)
