@@ -1,0 +1,1 @@
+"""Experiment sweeps: expand a sweep file into runs, run them, tabulate and plot the results."""

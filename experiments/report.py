@@ -1,0 +1,368 @@
+"""Results table and accuracy plots for a folder of runs.
+
+    python -m experiments.report outputs/sweeps/smoke
+
+Reads every <DIR>/<run>/ that has metrics.jsonl (config.yaml, summary.json and the runner's
+sweep_run.json beside it) and writes, in DIR:
+- `results.csv`: one row per (experiment, method): mean and sample standard deviation over
+  seeds of the final and the best pooled accuracy, the final client-mean accuracy, seconds
+  per round, total seconds and MB sent down and up per run;
+- `runs.csv`: the same figures for every run;
+- `results.md`: both tables in Markdown, and the runs that did not finish;
+- `accuracy.png` (every experiment, one panel each) and `accuracy-<experiment>.png`: pooled
+  accuracy against round, one line per method (mean over seeds, min-max band).
+Accuracies are fractions (0..1) in the CSV files and percentages in Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from server_app.outputs import read_metrics
+
+BEST_LABEL = "best round by pooled test accuracy (authors' protocol)"
+FINAL_LABEL = "last evaluated round"
+MB = 1e6
+
+
+@dataclass
+class RunResult:
+    run: str
+    experiment: str
+    method: str
+    seed: int
+    rounds: int
+    final_accuracy: float
+    final_round: int
+    best_accuracy: float
+    best_round: int
+    final_accuracy_client_mean: float
+    seconds_per_round: float  # mean wall clock of the training rounds (round 0 only evaluates)
+    total_seconds: float
+    mb_down: float
+    mb_up: float
+    curve: dict[int, float] = field(default_factory=dict, repr=False)  # round -> accuracy
+
+
+@dataclass
+class Incomplete:
+    run: str
+    reason: str
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _identity(directory: Path) -> tuple[str, str, int]:
+    """(experiment, method, seed): from the runner's sweep_run.json, else from config.yaml."""
+    info = _read_json(directory / "sweep_run.json")
+    if info is not None:
+        return str(info["experiment"]), str(info["method"]), int(info["seed"])
+    try:
+        config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    return (
+        str(config.get("name", directory.name)),
+        str(config.get("method", "?")),
+        int(config.get("seed", 0)),
+    )
+
+
+def _nan_if_none(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def load_run(directory: Path) -> RunResult | Incomplete:
+    """One run's figures; Incomplete when it has no summary.json (failed or still running)."""
+    summary = _read_json(directory / "summary.json")
+    if summary is None:
+        error = directory / "error.txt"
+        reason = "no summary.json"
+        if error.is_file():
+            lines = [line for line in error.read_text().splitlines() if line.strip()]
+            reason += f" ({lines[-1]})" if lines else ""
+        return Incomplete(directory.name, reason)
+    rows = read_metrics(directory / "metrics.jsonl")
+    experiment, method, seed = _identity(directory)
+    training = [r["seconds"] for r in rows if r.get("round", 0) > 0]
+    curve = {int(r["round"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}
+    return RunResult(
+        run=directory.name,
+        experiment=experiment,
+        method=method,
+        seed=seed,
+        rounds=int(summary.get("rounds", 0)),
+        final_accuracy=_nan_if_none(summary.get("final_accuracy")),
+        final_round=int(summary.get("final_round", -1)),
+        best_accuracy=_nan_if_none(summary.get("best_accuracy")),
+        best_round=int(summary.get("best_round", -1)),
+        final_accuracy_client_mean=_nan_if_none(summary.get("final_accuracy_client_mean")),
+        seconds_per_round=statistics.fmean(training) if training else float("nan"),
+        total_seconds=float(summary.get("total_seconds", float("nan"))),
+        mb_down=summary.get("total_bytes_down", float("nan")) / MB,
+        mb_up=summary.get("total_bytes_up", float("nan")) / MB,
+        curve=curve,
+    )
+
+
+def load_runs(directory: str | Path) -> tuple[list[RunResult], list[Incomplete]]:
+    done, incomplete = [], []
+    for sub in sorted(Path(directory).iterdir()):
+        marks = ("metrics.jsonl", "sweep_run.json")
+        if sub.is_dir() and any((sub / mark).is_file() for mark in marks):
+            result = load_run(sub)
+            (done if isinstance(result, RunResult) else incomplete).append(result)
+    return done, incomplete
+
+
+# --------------------------------------------------------------- aggregate
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the deviation is nan for one value."""
+    mean = statistics.fmean(values) if values else float("nan")
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+SUMMARISED = (
+    "final_accuracy",
+    "best_accuracy",
+    "final_accuracy_client_mean",
+    "seconds_per_round",
+    "total_seconds",
+    "mb_down",
+    "mb_up",
+)
+
+
+def groups(runs: Iterable[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
+    """Runs by (experiment, method), sorted, each group's runs by seed."""
+    out: dict[tuple[str, str], list[RunResult]] = {}
+    for run in runs:
+        out.setdefault((run.experiment, run.method), []).append(run)
+    return {k: sorted(out[k], key=lambda r: r.seed) for k in sorted(out)}
+
+
+def aggregate(runs: Iterable[RunResult]) -> list[dict[str, Any]]:
+    table = []
+    for (experiment, method), members in groups(runs).items():
+        rounds = sorted({r.rounds for r in members})
+        row: dict[str, Any] = {
+            "experiment": experiment,
+            "method": method,
+            "seeds": len(members),
+            "seed_list": " ".join(str(r.seed) for r in members),
+            "rounds": rounds[0] if len(rounds) == 1 else "-".join(map(str, rounds)),
+        }
+        for name in SUMMARISED:
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in members])
+        row["best_selected_by"] = BEST_LABEL
+        table.append(row)
+    return table
+
+
+# ------------------------------------------------------------------ writers
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return repr(value) if isinstance(value, float) else value
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_value(row[c]) for c in columns])
+
+
+def _pct(mean: float, std: float = float("nan")) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.2f}" + ("" if math.isnan(std) else f" ± {100 * std:.2f}")
+
+
+def _num(mean: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:,.{digits}f}"
+
+
+def markdown(
+    table: list[dict[str, Any]], runs: list[RunResult], incomplete: list[Incomplete], title: str
+) -> str:
+    lines = [
+        f"# Results: {title}",
+        "",
+        "Pooled test accuracy (%) of the generated parameters, mean ± sample standard deviation "
+        f"over seeds. Final: {FINAL_LABEL}. Best: {BEST_LABEL}. Seconds per round: mean wall "
+        "clock of a training round; total seconds and MB (10^6 bytes of float32 vectors sent "
+        "down to / up from the clients) are per run, averaged over seeds.",
+        "",
+        "| experiment | method | seeds | rounds | final acc (%) | best acc (%) "
+        "| final client-mean acc (%) | s / round | total s / run | MB down / run "
+        "| MB up / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table:
+        client_mean = (row[f"final_accuracy_client_mean_{s}"] for s in ("mean", "std"))
+        lines.append(
+            f"| {row['experiment']} | {row['method']} | {row['seeds']} | {row['rounds']} "
+            f"| {_pct(row['final_accuracy_mean'], row['final_accuracy_std'])} "
+            f"| {_pct(row['best_accuracy_mean'], row['best_accuracy_std'])} "
+            f"| {_pct(*client_mean)} "
+            f"| {_num(row['seconds_per_round_mean'])} | {_num(row['total_seconds_mean'])} "
+            f"| {_num(row['mb_down_mean'], 2)} | {_num(row['mb_up_mean'], 2)} |"
+        )
+    lines += [
+        "",
+        "![accuracy against round](accuracy.png)",
+        "",
+        "## Runs",
+        "",
+        "| run | seed | final acc (%) | final round | best acc (%) | best round | s / round "
+        "| total s | MB down | MB up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in sorted(runs, key=lambda r: (r.experiment, r.method, r.seed)):
+        lines.append(
+            f"| {run.run} | {run.seed} | {_pct(run.final_accuracy)} | {run.final_round} "
+            f"| {_pct(run.best_accuracy)} | {run.best_round} | {_num(run.seconds_per_round)} "
+            f"| {_num(run.total_seconds)} | {_num(run.mb_down, 2)} | {_num(run.mb_up, 2)} |"
+        )
+    if incomplete:
+        lines += ["", "## Runs without results", ""]
+        lines += [f"- {item.run}: {item.reason}" for item in incomplete]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[RunResult], directory: Path) -> list[Path]:
+    """accuracy.png (a panel per experiment) and accuracy-<experiment>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    by_experiment: dict[str, dict[str, list[RunResult]]] = {}
+    for (experiment, method), members in groups(runs).items():
+        by_experiment.setdefault(experiment, {})[method] = members
+    if not by_experiment:
+        return []
+
+    def draw(ax, experiment: str) -> None:
+        seeds = 0
+        for method, members in by_experiment[experiment].items():
+            seeds = max(seeds, len(members))
+            rounds = sorted({r for m in members for r in m.curve})
+            values = [[100 * m.curve[r] for m in members if r in m.curve] for r in rounds]
+            mean = [statistics.fmean(v) for v in values]
+            (line,) = ax.plot(rounds, mean, marker="o", markersize=3, label=method)
+            ax.fill_between(
+                rounds, [min(v) for v in values], [max(v) for v in values],
+                color=line.get_color(), alpha=0.2, linewidth=0,
+            )  # fmt: skip
+        ax.set_title(f"{experiment} (mean of {seeds} seed{'s' * (seeds != 1)}, min-max band)")
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("pooled test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+
+    written = []
+    for experiment in by_experiment:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax, experiment)
+        fig.tight_layout()
+        path = directory / f"accuracy-{experiment}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    count = len(by_experiment)
+    cols = min(count, 2)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax, experiment in zip(axes.flat, by_experiment, strict=False):
+        draw(ax, experiment)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = directory / "accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path, *written]
+
+
+RUN_COLUMNS = [
+    "run",
+    "experiment",
+    "method",
+    "seed",
+    "rounds",
+    "final_accuracy",
+    "final_round",
+    "best_accuracy",
+    "best_round",
+    "final_accuracy_client_mean",
+    "seconds_per_round",
+    "total_seconds",
+    "mb_down",
+    "mb_up",
+]
+RESULT_COLUMNS = [
+    "experiment",
+    "method",
+    "seeds",
+    "seed_list",
+    "rounds",
+    *(f"{name}_{stat}" for name in SUMMARISED for stat in ("mean", "std")),
+    "best_selected_by",
+]
+
+
+def write_report(directory: str | Path) -> dict[str, Any]:
+    """Write results.csv, runs.csv, results.md and the plots; returns what it found."""
+    directory = Path(directory)
+    runs, incomplete = load_runs(directory)
+    table = aggregate(runs)
+    write_csv(directory / "results.csv", table, RESULT_COLUMNS)
+    run_rows = [{k: v for k, v in asdict(r).items() if k != "curve"} for r in runs]
+    write_csv(directory / "runs.csv", run_rows, RUN_COLUMNS)
+    (directory / "results.md").write_text(markdown(table, runs, incomplete, directory.name))
+    plots = plot(runs, directory)
+    return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("directory", help="a folder of run folders (the runner's --out)")
+    args = parser.parse_args(argv)
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        print(f"error: {directory} is not a folder", file=sys.stderr)
+        return 2
+    found = write_report(directory)
+    print(
+        f"{len(found['runs'])} runs ({len(found['incomplete'])} without results) -> "
+        f"{directory / 'results.md'}, results.csv, runs.csv, accuracy.png"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

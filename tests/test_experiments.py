@@ -1,0 +1,341 @@
+"""The experiment runner: sweep files, both engines, the results table and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments import runner
+from experiments.flower import run_config_toml
+from experiments.report import BEST_LABEL, write_report
+from experiments.sweep import SweepError, auto_tag, load_sweep, parse_sweep
+from server_app.outputs import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "sweeps" / "smoke.yaml"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIMING = {"seconds", "server_update_seconds", "server_seconds_per_client_update"}
+TIMING |= {"global_update_seconds"}
+
+
+def _write_sweep(path: Path, sweep: dict) -> Path:
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def _offline(sweep: dict, mnist_npz: Path, tmp_path: Path, **overrides) -> dict:
+    """A sweep pointed at the offline MNIST copy, with a private data cache."""
+    sweep = dict(sweep)
+    sweep["overrides"] = {
+        **sweep.get("overrides", {}),
+        "data.source": f"npz:{mnist_npz}",
+        "data.cache_dir": str(tmp_path / "cache"),
+        **overrides,
+    }
+    return sweep
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ smoke sweep
+def test_smoke_sweep_in_process_writes_table_and_plot(mnist_npz, tmp_path):
+    """CI acceptance: 2 methods x 2 seeds x 2 rounds, in-process, table and plot."""
+    shipped = yaml.safe_load(SMOKE.read_text())
+    assert shipped["methods"] == ["mh_pfedhn", "mh_pfedhngd"] and shipped["seeds"] == [0, 1]
+    assert shipped["overrides"]["rounds"] == 2
+    sweep = _write_sweep(tmp_path / "smoke.yaml", _offline(shipped, mnist_npz, tmp_path))
+    out = tmp_path / "out"
+
+    outcomes = runner.run_sweep(sweep, out, progress=False)
+
+    assert [o.status for o in outcomes] == ["ok"] * 4, outcomes
+    names = sorted(o.run for o in outcomes)
+    assert names == sorted(f"default-{m}-s{s}" for m in shipped["methods"] for s in (0, 1))
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert [r["status"] for r in status["runs"]] == ["ok"] * 4
+
+    table = _read_csv(out / "results.csv")
+    assert [(r["experiment"], r["method"]) for r in table] == [
+        ("default", "mh_pfedhn"),
+        ("default", "mh_pfedhngd"),
+    ]
+    for row in table:
+        summaries = [
+            json.loads((out / f"default-{row['method']}-s{s}" / "summary.json").read_text())
+            for s in (0, 1)
+        ]
+        final = [s["final_accuracy"] for s in summaries]
+        best = [s["best_accuracy"] for s in summaries]
+        assert row["seeds"] == "2" and row["seed_list"] == "0 1" and row["rounds"] == "2"
+        assert float(row["final_accuracy_mean"]) == pytest.approx(statistics.fmean(final))
+        assert float(row["final_accuracy_std"]) == pytest.approx(statistics.stdev(final))
+        assert float(row["best_accuracy_mean"]) == pytest.approx(statistics.fmean(best))
+        assert row["best_selected_by"] == BEST_LABEL
+        down = statistics.fmean(s["total_bytes_down"] for s in summaries) / 1e6
+        assert float(row["mb_down_mean"]) == pytest.approx(down)
+        assert float(row["total_seconds_mean"]) == pytest.approx(
+            statistics.fmean(s["total_seconds"] for s in summaries)
+        )
+        rows = read_metrics(out / f"default-{row['method']}-s0" / "metrics.jsonl")
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        assert float(row["seconds_per_round_mean"]) > 0
+    assert float(table[1]["mb_down_mean"]) > float(table[0]["mb_down_mean"])  # + global model
+
+    runs = _read_csv(out / "runs.csv")
+    assert sorted(r["run"] for r in runs) == names
+
+    md = (out / "results.md").read_text()
+    assert BEST_LABEL in md
+    for row in table:
+        mean, std = (100 * float(row[f"final_accuracy_{s}"]) for s in ("mean", "std"))
+        assert f"| default | {row['method']} | 2 | 2 | {mean:.2f} ± {std:.2f} |" in md
+    for name in ("accuracy.png", "accuracy-default.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
+
+    # Rerunning with --skip-existing runs nothing and rewrites the same table.
+    before = (out / "results.csv").read_text()
+    assert runner.main([str(sweep), "--out", str(out), "--skip-existing"]) == 0
+    assert (out / "results.csv").read_text() == before
+    status = json.loads((out / "sweep_status.json").read_text())
+    assert [r["status"] for r in status["runs"]] == ["skipped"] * 4
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny_npz, tmp_path, monkeypatch):
+    sweep = {
+        "methods": ["mh_pfedhn"],
+        "experiments": ["default"],
+        "seeds": [0, 1],
+        "overrides": {
+            "data.source": f"npz:{tiny_npz}",
+            "data.cache_dir": str(tmp_path / "cache"),
+            "data.num_clients": 2,
+            "data.partitioner": "iid",
+            "clients.models": "mlp",
+            "rounds": 1,
+            "server.checkpoint_every": 0,
+        },
+    }
+    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
+    original = runner.run_inprocess
+
+    def flaky(cfg, run_config, on_line, engine):
+        if cfg.seed == 0:
+            raise RuntimeError("boom")
+        original(cfg, run_config, on_line, engine)
+
+    monkeypatch.setattr(runner, "run_inprocess", flaky)
+    assert runner.main([str(path), "--out", str(tmp_path / "out")]) == 1
+    status = json.loads((tmp_path / "out" / "sweep_status.json").read_text())
+    assert [(r["run"], r["status"]) for r in status["runs"]] == [
+        ("default-mh_pfedhn-s0", "failed"),
+        ("default-mh_pfedhn-s1", "ok"),
+    ]
+    assert "RuntimeError: boom" in status["runs"][0]["error"]
+    assert "boom" in (tmp_path / "out" / "default-mh_pfedhn-s0" / "error.txt").read_text()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Runs without results" in md and "default-mh_pfedhn-s0" in md
+    assert len(_read_csv(tmp_path / "out" / "results.csv")) == 1
+
+
+# --------------------------------------------------------- engines agree exactly
+@pytest.mark.slow
+def test_flower_and_in_process_engines_give_identical_metrics(mnist_npz, tmp_path):
+    """The same run through `flwr run` (Ray, 4 SuperNodes) and in-process: every metric
+    except wall-clock times is exactly equal (ClientApps get the same torch thread count)."""
+    sweep = {
+        "methods": ["mh_pfedhn"],
+        "experiments": ["default"],
+        "seeds": [0],
+        "overrides": {
+            "rounds": 2,
+            "data.fraction": 0.05,
+            "data.num_clients": 4,
+            "clients.models": ["lenet", "mlp"],
+            "client.epochs": 1,
+            "server.checkpoint_every": 0,
+        },
+    }
+    path = _write_sweep(tmp_path / "sweep.yaml", _offline(sweep, mnist_npz, tmp_path))
+    rows = {}
+    for engine in ("flower", "inprocess"):
+        out = tmp_path / engine
+        outcomes = runner.run_sweep(path, out, engine=engine, progress=False)
+        log = out / "default-mh_pfedhn-s0" / runner.FLOWER_LOG
+        assert [o.status for o in outcomes] == ["ok"], (
+            outcomes,
+            log.read_text()[-4000:] if log.is_file() else "",
+        )
+        rows[engine] = read_metrics(out / "default-mh_pfedhn-s0" / "metrics.jsonl")
+    assert (tmp_path / "flower" / "default-mh_pfedhn-s0" / runner.FLOWER_LOG).is_file()
+    flower, inprocess = (
+        [{k: v for k, v in r.items() if k not in TIMING} for r in rows[e]]
+        for e in ("flower", "inprocess")
+    )
+    assert [r["round"] for r in flower] == [0, 1, 2]
+    assert flower[-1]["clients_trained"] == 4 and not flower[-1]["rejected"]
+    for a, b in zip(flower, inprocess, strict=True):
+        assert (a["accuracy"], a["loss"]) == (b["accuracy"], b["loss"]), a["round"]
+        assert a == b
+
+
+# ------------------------------------------------------------------- validation
+def _valid() -> dict:
+    return {"methods": ["mh_pfedhn"], "experiments": ["default"], "seeds": [0]}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": ["mh_pfedhn"]}, "method: unknown key"),
+        ({"methods": ["no_such_method"]}, "unknown method(s) ['no_such_method']"),
+        ({"methods": []}, "methods: List should have at least 1 item"),
+        ({"seeds": [0, 0]}, "a seed is listed twice"),
+        ({"seeds": ["zero"]}, "seeds.0"),
+        ({"experiments": ["nope"]}, "experiment 'nope' not found"),
+        ({"experiments": [{"experiment": "default", "overide": {}}]}, "overide: unknown key"),
+        ({"overrides": {"client.lrr": 0.1}}, "unknown setting 'client.lrr'"),
+        ({"overrides": {"seed": 3}}, "'seed' cannot be overridden in a sweep"),
+        ({"overrides": {"server.run_name": "x"}}, "the runner names each run"),
+        ({"experiments": ["default", "default"]}, "appear more than once"),
+        ({"experiments": [{"experiment": "default", "tag": "a b"}]}, "tag"),
+    ],
+)
+def test_invalid_sweeps_are_refused_with_a_clear_message(change, message):
+    raw = {**_valid(), **change}
+    if "method" in change:
+        raw.pop("methods")
+    with pytest.raises(SweepError) as err:
+        parse_sweep(raw, "test")
+    assert message in str(err.value)
+
+
+def test_runs_need_a_fixed_number_of_clients(tmp_path):
+    path = _write_sweep(tmp_path / "s.yaml", _valid())  # default.yaml: num_clients auto
+    assert runner.main([str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    with pytest.raises(SweepError, match="data.num_clients is 'auto'"):
+        runner.run_sweep(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing ran
+    bad = {**_valid(), "overrides": {"data.num_clients": 2, "client.lr": -1}}
+    path = _write_sweep(tmp_path / "bad.yaml", bad)
+    with pytest.raises(SweepError, match="client.lr"):
+        runner.run_sweep(path, tmp_path / "out")
+
+
+def test_sweep_expansion_names_and_overrides(tmp_path):
+    experiment = tmp_path / "mine.yaml"
+    experiment.write_text("extends: default\nname: mine\ndata:\n  num_clients: 3\n")
+    raw = {
+        "methods": ["mh_pfedhn", "mh_pfedhngd"],
+        "experiments": [
+            "default",
+            {"experiment": "default", "overrides": {"data.partitioner": "noniid2"}},
+            {"experiment": "default", "overrides": {"client.lr": 0.005}, "tag": "lr"},
+            {"experiment": "mine.yaml"},  # relative to the sweep file
+        ],
+        "seeds": [1, 2],
+        "overrides": {"rounds": 3, "clients.models": ["lenet", "mlp"], "client.lr": 0.01},
+    }
+    sweep = load_sweep(_write_sweep(tmp_path / "sweep.yaml", raw))
+    assert sweep.name == "sweep"
+    runs = sweep.runs()
+    assert len(runs) == 4 * 2 * 2
+    assert [r.name for r in runs[:4]] == [
+        "default-mh_pfedhn-s1",
+        "default-mh_pfedhngd-s1",
+        "default-mh_pfedhn-s2",
+        "default-mh_pfedhngd-s2",
+    ]
+    labels = sorted({r.label for r in runs})
+    assert labels == ["default", "default-lr", "default-noniid2", "mine"]
+    lr = next(r for r in runs if r.label == "default-lr")
+    assert lr.overrides["client.lr"] == 0.005  # the entry's override wins
+    assert lr.overrides["clients.models"] == "lenet,mlp"  # lists travel as Flower strings
+    mine = next(r for r in runs if r.label == "mine")
+    assert mine.experiment == str(experiment.resolve())
+    cfg, run_config = mine.resolve(tmp_path / "out")
+    assert cfg.name == "mine" and cfg.data.num_clients == 3 and cfg.server.min_nodes == 3
+    assert run_config["server.run_name"] == "mine-mh_pfedhn-s1" and run_config["seed"] == 1
+    assert run_config["server.output_root"] == str((tmp_path / "out").resolve())
+    assert len({r.name for r in runs}) == len(runs)
+    assert auto_tag({"a.b": "x" * 40}).startswith("v") and len(auto_tag({"a.b": "x" * 40})) == 9
+
+
+def test_shipped_sweeps_are_valid():
+    paths = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"smoke.yaml", "cifar10_cpu.yaml"}
+    for path in paths:
+        sweep = load_sweep(path)
+        for run in sweep.runs():
+            cfg, _ = run.resolve("outputs")
+            assert isinstance(cfg.data.num_clients, int)
+    cifar = load_sweep(ROOT / "configs" / "sweeps" / "cifar10_cpu.yaml")
+    assert cifar.methods == ["mh_pfedhn", "mh_pfedhngd"] and cifar.seeds == [0, 1, 2]
+    labels = {r.label for r in cifar.runs()}
+    assert labels == {
+        f"cifar10_{s}-{p}" for s in ("homogeneous", "heterogeneous") for p in ("noniid1", "noniid2")
+    }
+
+
+def test_run_config_travels_to_flower_as_toml(tmp_path):
+    """What `flwr run --run-config FILE.toml` reads is the flat run config itself."""
+    from flwr.common.config import parse_config_args
+
+    config = {
+        "experiment": "default",
+        "data.source": 'npz:/a b/"q".npz',
+        "data.fraction": 0.05,
+        "client.lr": 1e-05,
+        "rounds": 2,
+        "data.download": False,
+    }
+    path = tmp_path / "run_config.toml"
+    path.write_text(run_config_toml(config))
+    assert parse_config_args([str(path)]) == config
+
+
+def test_report_regenerates_from_a_folder(tmp_path, capsys):
+    """`python -m experiments.report DIR` over runs it did not make (no sweep_run.json)."""
+    for seed, accs in ((0, [0.1, 0.5, 0.4]), (1, [0.1, 0.3, 0.6])):
+        run = tmp_path / f"r{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"name: exp\nmethod: mh_pfedhn\nseed: {seed}\n")
+        rows = [
+            {"round": i, "accuracy": a, "accuracy_client_mean": a, "seconds": 2.0 + i}
+            for i, a in enumerate(accs)
+        ]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = {
+            "rounds": 2,
+            "total_seconds": 9.0,
+            "total_bytes_down": 2_000_000,
+            "total_bytes_up": 1_000_000,
+            "final_accuracy": accs[-1],
+            "final_round": 2,
+            "final_accuracy_client_mean": accs[-1],
+            "best_accuracy": max(accs),
+            "best_round": accs.index(max(accs)),
+        }
+        (run / "summary.json").write_text(json.dumps(summary))
+    from experiments.report import main
+
+    assert main([str(tmp_path)]) == 0
+    (row,) = _read_csv(tmp_path / "results.csv")
+    assert (row["experiment"], row["method"], row["seeds"]) == ("exp", "mh_pfedhn", "2")
+    assert float(row["final_accuracy_mean"]) == pytest.approx(0.5)
+    assert float(row["best_accuracy_mean"]) == pytest.approx(0.55)
+    assert float(row["seconds_per_round_mean"]) == pytest.approx(3.5)  # rounds 1 and 2
+    assert float(row["mb_down_mean"]) == pytest.approx(2.0)
+    assert (
+        "| exp | mh_pfedhn | 2 | 2 | 50.00 ± 14.14 | 55.00 ± 7.07 |"
+        in (tmp_path / "results.md").read_text()
+    )
+    assert write_report(tmp_path)["plots"][0].name == "accuracy.png"
