@@ -197,16 +197,8 @@ class PFedHNServer(HypernetworkServer):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "tensor_sizes": self.tensor_sizes}
 
-    @classmethod
-    def from_state_dict(cls, state: dict, device="cpu") -> PFedHNServer:
-        server = cls(HypernetworkSettings(**state["settings"]), seed=state["seed"], device=device)
-        server.set_tensor_sizes(state["tensor_sizes"])
-        for key, num_params in state["clients"]:
-            server._register(key, num_params)
-        server.hnet.load_state_dict(state["hnet"])
-        server.embeddings.load_state_dict(state["embeddings"])
-        server.optimizer.load_state_dict(state["optimizer"])
-        return server
+    def _restore_structure(self, state: dict) -> None:
+        self.set_tensor_sizes(state["tensor_sizes"])
 
 
 # ------------------------------------------------------------------ strategies
@@ -214,12 +206,7 @@ class LocalStrategy(MHpFedHN):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        results = {}
-        for key, reply in self._by_client(replies).items():
-            try:
-                results[key] = protocol.parse_local_train_reply(reply)
-            except protocol.ReplyError as err:
-                self._log.reject(key, str(err))
+        results = self.parse_replies(replies, lambda key, r: protocol.parse_local_train_reply(r))
         examples = sum(r.num_examples for r in results.values())
         loss = sum(r.train_loss * r.num_examples for r in results.values()) / max(examples, 1)
         self._log.values.update(clients_trained=len(results), train_loss=loss)

@@ -278,11 +278,15 @@ class HypernetworkServer:
             "optimizer": self.optimizer.state_dict(),
         }
 
+    def _restore_structure(self, state: dict) -> None:
+        """Anything a subclass must rebuild before registrations are replayed."""
+
     @classmethod
     def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> HypernetworkServer:
         """Rebuild by replaying registrations in their original order (same parameter groups),
         then load the tensors and the optimizer state."""
         server = cls(HypernetworkSettings(**state["settings"]), seed=state["seed"], device=device)
+        server._restore_structure(state)
         for key, num_params in state["clients"]:
             server._register(key, num_params)
         server.hnet.load_state_dict(state["hnet"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,24 @@ class MHpFedHN(Strategy):
             self._sampled = (server_round, self.sample(server_round, self.connected_clients(grid)))
         return self._sampled[1]
 
+    def parse_replies(
+        self, replies: Iterable[Message], parse: Callable[[str, Message], Any], phase: str = ""
+    ) -> dict[str, Any]:
+        """parse(key, reply) for each client's reply; refused ones are logged and left out.
+
+        bytes_up counts the deltas of accepted replies.
+        """
+        results = {}
+        for key, reply in self._by_client(replies).items():
+            try:
+                results[key] = parse(key, reply)
+            except protocol.ReplyError as err:
+                self._log.reject(f"{key}{phase}", str(err))
+                continue
+            delta = getattr(results[key], "delta", None)
+            self._log.bytes_up += 0 if delta is None else delta.nbytes
+        return results
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -174,15 +192,10 @@ class MHpFedHN(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        results = {}
-        for key, reply in self._by_client(replies).items():
-            try:
-                expected = self.server.record(key).num_params
-                results[key] = protocol.parse_train_reply(reply, expected)
-            except protocol.ReplyError as err:
-                self._log.reject(key, str(err))
-                continue
-            self._log.bytes_up += results[key].delta.nbytes
+        results = self.parse_replies(
+            replies,
+            lambda key, r: protocol.parse_train_reply(r, self.server.record(key).num_params),
+        )
         started = time.perf_counter()
         self.server.apply_deltas(
             {k: r.delta for k, r in results.items()},
@@ -213,12 +226,7 @@ class MHpFedHN(Strategy):
 
     def evaluation_stats(self, replies: Iterable[Message]) -> dict[str, Any] | None:
         """Pooled (total correct / total samples) and per-client accuracy, pooled loss."""
-        results = {}
-        for key, reply in self._by_client(replies).items():
-            try:
-                results[key] = protocol.parse_evaluate_reply(reply)
-            except protocol.ReplyError as err:
-                self._log.reject(key, str(err))
+        results = self.parse_replies(replies, lambda key, r: protocol.parse_evaluate_reply(r))
         total = sum(r.num_examples for r in results.values())
         if not total:
             return None

@@ -66,15 +66,11 @@ class MHpFedHNGD(MHpFedHN):
         messages = self._messages(
             keys, protocol.TRAIN_GLOBAL, server_round, vectors=dict.fromkeys(keys, w_g)
         )
-        replies = self._by_client(self._exchange(grid, messages, timeout))
-        results = {}
-        for key, reply in replies.items():
-            try:
-                results[key] = protocol.parse_train_reply(reply, len(w_g))
-            except protocol.ReplyError as err:
-                self._log.reject(f"{key} (global phase)", str(err))
-                continue
-            self._log.bytes_up += results[key].delta.nbytes
+        results = self.parse_replies(
+            self._exchange(grid, messages, timeout),
+            lambda key, r: protocol.parse_train_reply(r, len(w_g)),
+            phase=" (global phase)",
+        )
         total = sum(r.num_examples for r in results.values())
         ordered = [results[k] for k in sorted(results)]  # arrival order must not matter
         started = time.perf_counter()
