@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 
 from client_app.app import app as client_app
 from client_app.node import client_spec, load_client_data
@@ -19,6 +19,7 @@ from server_app.app import build_server
 from server_app.inprocess import InProcessGrid
 from server_app.state import GLOBAL_KEY, HypernetworkServer, HypernetworkSettings
 from server_app.strategy_gd import MHpFedHNGD
+from tests.test_client_app import send
 
 
 # ------------------------------------------------------------------ the loss
@@ -246,10 +247,3 @@ def test_without_distillation_phase_two_is_mh_pfedhns_client_update(tiny_npz, tm
         reply = send(protocol.TRAIN, context, theta)
         deltas[method] = protocol.parse_train_reply(reply, k).delta
     assert np.array_equal(deltas["mh_pfedhn"], deltas["mh_pfedhng"])
-
-
-def send(message_type, context, theta=None, server_round=1):
-    content = protocol.instruction(theta, server_round) if theta is not None else RecordDict()
-    message = Message(content, dst_node_id=context.node_id, message_type=message_type)
-    message.metadata.__dict__["_message_id"] = f"m-{message_type}"
-    return client_app(message, context)
