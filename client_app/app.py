@@ -1,7 +1,8 @@
 """The ClientApp: report K, train the received vector, evaluate the received vector.
 
-BatchNorm running statistics are not in the vector; they live in `context.state` between
-messages, so each client keeps its own, as the authors' persistent client models do.
+BatchNorm running statistics are not in the vector; they stay on the client between
+messages (`client_app/store.py`), so each client keeps its own, as the authors' persistent
+client models do; so do the layers a client keeps local (node config `local-layers`).
 For MH-pFedHNG(D) the client also trains and evaluates the public global model
 (`train.global`, `evaluate.global`) and keeps the phase-1 vectors it may distill from.
 """
@@ -19,11 +20,17 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client_app.node import ClientData, ClientSpec, client_spec, load_client_data
+from client_app.store import ClientStore
 from client_app.training import Distillation, SGDSettings, evaluate, train_sgd
 from common import protocol
 from common.config import ExperimentConfig, config_from_run_config
 from common.models import build_model
-from common.param_vector import model_to_vector, vector_size, vector_to_model
+from common.param_vector import (
+    matching_parameter_names,
+    model_to_vector,
+    vector_size,
+    vector_to_model,
+)
 from common.seeding import stable_seed
 
 app = ClientApp()
@@ -33,7 +40,17 @@ GLOBAL_BUFFERS = "global-buffers"
 GLOBAL_RECEIVED = "global-received"  # the w_g of phase 1 (teacher "round_start")
 GLOBAL_TRAINED = "global-trained"  # this client's phase-1-trained copy ("phase1_trained")
 LOCAL_MODEL = "local-model"  # the Local baseline's own model (parameters and buffers)
+LOCAL_LAYERS = "local-layers"  # layers this client never sends (paper C.9)
 VECTOR = "vector"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which parameters travel in the vector, which stay here, which do not train."""
+
+    shared: list[str] | None  # the vector's parameters; None = all trainable ones
+    local: list[str]
+    frozen: list[str]
 
 
 @dataclass(frozen=True)
@@ -42,9 +59,11 @@ class Session:
     spec: ClientSpec
     data: ClientData
     context: Context
+    store: ClientStore
 
     def model(self, global_model: bool = False) -> nn.Module:
-        """This client's model (or the global one) with its saved BatchNorm statistics.
+        """This client's model (or the global one) with its saved BatchNorm statistics
+        (and, for its own model, the local layers it keeps).
 
         Built from a seed that depends on the architecture only, so clients of one
         architecture start alike (FedAvg's initial model, the Local baseline's start).
@@ -59,15 +78,41 @@ class Session:
                 image_size=self.spec.data.image_size,
             )
         model = model.to(torch.device(self.cfg.client.device))
-        key = GLOBAL_BUFFERS if global_model else BUFFERS
-        if key in self.context.state:
-            model.load_state_dict(self.context.state[key].to_torch_state_dict(), strict=False)
+        for slot in (GLOBAL_BUFFERS,) if global_model else (BUFFERS, LOCAL_LAYERS):
+            self._load(model, slot)
         return model
 
-    def save_buffers(self, model: nn.Module, global_model: bool = False) -> None:
-        buffers = {name: Array(b.detach().cpu().numpy()) for name, b in model.named_buffers()}
+    def _load(self, model: nn.Module, slot: str) -> None:
+        stored = self.store.get(slot)
+        if stored is not None:
+            state = {k: torch.from_numpy(np.array(v)) for k, v in stored.items()}
+            model.load_state_dict(state, strict=False)
+
+    def layout(self, model: nn.Module) -> Layout:
+        local = matching_parameter_names(model, self.spec.local_layers, "local-layers")
+        frozen = matching_parameter_names(model, self.spec.frozen_layers, "frozen-layers")
+        if set(local) & set(frozen):
+            raise ValueError(f"layers both local and frozen: {sorted(set(local) & set(frozen))}")
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if len(local) == len(trainable):
+            raise ValueError("local-layers keep every parameter on the client: nothing to send")
+        shared = [n for n in trainable if n not in set(local)] if local else None
+        return Layout(shared, local, frozen)
+
+    def save_model_state(self, model: nn.Module, layout: Layout | None = None) -> None:
+        """BatchNorm statistics (and local layers) for the next message."""
+        buffers = {name: b.detach().cpu().numpy() for name, b in model.named_buffers()}
         if buffers:
-            self.context.state[GLOBAL_BUFFERS if global_model else BUFFERS] = ArrayRecord(buffers)
+            self.store.put(BUFFERS, buffers)
+        if layout is not None and layout.local:
+            params = dict(model.named_parameters())
+            local = {n: params[n].detach().cpu().numpy() for n in layout.local}
+            self.store.put(LOCAL_LAYERS, local)
+
+    def save_global_buffers(self, model: nn.Module) -> None:
+        buffers = {name: b.detach().cpu().numpy() for name, b in model.named_buffers()}
+        if buffers:
+            self.store.put(GLOBAL_BUFFERS, buffers)
 
     def keep_vector(self, slot: str, vector: np.ndarray, server_round: int) -> None:
         self.context.state[slot] = ArrayRecord({VECTOR: Array(np.asarray(vector, np.float32))})
@@ -84,13 +129,12 @@ class Session:
     def local_model(self) -> nn.Module:
         """The Local baseline's model, as this client last left it."""
         model = self.model()
-        if LOCAL_MODEL in self.context.state:
-            model.load_state_dict(self.context.state[LOCAL_MODEL].to_torch_state_dict())
+        self._load(model, LOCAL_MODEL)
         return model
 
     def save_local_model(self, model: nn.Module) -> None:
-        state = {k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()}
-        self.context.state[LOCAL_MODEL] = ArrayRecord(state)
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        self.store.put(LOCAL_MODEL, state)
 
     def note_received(self, msg: Message, vector: np.ndarray) -> None:
         """Append what arrived to the node config's `message-log` file, if one is set.
@@ -111,7 +155,11 @@ class Session:
             f.write(json.dumps(entry) + "\n")
 
     def settings(self) -> SGDSettings:
-        return SGDSettings(**self.cfg.client.model_dump(exclude={"device"}))
+        c = self.cfg.client
+        return SGDSettings(**c.model_dump(exclude={"device", "upload", "upload_top_p"}))
+
+    def upload_top_p(self) -> float | None:
+        return self.cfg.client.upload_top_p if self.cfg.client.upload == "top_p" else None
 
     def generator(self, *purpose: object) -> torch.Generator:
         return torch.Generator().manual_seed(stable_seed(self.cfg.seed, *purpose, self.spec.key))
@@ -120,7 +168,8 @@ class Session:
 def _session(context: Context) -> Session:
     cfg = config_from_run_config(context.run_config)
     spec = client_spec(context.node_config, cfg)
-    return Session(cfg, spec, load_client_data(spec, cfg.seed), context)
+    store = ClientStore(context, spec.key)
+    return Session(cfg, spec, load_client_data(spec, cfg.seed), context, store)
 
 
 def _train(
@@ -129,15 +178,26 @@ def _train(
     model: nn.Module,
     purpose: str,
     distillation: Distillation | None = None,
+    layout: Layout | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Load theta, train, return (theta, delta = sent - trained, mean loss)."""
+    """Load theta, train, return (theta, delta = sent - trained, mean loss).
+
+    Local layers train with the rest but are not in theta or the delta; frozen layers are
+    used but left out of the optimizer, so their part of the delta is exactly zero.
+    """
+    layout = layout or Layout(None, [], [])
     theta = protocol.read_theta(msg)
     session.note_received(msg, theta)
-    vector_to_model(model, theta)
+    vector_to_model(model, theta, layout.shared)
+    params = dict(model.named_parameters())
+    for name in layout.frozen:
+        params[name].requires_grad_(False)
     generator = session.generator(purpose, protocol.read_round(msg))
     data = session.data
     loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator, distillation)
-    return theta, theta - model_to_vector(model).numpy(), loss
+    for name in layout.frozen:
+        params[name].requires_grad_(True)
+    return theta, theta - model_to_vector(model, layout.shared).numpy(), loss
 
 
 def _teacher(session: Session, msg: Message) -> Distillation | None:
@@ -161,9 +221,11 @@ def _teacher(session: Session, msg: Message) -> Distillation | None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """K (and what the chosen method needs besides: K_g, tensor sizes, initial vector)."""
+    """K of the vector part (and what the chosen method needs besides: K_g, tensor sizes,
+    initial vector), and the role when novel."""
     session = _session(context)
     model = session.model()
+    layout = session.layout(model)
     method = session.cfg.method
     global_size = None
     if session.cfg.uses_global_model:
@@ -173,7 +235,12 @@ def query(msg: Message, context: Context) -> Message:
         sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     initial = model_to_vector(model).numpy() if method == "fedavg" else None
     reply = protocol.identity_reply(
-        session.spec.key, vector_size(model), global_size, sizes, initial
+        session.spec.key,
+        vector_size(model, layout.shared),
+        global_size,
+        sizes,
+        initial,
+        role=session.spec.role,
     )
     return Message(reply, reply_to=msg)
 
@@ -190,9 +257,11 @@ def train(msg: Message, context: Context) -> Message:
         session.save_local_model(model)
         return Message(protocol.train_reply(None, n, loss), reply_to=msg)
     model = session.model()
-    _, delta, loss = _train(session, msg, model, "train", _teacher(session, msg))
-    session.save_buffers(model)
-    return Message(protocol.train_reply(delta, n, loss), reply_to=msg)
+    layout = session.layout(model)
+    _, delta, loss = _train(session, msg, model, "train", _teacher(session, msg), layout)
+    session.save_model_state(model, layout)
+    reply = protocol.train_reply(delta, n, loss, top_p=session.upload_top_p())
+    return Message(reply, reply_to=msg)
 
 
 @app.train("global")
@@ -203,8 +272,10 @@ def train_global(msg: Message, context: Context) -> Message:
     server_round = protocol.read_round(msg)
     session.keep_vector(GLOBAL_RECEIVED, theta, server_round)
     session.keep_vector(GLOBAL_TRAINED, theta - delta, server_round)
-    session.save_buffers(model, global_model=True)
-    return Message(protocol.train_reply(delta, len(session.data.y_train), loss), reply_to=msg)
+    session.save_global_buffers(model)
+    n = len(session.data.y_train)
+    reply = protocol.train_reply(delta, n, loss, top_p=session.upload_top_p())
+    return Message(reply, reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
@@ -213,9 +284,10 @@ def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
         model = session.local_model()
     else:
         model = session.model(global_model)
+        layout = None if global_model else session.layout(model)
         theta = protocol.read_theta(msg)
         session.note_received(msg, theta)
-        vector_to_model(model, theta)
+        vector_to_model(model, theta, None if layout is None else layout.shared)
     correct, loss_sum = evaluate(model, session.data.x_test, session.data.y_test)
     reply = protocol.evaluate_reply(len(session.data.y_test), correct, loss_sum)
     return Message(reply, reply_to=msg)

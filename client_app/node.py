@@ -1,9 +1,10 @@
 """Who this client is, which model it runs and which data it holds.
 
 A client decides these from its own settings: the SuperNode's node config in deployment
-(`client-key`, `model`, `partition-id`, `num-partitions`, `data-source`, `data-root`), and in
-simulation the experiment's assignment rule (client index mod len(clients.models)).
-Nothing here is ever sent to the server except K.
+(`client-key`, `model`, `partition-id`, `num-partitions`, `data-source`, `data-root`, `role`,
+`local-layers`, `frozen-layers`, `state-dir`), and in simulation the experiment's assignment
+rules (client index mod len(clients.models); the last `generalization.novel_clients`
+partitions are novel). Nothing here is ever sent to the server except K and the role.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 
 from common.config import DataConfig, ExperimentConfig
 from common.datasets import NORMALIZATION, channel_statistics, load_dataset, to_model_tensors
+from common.param_vector import parse_layer_patterns
 from common.partition import (
     client_split,
     default_classes_per_client,
     default_dirichlet_beta,
     default_min_samples,
 )
+from common.protocol import ROLES
 
 
 class NodeConfigError(ValueError):
@@ -36,6 +39,9 @@ class ClientSpec:
     num_partitions: int
     model_name: str
     data: DataConfig
+    role: str = "training"  # "novel": joins after the hypernetwork is trained (paper 4.4)
+    local_layers: tuple[str, ...] = ()  # patterns of layers that never leave the client
+    frozen_layers: tuple[str, ...] = ()  # patterns of layers used but not trained
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,7 @@ def client_spec(node_config: Mapping, cfg: ExperimentConfig) -> ClientSpec:
         raise NodeConfigError("node config 'partition-id' is missing (which data partition)")
     if not 0 <= partition_id < num_partitions:
         raise NodeConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    models = cfg.clients.models
-    model_name = str(node_config.get("model") or models[partition_id % len(models)])
+    role, model_name = _role_and_model(node_config, cfg, partition_id, num_partitions)
     key = str(node_config.get("client-key") or f"partition-{partition_id}")
     overrides = {}
     if node_config.get("data-source"):
@@ -89,7 +94,42 @@ def client_spec(node_config: Mapping, cfg: ExperimentConfig) -> ClientSpec:
     if node_config.get("data-root"):
         overrides["root"] = str(node_config["data-root"])
     data = cfg.data.model_copy(update=overrides)
-    return ClientSpec(key, partition_id, num_partitions, model_name, data)
+    models = cfg.clients.models
+
+    def layers(setting: str, modes: list[str]) -> tuple[str, ...]:
+        spec = node_config.get(setting)
+        if spec is None:
+            spec = modes[(partition_id // len(models)) % len(modes)]
+        return tuple(parse_layer_patterns(str(spec)))
+
+    return ClientSpec(
+        key,
+        partition_id,
+        num_partitions,
+        model_name,
+        data,
+        role,
+        layers("local-layers", cfg.clients.local_layers),
+        layers("frozen-layers", cfg.clients.frozen_layers),
+    )
+
+
+def _role_and_model(
+    node_config: Mapping, cfg: ExperimentConfig, partition_id: int, num_partitions: int
+) -> tuple[str, str]:
+    """Node config `role` and `model` win; else the experiment's rules decide."""
+    novel_count = cfg.generalization.novel_clients
+    first_novel = num_partitions - novel_count
+    role = str(node_config.get("role") or ("novel" if partition_id >= first_novel else "training"))
+    if role not in ROLES:
+        raise NodeConfigError(f"node config 'role' must be one of {ROLES}, got {role!r}")
+    if node_config.get("model"):
+        return role, str(node_config["model"])
+    novel_models = cfg.generalization.novel_models
+    if role == "novel" and novel_models and partition_id >= first_novel:
+        return role, novel_models[(partition_id - first_novel) % len(novel_models)]
+    models = cfg.clients.models
+    return role, models[partition_id % len(models)]
 
 
 def load_client_data(spec: ClientSpec, seed: int) -> ClientData:

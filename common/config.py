@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -50,19 +57,45 @@ class DataConfig(_Section):
     image_size: int = Field(32, gt=0)
 
 
+def _comma_list(value: Any) -> Any:
+    """Run-config lists arrive as one comma-separated string."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
 class ClientsConfig(_Section):
-    """How simulated clients pick a model: client index mod len(models) (SPEC section 3)."""
+    """How simulated clients pick a model: client index mod len(models) (SPEC section 3).
+
+    `local_layers` and `frozen_layers` are lists of modes; a mode is "none" or parameter-name
+    patterns joined by "|" (fnmatch, e.g. "classifier.5.*|features.0.*"). Client i takes mode
+    (i // len(models)) mod len(modes), so every architecture gets every mode in turn.
+    A SuperNode's node config (`local-layers`, `frozen-layers`) overrides this for its client.
+    """
 
     models: list[str] = Field(default_factory=lambda: ["lenet"])
+    local_layers: list[str] = Field(
+        default_factory=lambda: ["none"],
+        description="layers kept on the client, never sent (paper C.9)",
+    )
+    frozen_layers: list[str] = Field(
+        default_factory=lambda: ["none"],
+        description="layers generated and used but not trained: zero delta (paper C.10)",
+    )
 
     @field_validator("models", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        value = _comma_list(value)
         if not value:
             raise ValueError("at least one model name is needed")
         return value
+
+    @field_validator("local_layers", "frozen_layers", mode="before")
+    @classmethod
+    def _modes(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        return value or ["none"]
 
 
 class ClientTrainConfig(_Section):
@@ -73,6 +106,10 @@ class ClientTrainConfig(_Section):
     epochs: int = Field(2, gt=0)
     grad_clip: float = Field(50.0, gt=0)
     device: str = "cpu"
+    upload: Literal["dense", "top_p"] = Field(
+        "dense", description="top_p: send only the largest |delta| entries (paper C.7)"
+    )
+    upload_top_p: float = Field(0.3, gt=0.0, le=1.0, description="share of entries sent")
 
 
 class HypernetworkConfig(_Section):
@@ -110,6 +147,25 @@ class GlobalModelConfig(_Section):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients in phase 1")
 
 
+class GeneralizationConfig(_Section):
+    """Novel clients (paper 4.4): they join after round `join_round`; from then on the
+    hypernetwork is frozen and only their embeddings (and heads for new taus) train."""
+
+    join_round: int = Field(0, ge=0, description="0 = no generalization phase")
+    novel_clients: int = Field(
+        0, ge=0, description="simulation: the last N partitions are novel (node config: role)"
+    )
+    novel_models: list[str] = Field(
+        default_factory=list,
+        description="architectures of the novel clients (index mod len); [] = clients.models",
+    )
+
+    @field_validator("novel_models", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+
 class ExperimentConfig(_Section):
     name: str = "default"
     method: Literal["mh_pfedhn", "mh_pfedhng", "mh_pfedhngd", "local", "fedavg", "pfedhn"] = (
@@ -124,6 +180,31 @@ class ExperimentConfig(_Section):
     hypernetwork: HypernetworkConfig = Field(default_factory=HypernetworkConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     global_model: GlobalModelConfig = Field(default_factory=GlobalModelConfig)
+    generalization: GeneralizationConfig = Field(default_factory=GeneralizationConfig)
+
+    @model_validator(mode="after")
+    def _generalization_fits(self) -> ExperimentConfig:
+        g = self.generalization
+        if g.join_round >= self.rounds:
+            raise ValueError(
+                f"generalization.join_round={g.join_round} leaves no round for the novel "
+                f"clients: it must be below rounds={self.rounds}"
+            )
+        if (g.novel_clients or g.novel_models) and g.join_round == 0:
+            raise ValueError(
+                "novel clients need generalization.join_round >= 1 (the round after which "
+                "they join)"
+            )
+        if g.join_round and self.method not in ("mh_pfedhn", "mh_pfedhng", "mh_pfedhngd"):
+            raise ValueError(f"the generalization phase needs an MH-pFedHN method, not "
+                             f"{self.method!r}")  # fmt: skip
+        count = self.data.num_clients
+        if g.novel_clients and count != "auto" and g.novel_clients >= count:
+            raise ValueError(
+                f"generalization.novel_clients={g.novel_clients} leaves no training client "
+                f"among data.num_clients={count}"
+            )
+        return self
 
     @property
     def uses_global_model(self) -> bool:

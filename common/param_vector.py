@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "matching_parameter_names",
     "model_to_vector",
+    "parse_layer_patterns",
     "select_parameter_names",
     "vector_size",
     "vector_to_model",
@@ -52,6 +54,33 @@ def select_parameter_names(
     if exclude:
         selected = [n for n in selected if not any(fnmatchcase(n, pat) for pat in exclude)]
     return selected
+
+
+def parse_layer_patterns(spec: str) -> list[str]:
+    """A layer selection as written in configs: "none" (or "") for nothing, else fnmatch
+    patterns separated by "|" or "," (e.g. "classifier.5.*|features.0.*")."""
+    if spec.strip().lower() in ("", "none"):
+        return []
+    return [p.strip() for p in spec.replace("|", ",").split(",") if p.strip()]
+
+
+def matching_parameter_names(model: nn.Module, patterns: Sequence[str], what: str) -> list[str]:
+    """Trainable parameter names matching any pattern, in ``named_parameters()`` order.
+
+    One architecture may lack some patterns of a mode shared by several (``fc.*`` is ResNet's
+    classifier, ``classifier.5.*`` LeNet's), but a selection that matches nothing at all is a
+    typo and is refused, with the names that exist.
+    """
+    if not patterns:
+        return []
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    names = [n for n in trainable if any(fnmatchcase(n, pat) for pat in patterns)]
+    if not names:
+        raise ValueError(
+            f"{what} {list(patterns)} match no parameter of {type(model).__name__}; "
+            f"its parameters are {trainable}"
+        )
+    return names
 
 
 def _selected_parameters(

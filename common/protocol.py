@@ -3,6 +3,7 @@
 This is all a client implementation has to honour (see README "Plugging in your own model"):
 
 - query         reply   config  {"client-key": str, "num-params": K
+                                 [, "role": "novel"  (joins after training, paper 4.4)]
                                  [, "global-num-params": K_g  (MH-pFedHNG/GD)]
                                  [, "tensor-sizes": [int, ...]  (pFedHN baseline)]}
                         arrays  {"initial": float32[K]}  (FedAvg baseline only)
@@ -11,6 +12,8 @@ This is all a client implementation has to honour (see README "Plugging in your 
                                  "temperature": T, "teacher": "round_start" | "regenerated"
                                  | "phase1_trained"]}
                 reply   arrays  {"delta": float32[K]}  (sent minus trained, "old - new")
+                                or {"delta-indices": int32[n], "delta-values": float32[n]}
+                                (top-p upload: the n largest |delta| entries, indices ascending)
                         metrics {"num-examples": int, "train-loss": float}
 - evaluate      in      arrays  {"theta": float32[K]}, config {"server-round": int}
                 reply   metrics {"num-examples": int, "correct": int, "loss-sum": float}
@@ -39,6 +42,10 @@ EVALUATE_GLOBAL = "evaluate.global"
 THETA = "theta"
 TEACHER = "teacher"
 DELTA = "delta"
+DELTA_INDICES = "delta-indices"
+DELTA_VALUES = "delta-values"
+ROLE = "role"
+ROLES = ("training", "novel")
 CLIENT_KEY = "client-key"
 NUM_PARAMS = "num-params"
 GLOBAL_NUM_PARAMS = "global-num-params"
@@ -59,13 +66,19 @@ class Identity:
     global_num_params: object = None
     tensor_sizes: list | None = None
     initial: np.ndarray | None = None
+    role: str = "training"
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    delta: np.ndarray
+    delta: np.ndarray  # dense, float32[K] (rebuilt from a top-p upload)
     num_examples: int
     train_loss: float
+    wire_bytes: int = -1  # payload bytes of the arrays as they travelled; -1: delta.nbytes
+
+    @property
+    def bytes_up(self) -> int:
+        return self.delta.nbytes if self.wire_bytes < 0 else self.wire_bytes
 
 
 @dataclass(frozen=True)
@@ -121,8 +134,11 @@ def identity_reply(
     global_num_params: int | None = None,
     tensor_sizes: list[int] | None = None,
     initial: np.ndarray | None = None,
+    role: str = "training",
 ) -> RecordDict:
-    identity = {CLIENT_KEY: client_key, NUM_PARAMS: num_params}
+    identity: dict = {CLIENT_KEY: client_key, NUM_PARAMS: num_params}
+    if role != "training":
+        identity[ROLE] = role
     if global_num_params is not None:
         identity[GLOBAL_NUM_PARAMS] = global_num_params
     if tensor_sizes is not None:
@@ -133,13 +149,37 @@ def identity_reply(
     return content
 
 
-def train_reply(delta: np.ndarray | None, num_examples: int, train_loss: float) -> RecordDict:
-    """delta None: the Local baseline, which sends no parameters."""
+def top_p_entries(delta: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices ascending, values) of the ceil(p K) entries largest in absolute value.
+
+    Ties at the threshold are broken by the lower index, so the choice is deterministic.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    count = min(delta.size, max(1, int(np.ceil(top_p * delta.size))))
+    order = np.argsort(-np.abs(delta), kind="stable")[:count]
+    indices = np.sort(order).astype(np.int32)
+    return indices, np.asarray(delta[indices], np.float32)
+
+
+def train_reply(
+    delta: np.ndarray | None,
+    num_examples: int,
+    train_loss: float,
+    top_p: float | None = None,
+) -> RecordDict:
+    """delta None: the Local baseline, which sends no parameters. top_p: send only the top-p
+    share of the delta by absolute value, as indices and values (paper C.7)."""
     content = RecordDict(
         {"metrics": MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": train_loss})}
     )
-    if delta is not None:
+    if delta is not None and top_p is None:
         content["arrays"] = ArrayRecord({DELTA: _array(delta)})
+    elif delta is not None:
+        indices, values = top_p_entries(np.asarray(delta, np.float32), top_p)
+        content["arrays"] = ArrayRecord(
+            {DELTA_INDICES: Array(indices), DELTA_VALUES: _array(values)}
+        )
     return content
 
 
@@ -183,12 +223,16 @@ def parse_identity(message: Message) -> Identity:
     if "arrays" in message.content and INITIAL in message.content["arrays"]:
         initial = message.content["arrays"][INITIAL].numpy()
     sizes = config.get(TENSOR_SIZES)
+    role = config.get(ROLE, "training")
+    if role not in ROLES:
+        raise ReplyError(f"unknown role {role!r}; expected one of {ROLES}")
     return Identity(
         key,
         config[NUM_PARAMS],
         config.get(GLOBAL_NUM_PARAMS),
         None if sizes is None else list(sizes),
         initial,
+        role,
     )
 
 
@@ -199,23 +243,56 @@ def _count(metrics, name: str) -> int:
     return int(value)
 
 
+def _payload_bytes(array: Array) -> int:
+    """Bytes of the array's elements (Flower adds a ~128-byte header per array)."""
+    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+
+
+def _finite_float32(values: np.ndarray, what: str) -> None:
+    if values.dtype != np.float32:
+        raise ReplyError(f"{what} has dtype {values.dtype}, expected float32")
+    if not np.isfinite(values).all():
+        raise ReplyError(f"{what} holds {int((~np.isfinite(values)).sum())} NaN/Inf values")
+
+
+def _sparse_delta(arrays: ArrayRecord, expected_params: int) -> np.ndarray:
+    """The dense delta from a top-p upload: zero off the sent indices."""
+    if DELTA_INDICES not in arrays or DELTA_VALUES not in arrays:
+        raise ReplyError(f"reply lacks the {DELTA!r} array (or {DELTA_INDICES!r} and "
+                         f"{DELTA_VALUES!r})")  # fmt: skip
+    indices, values = arrays[DELTA_INDICES].numpy(), arrays[DELTA_VALUES].numpy()
+    if indices.dtype not in (np.int32, np.int64) or indices.ndim != 1:
+        raise ReplyError(f"delta-indices must be 1-D int32/int64, got {indices.dtype}")
+    if values.shape != indices.shape:
+        raise ReplyError(f"{values.shape[0] if values.ndim else 0} values for "
+                         f"{indices.shape[0]} indices")  # fmt: skip
+    _finite_float32(values, "delta-values")
+    if indices.size and (indices.min() < 0 or indices.max() >= expected_params):
+        raise ReplyError(f"delta-indices outside 0..{expected_params - 1}")
+    if indices.size > 1 and not (np.diff(indices) > 0).all():
+        raise ReplyError("delta-indices must be strictly increasing (no repeats)")
+    delta = np.zeros(expected_params, np.float32)
+    delta[indices] = values
+    return delta
+
+
 def parse_train_reply(message: Message, expected_params: int) -> TrainResult:
+    """A dense or top-p delta, checked before it can reach the server state."""
     arrays = _record(message, "arrays", ArrayRecord)
     metrics = _record(message, "metrics", MetricRecord)
-    if DELTA not in arrays:
-        raise ReplyError(f"reply lacks the {DELTA!r} array")
-    delta = arrays[DELTA].numpy()
-    if delta.dtype != np.float32:
-        raise ReplyError(f"delta has dtype {delta.dtype}, expected float32")
-    if delta.shape != (expected_params,):
-        raise ReplyError(f"delta has shape {delta.shape}, expected ({expected_params},)")
-    if not np.isfinite(delta).all():
-        raise ReplyError(f"delta holds {int((~np.isfinite(delta)).sum())} NaN/Inf values")
+    if DELTA in arrays:
+        delta = arrays[DELTA].numpy()
+        _finite_float32(delta, "delta")
+        if delta.shape != (expected_params,):
+            raise ReplyError(f"delta has shape {delta.shape}, expected ({expected_params},)")
+    else:
+        delta = _sparse_delta(arrays, expected_params)
     num_examples = _count(metrics, NUM_EXAMPLES)
     if num_examples == 0:
         raise ReplyError("num-examples is 0")
     loss = float(metrics.get("train-loss", float("nan")))
-    return TrainResult(delta=delta, num_examples=num_examples, train_loss=loss)
+    wire_bytes = sum(_payload_bytes(array) for array in arrays.values())
+    return TrainResult(delta, num_examples, loss, wire_bytes)
 
 
 def parse_local_train_reply(message: Message) -> TrainResult:

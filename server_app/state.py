@@ -40,6 +40,16 @@ class ClientRecord:
     embedding_name: str
 
 
+@dataclass
+class FrozenParts:
+    """What no longer trains (generalization to novel clients, paper 4.4): the feature
+    extractor, the heads of these taus and the embeddings of these keys."""
+
+    extractor: bool = False
+    heads: set[int] = dataclasses.field(default_factory=set)
+    keys: set[str] = dataclasses.field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class HypernetworkSettings:
     chunk_size: int = 3072
@@ -110,6 +120,7 @@ class HypernetworkServer:
             ).to(self.device)
         self.embeddings = nn.ParameterDict()
         self.clients: dict[str, ClientRecord] = {}
+        self.frozen = FrozenParts()
         self.optimizer = torch.optim.Adam(self.hnet.feature_extractor.parameters(), lr=s.lr)
 
     # ---------------------------------------------------------------- registry
@@ -183,11 +194,25 @@ class HypernetworkServer:
         return out
 
     # ----------------------------------------------------------------- updates
+    def freeze(self) -> None:
+        """Freeze everything learned so far: the feature extractor, every head and embedding.
+
+        What is registered afterwards (a novel client's embeddings, the head of a tau never
+        seen before) still trains; frozen parameters get no gradient, so Adam leaves them
+        bit-identical.
+        """
+        self.frozen = FrozenParts(
+            extractor=True,
+            heads={r.tau for r in self.clients.values()},
+            keys=set(self.clients),
+        )
+
     def _involved_parameters(self, keys: Sequence[str]) -> list[nn.Parameter]:
-        params = list(self.hnet.feature_extractor.parameters())
-        for tau in sorted({self.record(k).tau for k in keys}):
+        frozen = self.frozen
+        params = [] if frozen.extractor else list(self.hnet.feature_extractor.parameters())
+        for tau in sorted({self.record(k).tau for k in keys} - frozen.heads):
             params += list(self.hnet.head(tau).parameters())
-        params += [self.embedding(k) for k in keys]
+        params += [self.embedding(k) for k in keys if k not in frozen.keys]
         return params
 
     def gradients(self, deltas: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict:
@@ -197,6 +222,8 @@ class HypernetworkServer:
         """
         keys = list(deltas)
         params = self._involved_parameters(keys)
+        if not params:
+            return {}
         outputs, grad_outputs = [], []
         for group in self._by_tau(keys).values():
             for key, theta in zip(group, self._generate_group(group), strict=True):
@@ -207,6 +234,8 @@ class HypernetworkServer:
 
     def _step(self, grads: dict) -> float:
         """Clip the joint gradient norm, one Adam step; other parameters keep grad None."""
+        if not grads:
+            return 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for param, grad in grads.items():
             param.grad = grad
@@ -276,6 +305,11 @@ class HypernetworkServer:
             "hnet": self.hnet.state_dict(),
             "embeddings": self.embeddings.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "frozen": {
+                "extractor": self.frozen.extractor,
+                "heads": sorted(self.frozen.heads),
+                "keys": sorted(self.frozen.keys),
+            },
         }
 
     def _restore_structure(self, state: dict) -> None:
@@ -292,6 +326,12 @@ class HypernetworkServer:
         server.hnet.load_state_dict(state["hnet"])
         server.embeddings.load_state_dict(state["embeddings"])
         server.optimizer.load_state_dict(state["optimizer"])
+        frozen = state.get("frozen") or {}
+        server.frozen = FrozenParts(
+            extractor=bool(frozen.get("extractor", False)),
+            heads=set(frozen.get("heads", ())),
+            keys=set(frozen.get("keys", ())),
+        )
         return server
 
     # ------------------------------------------------------------------ sizes

@@ -26,7 +26,12 @@ from common.config import ExperimentConfig
 from common.seeding import stable_seed
 from server_app.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from server_app.outputs import RunRecorder
-from server_app.state import ClientRecord, HypernetworkServer, RegistrationError
+from server_app.state import (
+    ClientRecord,
+    HypernetworkServer,
+    RegistrationError,
+    validate_num_params,
+)
 
 logger = logging.getLogger("flwr.mh_pfedhn")
 
@@ -61,6 +66,9 @@ class MHpFedHN(Strategy):
         self.key_of: dict[int, str] = {}  # node id -> client key
         self.refused: dict[int, str] = {}  # node id -> why it was refused
         self.history: list[dict[str, Any]] = []
+        self.roles: dict[str, str] = {}  # client key -> "training" | "novel"
+        self.waiting: dict[str, protocol.Identity] = {}  # novel clients not yet joined
+        self.current_round = 0
         self.completed_round = -1  # set when resuming from a checkpoint
         self._pending: list[tuple[Message, str]] = []
         self._sampled: tuple[int, list[str]] = (-1, [])
@@ -92,26 +100,83 @@ class MHpFedHN(Strategy):
             if node is None:
                 continue
             try:
-                record = self.admit(protocol.parse_identity(reply))
+                identity = protocol.parse_identity(reply)
+                record = self.admit_or_hold(identity)
             except (protocol.ReplyError, RegistrationError) as err:
                 self.refused[node] = str(err)
                 logger.warning("node %d refused: %s", node, err)
                 continue
-            old = self.node_of.get(record.key)
+            key = identity.client_key
+            old = self.node_of.get(key)
             if old is not None and old != node:
                 self.key_of.pop(old, None)
-                logger.info("client %s is back on node %d (was %d)", record.key, node, old)
-            self.node_of[record.key] = node
-            self.key_of[node] = record.key
-            logger.info("client %s: K=%d, tau=%d", record.key, record.num_params, record.tau)
+                logger.info("client %s is back on node %d (was %d)", key, node, old)
+            self.node_of[key] = node
+            self.key_of[node] = key
+            if record is None:
+                logger.info("client %s: novel, joins after round %d", key, self.join_round)
+            else:
+                logger.info("client %s: K=%d, tau=%d%s", key, record.num_params, record.tau,
+                            " (novel)" if self.roles[key] == "novel" else "")  # fmt: skip
+
+    # --------------------------------------------------- novel clients (paper 4.4)
+    @property
+    def join_round(self) -> int:
+        return self.cfg.generalization.join_round
+
+    def generalizing(self, server_round: int) -> bool:
+        """After the join round only novel clients train, on a frozen hypernetwork."""
+        return 0 < self.join_round < server_round
+
+    def admit_or_hold(self, identity: protocol.Identity) -> ClientRecord | None:
+        """Register a training client now; hold a novel one until the join (None).
+
+        A client first seen after the join is novel whatever it reports; a known key keeps
+        the role it had.
+        """
+        key = identity.client_key
+        role = self.roles.get(key) or (
+            "novel" if self.generalizing(self.current_round) else identity.role
+        )
+        if role == "novel" and not self.join_round:
+            raise RegistrationError(
+                f"client {key!r} is novel but this run has no generalization phase "
+                "(set generalization.join_round)"
+            )
+        if role == "novel" and not self.generalizing(self.current_round):
+            validate_num_params(identity.num_params, self.server.settings.max_params)
+            self.roles[key] = role
+            self.waiting[key] = identity
+            return None
+        record = self.admit(identity)
+        self.roles[key] = role
+        return record
+
+    def join_novel_clients(self) -> None:
+        """The end of training: freeze the hypernetwork, then register the novel clients
+        (their embeddings, and heads for taus never seen, are created trainable)."""
+        self.server.freeze()
+        for key, identity in sorted(self.waiting.items()):
+            try:
+                record = self.admit(identity)
+            except RegistrationError as err:
+                self._log.reject(key, str(err))
+                continue
+            new_head = record.tau not in self.server.frozen.heads
+            logger.info("novel client %s joins: K=%d, tau=%d%s", key, record.num_params,
+                        record.tau, " (new head)" if new_head else "")  # fmt: skip
+        self.waiting.clear()
+        logger.info("hypernetwork frozen after round %d: %s", self.join_round,
+                    self.server.describe())  # fmt: skip
 
     def admit(self, identity: protocol.Identity) -> ClientRecord:
         """Register a client from its query reply (raises RegistrationError to refuse it)."""
         return self.server.register(identity.client_key, identity.num_params)
 
     def connected_clients(self, grid: Grid) -> list[str]:
+        """Registered clients whose node is connected (novel ones only once they joined)."""
         live = set(grid.get_node_ids())
-        return sorted(k for k, n in self.node_of.items() if n in live)
+        return sorted(k for k, n in self.node_of.items() if n in live and k in self.server.clients)
 
     def sample(self, server_round: int, keys: list[str]) -> list[str]:
         """Seeded fraction of the connected clients (all of them by default)."""
@@ -163,7 +228,9 @@ class MHpFedHN(Strategy):
     def round_clients(self, server_round: int, grid: Grid) -> list[str]:
         """The clients sampled for this round (drawn once per round, seeded)."""
         if self._sampled[0] != server_round:
-            self._sampled = (server_round, self.sample(server_round, self.connected_clients(grid)))
+            role = "novel" if self.generalizing(server_round) else "training"
+            keys = [k for k in self.connected_clients(grid) if self.roles.get(k) == role]
+            self._sampled = (server_round, self.sample(server_round, keys))
         return self._sampled[1]
 
     def parse_replies(
@@ -171,7 +238,7 @@ class MHpFedHN(Strategy):
     ) -> dict[str, Any]:
         """parse(key, reply) for each client's reply; refused ones are logged and left out.
 
-        bytes_up counts the deltas of accepted replies.
+        bytes_up counts the deltas of accepted replies as they travelled (sparse when top-p).
         """
         results = {}
         for key, reply in self._by_client(replies).items():
@@ -180,8 +247,7 @@ class MHpFedHN(Strategy):
             except protocol.ReplyError as err:
                 self._log.reject(f"{key}{phase}", str(err))
                 continue
-            delta = getattr(results[key], "delta", None)
-            self._log.bytes_up += 0 if delta is None else delta.nbytes
+            self._log.bytes_up += getattr(results[key], "bytes_up", 0)
         return results
 
     def configure_train(
@@ -231,13 +297,20 @@ class MHpFedHN(Strategy):
         if not total:
             return None
         per_client = {k: r.correct / r.num_examples for k, r in sorted(results.items())}
-        return {
+        stats = {
             "accuracy": sum(r.correct for r in results.values()) / total,
             "accuracy_client_mean": float(np.mean(list(per_client.values()))),
             "loss": sum(r.loss_sum for r in results.values()) / total,
             "clients_evaluated": len(results),
             "client_accuracy": per_client,
         }
+        if self.join_round:
+            for role in ("training", "novel"):
+                group = [r for k, r in results.items() if self.roles.get(k) == role]
+                n = sum(r.num_examples for r in group)
+                stats[f"{role}_accuracy"] = sum(r.correct for r in group) / n if n else None
+                stats[f"{role}_clients"] = len(group)
+        return stats
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -284,7 +357,7 @@ class MHpFedHN(Strategy):
         every = self.cfg.server.evaluate_every
         if every == 0:
             return False
-        return server_round == 0 or server_round % every == 0 or server_round == num_rounds
+        return server_round in (0, num_rounds, self.join_round) or server_round % every == 0
 
     def _finish_round(self) -> dict[str, Any]:
         log = self._log
@@ -316,6 +389,9 @@ class MHpFedHN(Strategy):
         mean_text = "" if mean is None else f" (client mean {mean:.4f})"
         if row.get("global_accuracy") is not None:
             mean_text += f" | global model {row['global_accuracy']:.4f}"
+        for role in ("novel", "training"):
+            if row.get(f"{role}_accuracy") is not None:
+                mean_text += f" | {role} {row[f'{role}_accuracy']:.4f}"
         logger.info(
             "[round %d/%d] accuracy %s%s | loss %s | %.1f s | down %.2f MB up %.2f MB%s",
             row["round"],
@@ -344,18 +420,22 @@ class MHpFedHN(Strategy):
         timeout = self.cfg.server.timeout_s if timeout is None else timeout
         self.summary()
         result = Result()
+        first = 0 if self._evaluation_due(0, num_rounds) else 1
+        first = max(first, self.completed_round + 1)
+        self.current_round = first
         self.wait_for_nodes(grid)
         self.discover(grid, timeout)
         logger.info("server state: %s", self.server.describe())
-        first = 0 if self._evaluation_due(0, num_rounds) else 1
-        first = max(first, self.completed_round + 1)
         for server_round in range(first, num_rounds + 1):
             self._log = RoundLog(server_round)
+            self.current_round = server_round
             if server_round > 0:
                 self.discover(grid, timeout)
                 result.train_metrics_clientapp[server_round] = self.train_round(
                     grid, server_round, timeout
                 )
+            if self.join_round and server_round == self.join_round:
+                self.join_novel_clients()
             if self._evaluation_due(server_round, num_rounds):
                 eval_metrics = self.evaluate_round(grid, server_round, timeout)
                 if eval_metrics is not None:

@@ -102,10 +102,14 @@ class MHpFedHNGD(MHpFedHN):
         return config, teacher
 
     def train_round(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
-        self.global_keys = self.sample_global(server_round, self.round_clients(server_round, grid))
+        """Phase 1, then phase 2. Novel clients (after the join) have no phase 1: the global
+        model is part of the frozen hypernetwork, and they do not distill."""
+        clients = self.round_clients(server_round, grid)
+        generalizing = self.generalizing(server_round)
+        self.global_keys = [] if generalizing else self.sample_global(server_round, clients)
         self.global_phase(grid, server_round, timeout)
         self._regenerated = None
-        if self.cfg.global_model.teacher == "regenerated":
+        if self.cfg.global_model.teacher == "regenerated" and not generalizing:
             self._regenerated = self.server.generate([GLOBAL_KEY])[GLOBAL_KEY]
         return super().train_round(grid, server_round, timeout)
 

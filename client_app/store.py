@@ -1,0 +1,56 @@
+"""What a client keeps between messages: BatchNorm statistics, local layers, its own model.
+
+Flower's `context.state` lasts for one run on one SuperNode; a restarted SuperNode starts
+empty. With node config `state-dir`, every entry is also written to
+`<state-dir>/<client key>/<name>.npz` (atomically), and read from there when the context has
+none, so a client's local layers survive a SuperNode restart and the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+
+
+class ClientStore:
+    def __init__(self, context: Context, client_key: str) -> None:
+        self.state = context.state
+        state_dir = context.node_config.get("state-dir")
+        self.directory = None
+        if state_dir:
+            safe_key = re.sub(r"[^A-Za-z0-9_.-]", "_", client_key)
+            self.directory = Path(str(state_dir)).expanduser() / safe_key
+
+    def _path(self, name: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{name}.npz"
+
+    def get(self, name: str) -> dict[str, np.ndarray] | None:
+        if name in self.state:
+            return {k: v.numpy() for k, v in self.state[name].items()}
+        if self.directory is not None and self._path(name).is_file():
+            with np.load(self._path(name)) as stored:
+                arrays = {k: stored[k] for k in stored.files}
+            self.state[name] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+            return arrays
+        return None
+
+    def put(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        record = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        self.state[name] = ArrayRecord(record)
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npz.tmp")
+        try:
+            with os.fdopen(handle, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, self._path(name))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
