@@ -43,3 +43,40 @@ def test_flwr_run_simulation_with_mixed_architectures(method, mnist_npz, tmp_pat
         assert rows[-1]["global_clients_trained"] == 4
         assert 0.0 <= rows[-1]["global_accuracy"] <= 1.0
         assert "global model" in log
+
+
+@pytest.mark.slow
+def test_flwr_run_novel_clients_and_a_novel_architecture(mnist_npz, tmp_path):
+    """Paper 4.4 through Flower: 3 LeNet clients train the hypernetwork for 2 rounds; then a
+    novel LeNet client and a novel MLP client (an architecture never seen: a new head) join
+    and only they train, on the frozen hypernetwork."""
+    run_config = " ".join(
+        [
+            f'data.source="npz:{mnist_npz}"',
+            "data.fraction=0.05",
+            f'data.cache_dir="{tmp_path / "cache"}"',
+            'clients.models="lenet"',
+            "generalization.join_round=2",
+            "generalization.novel_clients=2",
+            'generalization.novel_models="lenet,mlp"',
+            "client.epochs=1",
+            "rounds=3",
+            "server.min_nodes=5",
+            f'server.output_root="{tmp_path / "out"}"',
+            'server.run_name="novel"',
+        ]
+    )
+    with private_flower(tmp_path / "flwr-home") as env:
+        done = flwr_run(
+            env, run_config, "num-supernodes=5 client-resources-num-cpus=1", timeout=900
+        )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    rows = read_metrics(tmp_path / "out" / "novel" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3], log[-4000:]
+    assert [r.get("clients_trained") for r in rows[1:]] == [3, 3, 2]
+    assert [r["novel_clients"] for r in rows] == [0, 0, 2, 2]
+    assert [r["training_clients"] for r in rows] == [3, 3, 3, 3]
+    assert all(0.0 <= r["novel_accuracy"] <= 1.0 for r in rows[2:])
+    assert not any(r["rejected"] for r in rows)
+    assert "(new head)" in log and "hypernetwork frozen after round 2" in log
