@@ -1,4 +1,5 @@
-"""A run's output directory: resolved config, metrics.jsonl (one line per round), summary.json.
+"""A run's output directory: resolved config, metrics.jsonl (one line per round), summary.json
+and accuracy.png.
 
 Lines are appended and flushed as each round ends, so a crashed run keeps what it measured.
 """
@@ -6,12 +7,15 @@ Lines are appended and flushed as each round ends, so a crashed run keeps what i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from common.config import ExperimentConfig, to_yaml
+
+logger = logging.getLogger("flwr.mh_pfedhn")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -52,6 +56,15 @@ class RunRecorder:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.directory / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def write_plot(self) -> None:
+        """accuracy.png by round; a plotting problem is logged, it never fails the run."""
+        from server_app.run_plot import plot_runs
+
+        try:
+            plot_runs([self.directory], self.directory / "accuracy.png")
+        except Exception as err:  # noqa: BLE001 - the run's numbers are already saved
+            logger.warning("could not plot %s: %s", self.directory, err)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

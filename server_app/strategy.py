@@ -444,6 +444,7 @@ class MHpFedHN(Strategy):
             self._checkpoint(server_round, num_rounds)
         if self.recorder is not None:
             self.recorder.write_summary(run_summary(self.history))
+            self.recorder.write_plot()
         return result
 
 

@@ -74,6 +74,8 @@ def test_smoke_sweep_in_process_writes_table_and_plot(mnist_npz, tmp_path):
         ]
         final = [s["final_accuracy"] for s in summaries]
         best = [s["best_accuracy"] for s in summaries]
+        for s in (0, 1):  # every run plots its own curve when it ends
+            assert (out / f"default-{row['method']}-s{s}" / "accuracy.png").stat().st_size > 1000
         assert row["seeds"] == "2" and row["seed_list"] == "0 1" and row["rounds"] == "2"
         assert float(row["final_accuracy_mean"]) == pytest.approx(statistics.fmean(final))
         assert float(row["final_accuracy_std"]) == pytest.approx(statistics.stdev(final))

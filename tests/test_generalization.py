@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from client_app.app import app as client_app
 from client_app.node import NodeConfigError, client_spec
 from common import protocol
 from common.config import ConfigError, resolve_config
+from server_app import run_plot
 from server_app.app import STRATEGIES, build_server
 from server_app.inprocess import InProcessGrid
 from server_app.state import HypernetworkServer, HypernetworkSettings, RegistrationError
@@ -215,3 +218,21 @@ def test_a_bad_novel_k_is_refused_before_it_waits(tiny_npz, tmp_path):
     with pytest.raises(RegistrationError, match="positive integer"):
         strategy.admit_or_hold(protocol.Identity("x", -3, role="novel"))
     assert not strategy.waiting
+
+
+def test_the_run_plot_shows_novel_and_training_clients(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"round": r, "accuracy": 0.5, "training_accuracy": 0.6,
+         "novel_accuracy": None if r < 2 else 0.1 * r}
+        for r in range(5)
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_plot.main([str(run)]) == 0
+    assert (run / "accuracy.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        run_plot.main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):  # several runs need --out
+        run_plot.main([str(run), str(run)])
+    assert run_plot.main([str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
