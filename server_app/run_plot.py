@@ -52,7 +52,10 @@ def plot_runs(directories: Sequence[str | Path], out: str | Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("pooled test accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no evaluated round yet", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)
