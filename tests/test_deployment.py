@@ -16,6 +16,7 @@ from deployment.local_cluster import LocalCluster
 from deployment.topology import (
     APP_IMAGE,
     TLS,
+    compose_nodes,
     compose_tls_yaml,
     compose_yaml,
     default_nodes,
@@ -88,7 +89,7 @@ def test_compose_ports_and_node_configs_are_consistent():
 
 
 def test_local_cluster_runs_the_same_commands_as_compose(tmp_path):
-    nodes = default_nodes(3, data_source="imagefolder:/data/cifar10")
+    nodes = compose_nodes(3)
     cluster = LocalCluster(nodes, tmp_path)
     local = {s.name: s.argv for s in cluster.services()}
     compose = {s.name: s.argv for s in services(nodes)}
@@ -191,7 +192,7 @@ def test_compose_tls_overlay_is_the_generated_one():
     assert (ROOT / "docker" / "compose.tls.yml").read_text() == compose_tls_yaml(3), (
         "regenerate with: python -m deployment.topology --clients 3 --tls > docker/compose.tls.yml"
     )
-    nodes = default_nodes(3, data_source="imagefolder:/data/cifar10")
+    nodes = compose_nodes(3)
     tls = TLS("/certs/ca.crt", "/certs/server.pem", "/certs/server.key")
     expected = {s.name: s.argv[1:] for s in services(nodes, tls=tls)}
     for name, service in tls_overlay_services().items():
