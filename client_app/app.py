@@ -172,32 +172,70 @@ def _session(context: Context) -> Session:
     return Session(cfg, spec, load_client_data(spec, cfg.seed), context, store)
 
 
-def _train(
-    session: Session,
-    msg: Message,
-    model: nn.Module,
-    purpose: str,
-    distillation: Distillation | None = None,
-    layout: Layout | None = None,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Load theta, train, return (theta, delta = sent - trained, mean loss).
+@dataclass
+class TrainJob:
+    """One train / train.global message made ready: the model holds theta (with this
+    client's BatchNorm statistics and local layers). `run` trains it here; the batched
+    engine (client_app/batched.py) trains many jobs of one architecture at once instead.
+    `reply` then answers the message from the trained model, either way."""
 
-    Local layers train with the rest but are not in theta or the delta; frozen layers are
-    used but left out of the optimizer, so their part of the delta is exactly zero.
-    """
-    layout = layout or Layout(None, [], [])
-    theta = protocol.read_theta(msg)
-    session.note_received(msg, theta)
-    vector_to_model(model, theta, layout.shared)
-    params = dict(model.named_parameters())
-    for name in layout.frozen:
-        params[name].requires_grad_(False)
-    generator = session.generator(purpose, protocol.read_round(msg))
-    data = session.data
-    loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator, distillation)
-    for name in layout.frozen:
-        params[name].requires_grad_(True)
-    return theta, theta - model_to_vector(model, layout.shared).numpy(), loss
+    session: Session
+    msg: Message
+    model: nn.Module
+    theta: np.ndarray
+    layout: Layout
+    generator: torch.Generator
+    distillation: Distillation | None
+    global_model: bool
+
+    @classmethod
+    def prepare(cls, session: Session, msg: Message, global_model: bool) -> TrainJob:
+        model = session.model(global_model)
+        layout = Layout(None, [], []) if global_model else session.layout(model)
+        theta = protocol.read_theta(msg)
+        session.note_received(msg, theta)
+        vector_to_model(model, theta, layout.shared)
+        purpose = "train-global" if global_model else "train"
+        generator = session.generator(purpose, protocol.read_round(msg))
+        distillation = None if global_model else _teacher(session, msg)
+        return cls(session, msg, model, theta, layout, generator, distillation, global_model)
+
+    @property
+    def architecture(self) -> str:
+        cfg = self.session.cfg
+        return cfg.global_model.architecture if self.global_model else self.session.spec.model_name
+
+    @property
+    def plain(self) -> bool:
+        """Cross-entropy on the whole model, all of it sent: what the batched engine runs."""
+        return self.distillation is None and not self.layout.local and not self.layout.frozen
+
+    def run(self) -> float:
+        """Train here; frozen layers stay out of the optimizer, so their delta is exactly 0."""
+        params = dict(self.model.named_parameters())
+        for name in self.layout.frozen:
+            params[name].requires_grad_(False)
+        data = self.session.data
+        loss = train_sgd(self.model, data.x_train, data.y_train, self.session.settings(),
+                         self.generator, self.distillation)  # fmt: skip
+        for name in self.layout.frozen:
+            params[name].requires_grad_(True)
+        return loss
+
+    def reply(self, loss: float) -> Message:
+        """delta = sent - trained (local layers are in neither); keep what the next message
+        needs; answer, top-p compressed if configured."""
+        session, server_round = self.session, protocol.read_round(self.msg)
+        delta = self.theta - model_to_vector(self.model, self.layout.shared).numpy()
+        if self.global_model:
+            session.keep_vector(GLOBAL_RECEIVED, self.theta, server_round)
+            session.keep_vector(GLOBAL_TRAINED, self.theta - delta, server_round)
+            session.save_global_buffers(self.model)
+        else:
+            session.save_model_state(self.model, self.layout)
+        n = len(session.data.y_train)
+        reply = protocol.train_reply(delta, n, loss, top_p=session.upload_top_p())
+        return Message(reply, reply_to=self.msg)
 
 
 def _teacher(session: Session, msg: Message) -> Distillation | None:
@@ -248,34 +286,21 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     session = _session(context)
-    n = len(session.data.y_train)
     if "arrays" not in msg.content:  # Local baseline: train this client's own model
         model = session.local_model()
         data = session.data
         generator = session.generator("train", protocol.read_round(msg))
         loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator)
         session.save_local_model(model)
-        return Message(protocol.train_reply(None, n, loss), reply_to=msg)
-    model = session.model()
-    layout = session.layout(model)
-    _, delta, loss = _train(session, msg, model, "train", _teacher(session, msg), layout)
-    session.save_model_state(model, layout)
-    reply = protocol.train_reply(delta, n, loss, top_p=session.upload_top_p())
-    return Message(reply, reply_to=msg)
+        return Message(protocol.train_reply(None, len(data.y_train), loss), reply_to=msg)
+    job = TrainJob.prepare(session, msg, global_model=False)
+    return job.reply(job.run())
 
 
 @app.train("global")
 def train_global(msg: Message, context: Context) -> Message:
-    session = _session(context)
-    model = session.model(global_model=True)
-    theta, delta, loss = _train(session, msg, model, "train-global")
-    server_round = protocol.read_round(msg)
-    session.keep_vector(GLOBAL_RECEIVED, theta, server_round)
-    session.keep_vector(GLOBAL_TRAINED, theta - delta, server_round)
-    session.save_global_buffers(model)
-    n = len(session.data.y_train)
-    reply = protocol.train_reply(delta, n, loss, top_p=session.upload_top_p())
-    return Message(reply, reply_to=msg)
+    job = TrainJob.prepare(_session(context), msg, global_model=True)
+    return job.reply(job.run())
 
 
 def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
