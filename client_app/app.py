@@ -165,7 +165,7 @@ class Session:
         return torch.Generator().manual_seed(stable_seed(self.cfg.seed, *purpose, self.spec.key))
 
 
-def _session(context: Context) -> Session:
+def open_session(context: Context) -> Session:
     cfg = config_from_run_config(context.run_config)
     spec = client_spec(context.node_config, cfg)
     store = ClientStore(context, spec.key)
@@ -261,7 +261,7 @@ def _teacher(session: Session, msg: Message) -> Distillation | None:
 def query(msg: Message, context: Context) -> Message:
     """K of the vector part (and what the chosen method needs besides: K_g, tensor sizes,
     initial vector), and the role when novel."""
-    session = _session(context)
+    session = open_session(context)
     model = session.model()
     layout = session.layout(model)
     method = session.cfg.method
@@ -285,7 +285,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    session = _session(context)
+    session = open_session(context)
     if "arrays" not in msg.content:  # Local baseline: train this client's own model
         model = session.local_model()
         data = session.data
@@ -299,12 +299,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("global")
 def train_global(msg: Message, context: Context) -> Message:
-    job = TrainJob.prepare(_session(context), msg, global_model=True)
+    job = TrainJob.prepare(open_session(context), msg, global_model=True)
     return job.reply(job.run())
 
 
 def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
-    session = _session(context)
+    session = open_session(context)
     if "arrays" not in msg.content:  # Local baseline: this client's own model
         model = session.local_model()
     else:

@@ -174,6 +174,11 @@ class ExperimentConfig(_Section):
     preset: Literal["none", "paper"] = "none"
     seed: int = 0
     rounds: int = Field(5, gt=0)
+    engine: Literal["loop", "batched"] = Field(
+        "loop",
+        description="in-process runs: clients one after another, or all clients of an "
+        "architecture trained together (client_app/batched.py); Flower's runtimes ignore it",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
     client: ClientTrainConfig = Field(default_factory=ClientTrainConfig)

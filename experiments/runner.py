@@ -117,14 +117,10 @@ class ThreadLimitedClientApp:
         self.threads = threads
 
     def __call__(self, message: Any, context: Any) -> Any:
-        import torch
+        from server_app.inprocess import torch_threads
 
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with torch_threads(self.threads):
             return self.client_app(message, context)
-        finally:
-            torch.set_num_threads(previous)
 
 
 def _forget_client_data() -> None:
@@ -141,17 +137,21 @@ def run_inprocess(
     on_line: Callable[[str], None],
     engine: Engine = Engine(),
 ) -> None:
-    """The ServerApp's `run_experiment` against in-process ClientApps (`InProcessGrid`)."""
+    """The ServerApp's `run_experiment` against in-process ClientApps: one after another
+    (`InProcessGrid`, cfg.engine loop) or trained together per architecture (`BatchedGrid`)."""
     from client_app.app import app as client_app
     from server_app.app import run_experiment
-    from server_app.inprocess import InProcessGrid
+    from server_app.inprocess import BatchedGrid, InProcessGrid
     from server_app.strategy import logger as server_logger
 
     handler = _RoundProgress(on_line)
     server_logger.addHandler(handler)
     try:
         app = ThreadLimitedClientApp(client_app, engine.client_threads())
-        grid = InProcessGrid.simulation(app, int(cfg.data.num_clients), run_config)
+        grid_class = BatchedGrid if cfg.engine == "batched" else InProcessGrid
+        grid = grid_class.simulation(app, int(cfg.data.num_clients), run_config)
+        if isinstance(grid, BatchedGrid):
+            grid.train_threads = engine.client_threads()
         run_experiment(grid, cfg, run_id=cfg.server.run_name)
     finally:
         server_logger.removeHandler(handler)

@@ -8,9 +8,10 @@ client code are exactly those that `flwr run` executes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -20,6 +21,20 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with this many torch threads (None: leave it), as a Ray worker would."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class InProcessGrid(Grid):
@@ -66,7 +81,7 @@ class InProcessGrid(Grid):
         return [n for n in self.contexts if n not in self.disconnected]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
+        ids, delivered = [], []
         for message in messages:
             message_id = f"m{next(self._ids)}"
             message.metadata.__dict__["_message_id"] = message_id
@@ -74,15 +89,25 @@ class InProcessGrid(Grid):
             node = message.metadata.dst_node_id
             if node in self.disconnected or node not in self.contexts:
                 continue  # like an unreachable node: no reply arrives
-            try:
-                reply = self.client_app(message, self.contexts[node])
-            except Exception as err:  # the runtimes turn ClientApp exceptions into error replies
-                reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
-                reply = Message(
-                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message
-                )
-            self._replies[message_id] = reply
+            delivered.append(message)
+        self.deliver(delivered)
         return ids
+
+    def deliver(self, messages: list[Message]) -> None:
+        """Hand each message to the ClientApp with its node's context, one after another."""
+        for message in messages:
+            self._answer(
+                message, lambda m=message: self.client_app(m, self.contexts[m.metadata.dst_node_id])
+            )
+
+    def _answer(self, message: Message, handle) -> None:
+        """handle() is the reply; an exception becomes an error reply, as in the runtimes."""
+        try:
+            reply = handle()
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+        self._replies[message.metadata.message_id] = reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
@@ -91,3 +116,56 @@ class InProcessGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+class BatchedGrid(InProcessGrid):
+    """`engine: batched`: train messages of one type and architecture whose clients train
+    plainly (cross-entropy on the whole model) run together (`client_app/batched.py`);
+    everything else goes one by one as in InProcessGrid. Messages are prepared and answered
+    by this project's ClientApp code (`client_app.app.TrainJob`), so only the arithmetic is
+    batched; it serves that ClientApp, not an arbitrary one."""
+
+    train_threads: int | None = None  # torch threads for the batched training
+
+    def deliver(self, messages: list[Message]) -> None:
+        from client_app.app import TrainJob, open_session
+        from client_app.batched import train_together
+        from common.protocol import TRAIN, TRAIN_GLOBAL
+
+        groups: dict[tuple[str, str], list[TrainJob]] = {}
+        rest = []
+        for message in messages:
+            kind = message.metadata.message_type
+            if kind not in (TRAIN, TRAIN_GLOBAL) or "arrays" not in message.content:
+                rest.append(message)
+                continue
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                job = TrainJob.prepare(open_session(context), message, kind == TRAIN_GLOBAL)
+            except Exception:
+                rest.append(message)  # the ClientApp reports the same error itself
+                continue
+            if job.plain:
+                groups.setdefault((kind, job.architecture), []).append(job)
+            else:
+                self._answer(message, lambda job=job: job.reply(job.run()))
+        for jobs in groups.values():
+            try:
+                with torch_threads(self.train_threads):
+                    losses = train_together(
+                        [job.model for job in jobs],
+                        [(job.session.data.x_train, job.session.data.y_train) for job in jobs],
+                        jobs[0].session.settings(),
+                        [job.generator for job in jobs],
+                    )
+            except Exception as err:
+                for job in jobs:
+                    self._answer(job.msg, lambda err=err: _raise(err))
+                continue
+            for job, loss in zip(jobs, losses, strict=True):
+                self._answer(job.msg, lambda job=job, loss=loss: job.reply(loss))
+        super().deliver(rest)
+
+
+def _raise(err: Exception) -> Message:
+    raise err

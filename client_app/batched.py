@@ -1,0 +1,132 @@
+"""The batched engine: local training of many clients of one architecture at once.
+
+`train_sgd` trains one client: per epoch a seeded permutation, batches of B, cross-entropy,
+per-step gradient clipping, SGD with momentum and weight decay. Here the same steps run for
+all clients of a group together: their parameters, BatchNorm buffers and momentum buffers are
+stacked along a new first dimension and one `torch.func.vmap` of `grad` computes every
+client's step from its own batch. Each client keeps its own data order (its generator draws
+the same permutations as in `train_sgd`), dataset size and optimizer state. Clients whose
+current batch is smaller (the last, partial batch of an epoch) step in a group of their own
+size, and clients with fewer batches simply stop stepping: nothing is padded, so BatchNorm's
+batch statistics see exactly the samples they would in the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from client_app.training import SGDSettings
+
+
+def _stacked(tensors_per_client: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.stack([t[name].detach() for t in tensors_per_client])
+        for name in tensors_per_client[0]
+    }
+
+
+def train_together(
+    models: Sequence[nn.Module],
+    datasets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    settings: SGDSettings,
+    generators: Sequence[torch.Generator],
+) -> list[float]:
+    """Train every model (one architecture) on its own (x, y) as `train_sgd` would; the
+    models' parameters and buffers are updated in place. Returns each mean batch loss."""
+    if not models:
+        return []
+    template = models[0]
+    device = next(template.parameters()).device
+    count = len(models)
+    params = _stacked([dict(m.named_parameters()) for m in models])
+    buffers = _stacked([dict(m.named_buffers()) for m in models])
+    momentum = {name: torch.zeros_like(p) for name, p in params.items()}
+
+    # Every client's batches, in train_sgd's order: epoch by epoch, one permutation each.
+    sizes = [len(y) for _, y in datasets]
+    x_all, y_all = _joined(datasets, device)
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]
+    schedules: list[list[torch.Tensor]] = []
+    for size, offset, generator in zip(sizes, offsets, generators, strict=True):
+        batches = []
+        for _ in range(settings.epochs):
+            order = torch.randperm(size, generator=generator) + offset
+            batches += list(order.split(settings.batch_size))
+        schedules.append(batches)
+
+    template.train()
+
+    def loss_of(p, b, x, y):
+        return F.cross_entropy(functional_call(template, (p, b), (x,)), y)
+
+    step_all = vmap(grad_and_value(loss_of))
+    totals = torch.zeros(count, dtype=torch.float64)
+    steps = max(len(s) for s in schedules)
+    for step in range(steps):
+        groups: dict[int, list[int]] = {}
+        for client, schedule in enumerate(schedules):
+            if step < len(schedule):
+                groups.setdefault(len(schedule[step]), []).append(client)
+        for members in groups.values():
+            index = torch.stack([schedules[c][step] for c in members]).to(device)
+            whole = len(members) == count
+            pick = torch.tensor(members, device=device)
+            p, b, m = (_rows(t, None if whole else pick) for t in (params, buffers, momentum))
+            grads, losses = step_all(p, b, x_all[index], y_all[index])
+            _clip_per_client(grads, settings.grad_clip)
+            first = step == 0  # torch.optim.SGD starts its momentum buffer at d_p
+            with torch.no_grad():
+                for name, value in p.items():
+                    d_p = grads[name] + settings.weight_decay * value
+                    buf = d_p if first else m[name] * settings.momentum + d_p
+                    m[name] = buf
+                    p[name] = value - settings.lr * buf
+            if whole:
+                params, momentum, buffers = p, m, b
+            else:
+                for target, source in ((params, p), (momentum, m), (buffers, b)):
+                    for name, value in source.items():
+                        target[name].index_copy_(0, pick, value)
+            totals[members] += losses.detach().double().cpu()
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            for name, value in model.named_parameters():
+                value.copy_(params[name][i])
+            for name, value in model.named_buffers():
+                value.copy_(buffers[name][i])
+    return [float(totals[i]) / max(len(schedules[i]), 1) for i in range(count)]
+
+
+def _rows(tensors: dict[str, torch.Tensor], pick: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The picked clients' slices (copies), or all of them as they are."""
+    return tensors if pick is None else {n: t.index_select(0, pick) for n, t in tensors.items()}
+
+
+_JOINED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _joined(
+    datasets: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All clients' data in one tensor on the device, built once per group and run (the
+    clients' tensors are memoised per process, so their storage identifies them)."""
+    key = (str(device), *((x.data_ptr(), len(x), y.data_ptr()) for x, y in datasets))
+    if key not in _JOINED:
+        if len(_JOINED) >= 8:
+            _JOINED.pop(next(iter(_JOINED)))
+        x_all = torch.cat([x for x, _ in datasets]).to(device)
+        _JOINED[key] = (x_all, torch.cat([y for _, y in datasets]).to(device))
+    return _JOINED[key]
+
+
+def _clip_per_client(grads: dict[str, torch.Tensor], max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ for each client's gradient separately."""
+    squares = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+    coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    for name, g in grads.items():
+        grads[name] = g * coef.view(-1, *[1] * (g.dim() - 1))
