@@ -126,6 +126,7 @@ class BatchedGrid(InProcessGrid):
     batched; it serves that ClientApp, not an arbitrary one."""
 
     train_threads: int | None = None  # torch threads for the batched training
+    vectorize: bool | None = None  # None: vmap on CUDA only (see train_together)
 
     def deliver(self, messages: list[Message]) -> None:
         from client_app.app import TrainJob, open_session
@@ -157,6 +158,7 @@ class BatchedGrid(InProcessGrid):
                         [(job.session.data.x_train, job.session.data.y_train) for job in jobs],
                         jobs[0].session.settings(),
                         [job.generator for job in jobs],
+                        self.vectorize,
                     )
             except Exception as err:
                 for job in jobs:

@@ -25,7 +25,7 @@ from server_app.inprocess import BatchedGrid, InProcessGrid
 NUM_CLIENTS = 6
 
 
-def run(tiny_npz, tmp_path, engine: str, method: str = "mh_pfedhn", seed: int = 0):
+def run(tiny_npz, tmp_path, engine, method="mh_pfedhn", seed=0, vectorize: bool | None = True):
     run_cfg = {
         "experiment": "default",
         "method": method,
@@ -51,6 +51,7 @@ def run(tiny_npz, tmp_path, engine: str, method: str = "mh_pfedhn", seed: int = 
     cfg = resolve_config("default", run_cfg)
     grid_class = BatchedGrid if engine == "batched" else InProcessGrid
     grid = grid_class.simulation(client_app, NUM_CLIENTS, run_cfg)
+    grid.vectorize = vectorize  # True: the vmap path, which the CPU would otherwise not take
     strategy = STRATEGIES[cfg.method](build_server(cfg), cfg)
     deltas: dict[int, dict] = {}
     apply = strategy.server.apply_deltas
@@ -88,6 +89,15 @@ def test_batched_and_loop_engines_agree_after_two_rounds(method, tiny_npz, tmp_p
     assert max_relative_gap(loop_deltas[2], other_deltas[2]) > 0.2
 
 
+def test_on_the_cpu_the_batched_engine_is_the_loop_bit_for_bit(tiny_npz, tmp_path):
+    """Without vmap (the CPU default) the group trains client by client: identical numbers."""
+    loop, loop_vectors, loop_deltas = run(tiny_npz, tmp_path, "loop")
+    batched, vectors, deltas = run(tiny_npz, tmp_path, "batched", vectorize=None)
+    assert all(np.array_equal(loop_vectors[k], vectors[k]) for k in vectors)
+    assert all(np.array_equal(loop_deltas[2][k], deltas[2][k]) for k in deltas[2])
+    assert [r["accuracy"] for r in loop.history] == [r["accuracy"] for r in batched.history]
+
+
 def train_both(architecture: str, sizes: list[int], settings: SGDSettings):
     """The same clients (own data, own start) trained by train_sgd one by one and by
     train_together; returns (loop models, loop losses, batched models, batched losses)."""
@@ -108,7 +118,8 @@ def train_both(architecture: str, sizes: list[int], settings: SGDSettings):
     ]
     together = [fresh(i) for i in range(len(sizes))]
     generators = [torch.Generator().manual_seed(i) for i in range(len(sizes))]
-    return loop, loop_losses, together, train_together(together, data, settings, generators)
+    losses = train_together(together, data, settings, generators, vectorize=True)
+    return loop, loop_losses, together, losses
 
 
 def largest_gap(a_models, b_models) -> float:

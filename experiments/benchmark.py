@@ -1,0 +1,259 @@
+"""Benchmark: the per-client loop against the batched engine, and Flower against in-process.
+
+Each measurement is one real run (the ServerApp's `run_experiment` with in-process ClientApps)
+in a child process of its own, so that its peak memory is its own:
+
+    python -m experiments.benchmark --data imagefolder:../shared/data/cifar10 \\
+        --clients 10 --rounds 3 --out outputs/benchmark [--device cuda] [--flower]
+
+Cases: `lenet` (homogeneous LeNet) and `five` (lenet, vgg8, resnet10, resnet12, resnet18), each
+with `engine: loop` and `engine: batched` on every requested device, side by side in one
+invocation. Writes benchmark.json and benchmark.md: seconds per round, client-samples per
+second (local training samples per second of round time), server seconds per client update,
+peak memory (resident set of the child; CUDA: peak allocated), and the accuracy reached, so
+that a speed-up never hides a different result. `--flower` adds the same small run through
+`flwr run` (Ray) next to the in-process engines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CASES = {
+    "lenet": "lenet",
+    "five": "lenet,vgg8,resnet10,resnet12,resnet18",
+}
+
+
+def run_config(args: argparse.Namespace, case: str, engine: str, device: str) -> dict:
+    return {
+        "experiment": "default",
+        "method": args.method,
+        "engine": engine,
+        "seed": args.seed,
+        "rounds": args.rounds,
+        "data.source": args.data,
+        "data.download": False,
+        "data.num_clients": args.clients,
+        "data.partitioner": "noniid1",
+        "clients.models": CASES[case],
+        "client.epochs": args.epochs,
+        "client.device": device,
+        "hypernetwork.device": device,
+        "server.min_nodes": args.clients,
+        "server.wait_for_nodes_s": 0,
+        "server.checkpoint_every": 0,
+        **dict(args.set),
+    }
+
+
+# ------------------------------------------------------------------ one measurement
+def child(spec: dict) -> dict:
+    """Run one configuration in this process; return what it measured."""
+    import torch
+
+    from client_app.node import client_spec, load_client_data
+    from common.config import resolve_config
+    from experiments.runner import Engine, run_inprocess
+    from server_app.outputs import read_metrics
+
+    rc = {**spec["run_config"], "server.output_root": spec["out"], "server.run_name": "run"}
+    cfg = resolve_config("default", rc)
+    if cfg.client.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    run_inprocess(cfg, rc, lambda line: None, Engine(cpus_per_client=spec["threads"]))
+    total = time.perf_counter() - started
+    rows = read_metrics(Path(spec["out"], "run", "metrics.jsonl"))
+    trained = [r for r in rows if r["round"] > 0]
+    count = int(cfg.data.num_clients)
+    nodes = [{"partition-id": i, "num-partitions": count} for i in range(count)]
+    sizes = [len(load_client_data(client_spec(n, cfg), cfg.seed).y_train) for n in nodes]
+    seconds = statistics.fmean(r["seconds"] for r in trained)
+    result = {
+        "seconds_per_round": seconds,
+        "client_samples_per_second": sum(sizes) * cfg.client.epochs / seconds,
+        "server_seconds_per_client_update": statistics.fmean(
+            r["server_seconds_per_client_update"] for r in trained
+        ),
+        "final_accuracy": rows[-1]["accuracy"],
+        "total_seconds": total,
+        "round_seconds": [r["seconds"] for r in trained],
+    }
+    if cfg.client.device.startswith("cuda"):
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def measure(spec: dict) -> dict:
+    """`child` in a fresh process; adds its peak resident memory (wait4's rusage, Linux KiB)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    out = Path(spec["out"]) / "result.json"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.benchmark",
+        "--child",
+        f.name,
+        "--result",
+        str(out),
+    ]
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    os.unlink(f.name)
+    if process.returncode != 0:
+        return {"error": f"exit status {process.returncode}"}
+    result = json.loads(out.read_text())
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def flower_run(args: argparse.Namespace, case: str, out: Path) -> dict:
+    """The same configuration through `flwr run` (Ray), via the experiment runner."""
+    from experiments.runner import Engine, run_sweep
+    from server_app.outputs import read_metrics
+
+    rc = run_config(args, case, "loop", "cpu")
+    fixed = {"experiment", "method", "seed"}
+    sweep = {
+        "name": "benchmark_flower",
+        "methods": [args.method],
+        "experiments": ["default"],
+        "seeds": [args.seed],
+        "overrides": {k: v for k, v in rc.items() if k not in fixed and k != "engine"},
+    }
+    path = out / "flower_sweep.yaml"
+    path.write_text(json.dumps(sweep))
+    started = time.perf_counter()
+    outcomes = run_sweep(
+        path, out / "flower", engine=Engine("flower", args.threads), progress=False
+    )
+    total = time.perf_counter() - started
+    if outcomes[0].status != "ok":
+        return {"error": outcomes[0].error[-300:]}
+    rows = read_metrics(out / "flower" / outcomes[0].run / "metrics.jsonl")
+    trained = [r for r in rows if r["round"] > 0]
+    return {
+        "seconds_per_round": statistics.fmean(r["seconds"] for r in trained),
+        "server_seconds_per_client_update": statistics.fmean(
+            r["server_seconds_per_client_update"] for r in trained
+        ),
+        "final_accuracy": rows[-1]["accuracy"],
+        "total_seconds": total,
+        "round_seconds": [r["seconds"] for r in trained],
+    }
+
+
+# ------------------------------------------------------------------ report
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| case | engine | device | s/round | client-samples/s | server s/client update | "
+        "peak memory MB | final accuracy | speed-up vs loop |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    loop_seconds = {
+        (r["case"], r["device"]): r["seconds_per_round"]
+        for r in rows
+        if r["engine"] == "loop" and "seconds_per_round" in r
+    }
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['engine']} | {r['device']} | failed: {r['error']} |")
+            continue
+        memory = r.get("peak_cuda_mb", r.get("peak_rss_mb"))
+        base = loop_seconds.get((r["case"], r["device"]))
+        speedup = f"{base / r['seconds_per_round']:.2f}x" if base else "-"
+        samples = r.get("client_samples_per_second")
+        cells = [
+            r["case"],
+            r["engine"],
+            r["device"],
+            f"{r['seconds_per_round']:.2f}",
+            "-" if samples is None else f"{samples:.0f}",
+            f"{r['server_seconds_per_client_update']:.3f}",
+            "-" if memory is None else f"{memory:.0f}",
+            f"{r['final_accuracy']:.4f}",
+            speedup,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="imagefolder:../shared/data/cifar10")
+    parser.add_argument("--cases", default="lenet,five", help=f"from {sorted(CASES)}")
+    parser.add_argument("--engines", default="loop,batched")
+    parser.add_argument("--devices", default="cpu", help="e.g. cpu,cuda")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--method", default="mh_pfedhn")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads for client training (all cores by default)",
+    )
+    parser.add_argument("--flower", action="store_true", help="add flwr run for the first case")
+    parser.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="outputs/benchmark")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        Path(args.result).write_text(json.dumps(child(spec)))
+        return 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in args.cases.split(","):
+        for device in args.devices.split(","):
+            for engine in args.engines.split(","):
+                label = f"{case}-{engine}-{device}"
+                spec = {
+                    "run_config": run_config(args, case, engine, device),
+                    "threads": args.threads,
+                    "out": str(out / label),
+                }
+                print(f"[benchmark] {label} ...", flush=True)
+                result = measure(spec)
+                rows.append({"case": case, "engine": engine, "device": device, **result})
+                print(f"[benchmark] {label}: {json.dumps(result)}", flush=True)
+    if args.flower:
+        case = args.cases.split(",")[0]
+        print(f"[benchmark] {case}-flower-cpu ...", flush=True)
+        result = flower_run(args, case, out)
+        rows.append({"case": case, "engine": "flower (Ray)", "device": "cpu", **result})
+    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "result")},
+              "cpu_count": os.cpu_count(), "rows": rows}  # fmt: skip
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "benchmark.md").write_text(markdown(rows))
+    print(markdown(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
