@@ -169,7 +169,8 @@ def open_session(context: Context) -> Session:
     cfg = config_from_run_config(context.run_config)
     spec = client_spec(context.node_config, cfg)
     store = ClientStore(context, spec.key)
-    return Session(cfg, spec, load_client_data(spec, cfg.seed), context, store)
+    data = load_client_data(spec, cfg.seed, cfg.client.device)
+    return Session(cfg, spec, data, context, store)
 
 
 @dataclass

@@ -9,6 +9,7 @@ partitions are novel). Nothing here is ever sent to the server except K and the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,9 +133,22 @@ def _role_and_model(
     return role, models[partition_id % len(models)]
 
 
-def load_client_data(spec: ClientSpec, seed: int) -> ClientData:
-    """This client's train/test tensors (memoised per process: decoding is done once)."""
-    return _client_data(spec.data.model_dump_json(), spec.partition_id, spec.num_partitions, seed)
+def load_client_data(spec: ClientSpec, seed: int, device: str = "cpu") -> ClientData:
+    """This client's train/test tensors, on `device` (memoised per process: decoded,
+    normalised and moved once, then used by every round without a DataLoader)."""
+    data = _client_data(spec.data.model_dump_json(), spec.partition_id, spec.num_partitions, seed)
+    return data if torch.device(device).type == "cpu" else _on_device(data, device)
+
+
+@functools.lru_cache(maxsize=128)
+def _on_device(data: ClientData, device: str) -> ClientData:
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train.to(device),
+        y_train=data.y_train.to(device),
+        x_test=data.x_test.to(device),
+        y_test=data.y_test.to(device),
+    )
 
 
 @functools.lru_cache(maxsize=128)

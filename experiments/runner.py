@@ -129,6 +129,7 @@ def _forget_client_data() -> None:
         from client_app import node
 
         node._client_data.cache_clear()
+        node._on_device.cache_clear()
 
 
 def run_inprocess(

@@ -88,4 +88,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run_id: int | str) -> MHpF
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_experiment(grid, config_from_run_config(context.run_config), context.run_id)
+    cfg = config_from_run_config(context.run_config)
+    if cfg.engine != "loop":
+        logger.info("engine=%s applies to in-process runs; Flower runs each ClientApp itself",
+                    cfg.engine)  # fmt: skip
+    run_experiment(grid, cfg, context.run_id)
