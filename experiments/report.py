@@ -209,8 +209,8 @@ def markdown(
         "",
         "Pooled test accuracy (%) of the generated parameters, mean ± sample standard deviation "
         f"over seeds. Final: {FINAL_LABEL}. Best: {BEST_LABEL}. Seconds per round: mean wall "
-        "clock of a training round; total seconds and MB (10^6 bytes of float32 vectors sent "
-        "down to / up from the clients) are per run, averaged over seeds.",
+        "clock of a training round; total seconds and MB (10^6 bytes of array payload sent "
+        "down to / up from the clients, as they travelled) are per run, averaged over seeds.",
         "",
         "| experiment | method | seeds | rounds | final acc (%) | best acc (%) "
         "| final client-mean acc (%) | s / round | total s / run | MB down / run "
