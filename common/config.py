@@ -159,6 +159,7 @@ class GeneralizationConfig(_Section):
         default_factory=list,
         description="architectures of the novel clients (index mod len); [] = clients.models",
     )
+    embedding_lr: float = Field(2e-4, gt=0, description="Adam lr of the novel clients' embeddings")
 
     @field_validator("novel_models", mode="before")
     @classmethod

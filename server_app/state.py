@@ -48,6 +48,7 @@ class FrozenParts:
     extractor: bool = False
     heads: set[int] = dataclasses.field(default_factory=set)
     keys: set[str] = dataclasses.field(default_factory=set)
+    embedding_lr: float | None = None  # Adam lr of embeddings registered after the freeze
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,10 @@ class HypernetworkServer:
         embedding = nn.Parameter((init * self.settings.embedding_std).to(self.device))
         name = f"client{len(self.clients)}"
         self.embeddings[name] = embedding
-        self.optimizer.add_param_group({"params": [embedding]})
+        group: dict = {"params": [embedding]}
+        if self.frozen.extractor and self.frozen.embedding_lr is not None:
+            group["lr"] = self.frozen.embedding_lr
+        self.optimizer.add_param_group(group)
         record = ClientRecord(key=key, num_params=k, tau=tau, embedding_name=name)
         self.clients[key] = record
         return record
@@ -194,17 +198,18 @@ class HypernetworkServer:
         return out
 
     # ----------------------------------------------------------------- updates
-    def freeze(self) -> None:
+    def freeze(self, embedding_lr: float | None = None) -> None:
         """Freeze everything learned so far: the feature extractor, every head and embedding.
 
-        What is registered afterwards (a novel client's embeddings, the head of a tau never
-        seen before) still trains; frozen parameters get no gradient, so Adam leaves them
-        bit-identical.
+        What is registered afterwards (a novel client's embeddings, with `embedding_lr` if
+        given, and the head of a tau never seen before) still trains; frozen parameters get no
+        gradient, so Adam leaves them bit-identical.
         """
         self.frozen = FrozenParts(
             extractor=True,
             heads={r.tau for r in self.clients.values()},
             keys=set(self.clients),
+            embedding_lr=embedding_lr,
         )
 
     def _involved_parameters(self, keys: Sequence[str]) -> list[nn.Parameter]:
@@ -309,6 +314,7 @@ class HypernetworkServer:
                 "extractor": self.frozen.extractor,
                 "heads": sorted(self.frozen.heads),
                 "keys": sorted(self.frozen.keys),
+                "embedding_lr": self.frozen.embedding_lr,
             },
         }
 
@@ -331,6 +337,7 @@ class HypernetworkServer:
             extractor=bool(frozen.get("extractor", False)),
             heads=set(frozen.get("heads", ())),
             keys=set(frozen.get("keys", ())),
+            embedding_lr=frozen.get("embedding_lr"),
         )
         return server
 

@@ -155,7 +155,7 @@ class MHpFedHN(Strategy):
     def join_novel_clients(self) -> None:
         """The end of training: freeze the hypernetwork, then register the novel clients
         (their embeddings, and heads for taus never seen, are created trainable)."""
-        self.server.freeze()
+        self.server.freeze(self.cfg.generalization.embedding_lr)
         for key, identity in sorted(self.waiting.items()):
             try:
                 record = self.admit(identity)

@@ -62,10 +62,12 @@ def test_an_unseen_tau_gets_a_new_head_that_trains_while_the_extractor_does_not(
 def test_the_frozen_parts_survive_a_checkpoint():
     server = HypernetworkServer(SMALL, seed=0)
     server.register("a", 20)
-    server.freeze()
+    server.freeze(embedding_lr=0.05)
     server.register("b", 100)
+    assert [g["lr"] for g in server.optimizer.param_groups][-1] == 0.05  # b's embedding
     restored = HypernetworkServer.from_state_dict(server.state_dict())
     assert restored.frozen == server.frozen
+    assert [g["lr"] for g in restored.optimizer.param_groups][-1] == 0.05
     before = tensors(restored)
     restored.apply_deltas({"a": np.ones(20, np.float32), "b": np.ones(100, np.float32)}, 1)
     assert changed(before, tensors(restored)) == {
