@@ -238,3 +238,17 @@ def test_the_run_plot_shows_novel_and_training_clients(tmp_path):
     with pytest.raises(SystemExit):  # several runs need --out
         run_plot.main([str(run), str(run)])
     assert run_plot.main([str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
+
+
+def test_the_embedding_lr_probe_continues_one_trained_state(tiny_npz, tmp_path):
+    from experiments import embedding_lr_probe
+
+    sets = [f"{k}={v}" for k, v in run_config(tiny_npz, tmp_path).items() if k != "experiment"]
+    args = ["1e-3", "0.1", "--experiment", "default", "--out", str(tmp_path / "probe")]
+    assert embedding_lr_probe.main(args + [a for s in sets for a in ("--set", s)]) == 0
+    curves = json.loads((tmp_path / "probe" / "embedding_lr_probe.json").read_text())
+    assert set(curves) == {"0.001", "0.1"}
+    for curve in curves.values():
+        assert [c["round"] for c in curve] == [2, 3, 4]
+    # both start from the same trained state: same training clients, same novel start
+    assert curves["0.001"][0] == curves["0.1"][0]

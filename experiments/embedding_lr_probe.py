@@ -1,0 +1,63 @@
+"""How fast do novel clients learn on a frozen hypernetwork, for several embedding lrs?
+
+Trains the hypernetwork once on the training clients (up to the round before the join), then
+for each `generalization.embedding_lr` continues the same state through the join and the
+generalization rounds, in process; prints and writes the novel/training accuracy by round.
+
+    python -m experiments.embedding_lr_probe 2e-4 1e-2 1e-1 \\
+        --set data.source=imagefolder:../shared/data/cifar10 --out results/generalization
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from client_app.app import app as client_app
+from common.config import resolve_config
+from experiments.idlg import _setting
+from server_app.app import STRATEGIES, build_server
+from server_app.inprocess import InProcessGrid
+from server_app.state import HypernetworkServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lrs", nargs="+", type=float)
+    parser.add_argument("--experiment", default="cifar10_generalization")
+    parser.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="outputs/embedding_lr_probe")
+    args = parser.parse_args(argv)
+    base = {"experiment": args.experiment, "server.checkpoint_every": 0,
+            "server.wait_for_nodes_s": 0, **dict(args.set)}  # fmt: skip
+    cfg = resolve_config(args.experiment, base)
+    clients = int(cfg.data.num_clients)
+    base["server.min_nodes"] = clients
+    join = cfg.generalization.join_round
+    trained = STRATEGIES[cfg.method](build_server(cfg), cfg)
+    trained.start(InProcessGrid.simulation(client_app, clients, base), num_rounds=join - 1)
+    state, history = trained.server.state_dict(), list(trained.history)
+    curves = {}
+    for lr in args.lrs:
+        run_cfg = {**base, "generalization.embedding_lr": lr}
+        variant = resolve_config(args.experiment, run_cfg)
+        server = HypernetworkServer.from_state_dict(copy.deepcopy(state))
+        strategy = STRATEGIES[variant.method](server, variant)
+        strategy.completed_round, strategy.history = join - 1, list(history)
+        strategy.start(InProcessGrid.simulation(client_app, clients, run_cfg))
+        curves[str(lr)] = [
+            {"round": r["round"], "novel_accuracy": r.get("novel_accuracy"),
+             "training_accuracy": r.get("training_accuracy")}
+            for r in strategy.history if r["round"] >= join
+        ]  # fmt: skip
+        print(lr, [round(c["novel_accuracy"], 3) for c in curves[str(lr)]], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "embedding_lr_probe.json").write_text(json.dumps(curves, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
