@@ -26,7 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+
+from experiments.cli import add_set_option
 
 CASES = {
     "lenet": "lenet",
@@ -190,15 +191,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _setting(text: str) -> tuple[str, Any]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="imagefolder:../shared/data/cifar10")
@@ -217,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads for client training (all cores by default)",
     )
     parser.add_argument("--flower", action="store_true", help="add flwr run for the first case")
-    parser.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE")
+    add_set_option(parser)
     parser.add_argument("--out", default="outputs/benchmark")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

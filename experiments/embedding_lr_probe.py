@@ -17,7 +17,7 @@ from pathlib import Path
 
 from client_app.app import app as client_app
 from common.config import resolve_config
-from experiments.idlg import _setting
+from experiments.cli import add_set_option
 from server_app.app import STRATEGIES, build_server
 from server_app.inprocess import InProcessGrid
 from server_app.state import HypernetworkServer
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lrs", nargs="+", type=float)
     parser.add_argument("--experiment", default="cifar10_generalization")
-    parser.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE")
+    add_set_option(parser)
     parser.add_argument("--out", default="outputs/embedding_lr_probe")
     args = parser.parse_args(argv)
     base = {"experiment": args.experiment, "server.checkpoint_every": 0,

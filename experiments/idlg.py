@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from client_app.node import client_spec, load_client_data
@@ -36,6 +35,7 @@ from client_app.training import SGDSettings, train_sgd
 from common.config import resolve_config
 from common.models import build_model
 from common.param_vector import model_to_vector, vector_to_model
+from experiments.cli import add_set_option
 from server_app.app import build_server
 
 
@@ -239,13 +239,6 @@ def write_outputs(report: dict, out: Path) -> None:
     (out / "idlg.md").write_text("\n".join(lines) + "\n")
 
 
-def _setting(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="iDLG attack on a client's upload (paper C.8)")
     parser.add_argument("--data", default="imagefolder:../shared/data/cifar10",
@@ -258,14 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=2000, help="optimiser steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/idlg")
-    parser.add_argument(
-        "--set",
-        action="append",
-        type=_setting,
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other experiment setting, e.g. data.classes_per_client=2",
-    )
+    add_set_option(parser)
     args = parser.parse_args(argv)
     report = run(args)  # a ConfigError names a setting that cannot be used
     write_outputs(report, Path(args.out))

@@ -8,30 +8,35 @@ from server_app.outputs import read_metrics
 from tests.flower_runtime import flwr_run, private_flower
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["mh_pfedhn", "mh_pfedhngd"])
-def test_flwr_run_simulation_with_mixed_architectures(method, mnist_npz, tmp_path):
+def simulate(mnist_npz, tmp_path, name: str, supernodes: int, *settings: str):
+    """`flwr run` on 5% of MNIST with these run-config settings; (process, metrics rows)."""
     run_config = " ".join(
         [
-            f'method="{method}"',
             f'data.source="npz:{mnist_npz}"',
             "data.fraction=0.05",
             f'data.cache_dir="{tmp_path / "cache"}"',
-            'clients.models="lenet,mlp"',
             "client.epochs=1",
-            "rounds=2",
-            "server.min_nodes=4",
+            f"server.min_nodes={supernodes}",
             f'server.output_root="{tmp_path / "out"}"',
-            'server.run_name="e2e"',
+            f'server.run_name="{name}"',
+            *settings,
         ]
     )
+    federation = f"num-supernodes={supernodes} client-resources-num-cpus=1"
     with private_flower(tmp_path / "flwr-home") as env:
-        done = flwr_run(
-            env, run_config, "num-supernodes=4 client-resources-num-cpus=1", timeout=900
-        )
+        done = flwr_run(env, run_config, federation, timeout=900)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    rows = read_metrics(tmp_path / "out" / "e2e" / "metrics.jsonl")
+    return log, read_metrics(tmp_path / "out" / name / "metrics.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mh_pfedhn", "mh_pfedhngd"])
+def test_flwr_run_simulation_with_mixed_architectures(method, mnist_npz, tmp_path):
+    log, rows = simulate(
+        mnist_npz, tmp_path, "e2e", 4, f'method="{method}"', 'clients.models="lenet,mlp"',
+        "rounds=2",
+    )  # fmt: skip
     assert [r["round"] for r in rows] == [0, 1, 2], log[-4000:]
     assert rows[-1]["clients_trained"] == 4
     assert rows[-1]["clients_evaluated"] == 4
@@ -50,29 +55,14 @@ def test_flwr_run_novel_clients_and_a_novel_architecture(mnist_npz, tmp_path):
     """Paper 4.4 through Flower: 3 LeNet clients train the hypernetwork for 2 rounds; then a
     novel LeNet client and a novel MLP client (an architecture never seen: a new head) join
     and only they train, on the frozen hypernetwork."""
-    run_config = " ".join(
-        [
-            f'data.source="npz:{mnist_npz}"',
-            "data.fraction=0.05",
-            f'data.cache_dir="{tmp_path / "cache"}"',
-            'clients.models="lenet"',
-            "generalization.join_round=2",
-            "generalization.novel_clients=2",
-            'generalization.novel_models="lenet,mlp"',
-            "client.epochs=1",
-            "rounds=3",
-            "server.min_nodes=5",
-            f'server.output_root="{tmp_path / "out"}"',
-            'server.run_name="novel"',
-        ]
-    )
-    with private_flower(tmp_path / "flwr-home") as env:
-        done = flwr_run(
-            env, run_config, "num-supernodes=5 client-resources-num-cpus=1", timeout=900
-        )
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    rows = read_metrics(tmp_path / "out" / "novel" / "metrics.jsonl")
+    log, rows = simulate(
+        mnist_npz, tmp_path, "novel", 5,
+        'clients.models="lenet"',
+        "generalization.join_round=2",
+        "generalization.novel_clients=2",
+        'generalization.novel_models="lenet,mlp"',
+        "rounds=3",
+    )  # fmt: skip
     assert [r["round"] for r in rows] == [0, 1, 2, 3], log[-4000:]
     assert [r.get("clients_trained") for r in rows[1:]] == [3, 3, 2]
     assert [r["novel_clients"] for r in rows] == [0, 0, 2, 2]
