@@ -99,20 +99,19 @@ class Session:
         shared = [n for n in trainable if n not in set(local)] if local else None
         return Layout(shared, local, frozen)
 
-    def save_model_state(self, model: nn.Module, layout: Layout | None = None) -> None:
-        """BatchNorm statistics (and local layers) for the next message."""
+    def save_buffers(self, model: nn.Module, slot: str = BUFFERS) -> None:
+        """BatchNorm statistics for the next message (GLOBAL_BUFFERS: the global model's)."""
         buffers = {name: b.detach().cpu().numpy() for name, b in model.named_buffers()}
         if buffers:
-            self.store.put(BUFFERS, buffers)
+            self.store.put(slot, buffers)
+
+    def save_model_state(self, model: nn.Module, layout: Layout | None = None) -> None:
+        """BatchNorm statistics (and local layers) for the next message."""
+        self.save_buffers(model)
         if layout is not None and layout.local:
             params = dict(model.named_parameters())
             local = {n: params[n].detach().cpu().numpy() for n in layout.local}
             self.store.put(LOCAL_LAYERS, local)
-
-    def save_global_buffers(self, model: nn.Module) -> None:
-        buffers = {name: b.detach().cpu().numpy() for name, b in model.named_buffers()}
-        if buffers:
-            self.store.put(GLOBAL_BUFFERS, buffers)
 
     def keep_vector(self, slot: str, vector: np.ndarray, server_round: int) -> None:
         self.context.state[slot] = ArrayRecord({VECTOR: Array(np.asarray(vector, np.float32))})
@@ -155,8 +154,7 @@ class Session:
             f.write(json.dumps(entry) + "\n")
 
     def settings(self) -> SGDSettings:
-        c = self.cfg.client
-        return SGDSettings(**c.model_dump(exclude={"device", "upload", "upload_top_p"}))
+        return SGDSettings.from_config(self.cfg.client)
 
     def upload_top_p(self) -> float | None:
         return self.cfg.client.upload_top_p if self.cfg.client.upload == "top_p" else None
@@ -231,7 +229,7 @@ class TrainJob:
         if self.global_model:
             session.keep_vector(GLOBAL_RECEIVED, self.theta, server_round)
             session.keep_vector(GLOBAL_TRAINED, self.theta - delta, server_round)
-            session.save_global_buffers(self.model)
+            session.save_buffers(self.model, GLOBAL_BUFFERS)
         else:
             session.save_model_state(self.model, self.layout)
         n = len(session.data.y_train)

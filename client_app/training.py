@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import ClientTrainConfig
+
 
 @dataclass(frozen=True)
 class SGDSettings:
@@ -21,6 +23,10 @@ class SGDSettings:
     batch_size: int = 64
     epochs: int = 2
     grad_clip: float = 50.0
+
+    @classmethod
+    def from_config(cls, client: ClientTrainConfig) -> SGDSettings:
+        return cls(**client.model_dump(include=set(cls.__dataclass_fields__)))
 
 
 @dataclass(frozen=True)

@@ -74,11 +74,7 @@ class TrainResult:
     delta: np.ndarray  # dense, float32[K] (rebuilt from a top-p upload)
     num_examples: int
     train_loss: float
-    wire_bytes: int = -1  # payload bytes of the arrays as they travelled; -1: delta.nbytes
-
-    @property
-    def bytes_up(self) -> int:
-        return self.delta.nbytes if self.wire_bytes < 0 else self.wire_bytes
+    bytes_up: int = 0  # payload bytes of the arrays as they travelled (none for Local)
 
 
 @dataclass(frozen=True)
@@ -291,8 +287,8 @@ def parse_train_reply(message: Message, expected_params: int) -> TrainResult:
     if num_examples == 0:
         raise ReplyError("num-examples is 0")
     loss = float(metrics.get("train-loss", float("nan")))
-    wire_bytes = sum(_payload_bytes(array) for array in arrays.values())
-    return TrainResult(delta, num_examples, loss, wire_bytes)
+    bytes_up = sum(_payload_bytes(array) for array in arrays.values())
+    return TrainResult(delta, num_examples, loss, bytes_up)
 
 
 def parse_local_train_reply(message: Message) -> TrainResult:

@@ -19,6 +19,7 @@ reconstructions side by side).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -169,10 +170,8 @@ def run(args: argparse.Namespace) -> dict:
     pictures += [("true image", truth), ("from gradient", guess)]
 
     # 2. what the server receives: the delta after real local training
-    settings = SGDSettings(**cfg.client.model_dump(exclude={"device", "upload", "upload_top_p"}))
-    trained = build_model(args.model, num_classes=data.num_classes,
-                          in_channels=data.in_channels, image_size=cfg.data.image_size)  # fmt: skip
-    vector_to_model(trained, theta)
+    settings = SGDSettings.from_config(cfg.client)
+    trained = copy.deepcopy(model)  # holds theta
     generator = torch.Generator().manual_seed(args.seed)
     train_sgd(trained, data.x_train, data.y_train, settings, generator)
     delta = theta - model_to_vector(trained).numpy()
