@@ -12,7 +12,8 @@ invocation. Writes benchmark.json and benchmark.md: seconds per round, client-sa
 second (local training samples per second of round time), server seconds per client update,
 peak memory (resident set of the child; CUDA: peak allocated), and the accuracy reached, so
 that a speed-up never hides a different result. `--flower` adds the same small run through
-`flwr run` (Ray) next to the in-process engines.
+`flwr run` (Ray) next to the in-process engines. `--repeats N` runs every row N times,
+interleaved, and reports the median (timings on a shared machine are noisy) and the range.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def flower_run(args: argparse.Namespace, case: str, out: Path) -> dict:
         "seeds": [args.seed],
         "overrides": {k: v for k, v in rc.items() if k not in fixed and k != "engine"},
     }
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "flower_sweep.yaml"
     path.write_text(json.dumps(sweep))
     started = time.perf_counter()
@@ -157,9 +159,38 @@ def flower_run(args: argparse.Namespace, case: str, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------ report
+TIMINGS = (
+    "seconds_per_round",
+    "client_samples_per_second",
+    "server_seconds_per_client_update",
+    "total_seconds",
+    "peak_rss_mb",
+    "peak_cuda_mb",
+)
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """The median of each timing over the repeats; every repeat's s/round and accuracy are
+    kept, and a repeat that reached another accuracy is reported (runs are seeded)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"error": failed[0]["error"]}
+    row = {key: statistics.median(r[key] for r in runs) for key in TIMINGS if key in runs[0]}
+    row["final_accuracy"] = runs[0]["final_accuracy"]
+    row["repeats"] = [
+        {"seconds_per_round": r["seconds_per_round"], "final_accuracy": r["final_accuracy"]}
+        for r in runs
+    ]
+    row["round_seconds"] = [r["round_seconds"] for r in runs]
+    accuracies = {r["final_accuracy"] for r in runs}
+    if len(accuracies) > 1:
+        row["error"] = f"repeats reached different accuracies {sorted(accuracies)}"
+    return row
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| case | engine | device | s/round | client-samples/s | server s/client update | "
+        "| case | engine | device | s/round (range) | client-samples/s | server s/client update | "
         "peak memory MB | final accuracy | speed-up vs loop |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -176,11 +207,15 @@ def markdown(rows: list[dict]) -> str:
         base = loop_seconds.get((r["case"], r["device"]))
         speedup = f"{base / r['seconds_per_round']:.2f}x" if base else "-"
         samples = r.get("client_samples_per_second")
+        spread = [x["seconds_per_round"] for x in r.get("repeats", [])]
+        seconds = f"{r['seconds_per_round']:.2f}"
+        if len(spread) > 1:
+            seconds += f" ({min(spread):.2f}-{max(spread):.2f})"
         cells = [
             r["case"],
             r["engine"],
             r["device"],
-            f"{r['seconds_per_round']:.2f}",
+            seconds,
             "-" if samples is None else f"{samples:.0f}",
             f"{r['server_seconds_per_client_update']:.3f}",
             "-" if memory is None else f"{memory:.0f}",
@@ -208,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         default=os.cpu_count() or 1,
         help="torch threads for client training (all cores by default)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each row, interleaved; median reported"
+    )
     parser.add_argument("--flower", action="store_true", help="add flwr run for the first case")
     add_set_option(parser)
     parser.add_argument("--out", default="outputs/benchmark")
@@ -220,25 +258,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for case in args.cases.split(","):
-        for device in args.devices.split(","):
-            for engine in args.engines.split(","):
-                label = f"{case}-{engine}-{device}"
-                spec = {
-                    "run_config": run_config(args, case, engine, device),
-                    "threads": args.threads,
-                    "out": str(out / label),
-                }
-                print(f"[benchmark] {label} ...", flush=True)
-                result = measure(spec)
-                rows.append({"case": case, "engine": engine, "device": device, **result})
-                print(f"[benchmark] {label}: {json.dumps(result)}", flush=True)
-    if args.flower:
-        case = args.cases.split(",")[0]
-        print(f"[benchmark] {case}-flower-cpu ...", flush=True)
-        result = flower_run(args, case, out)
-        rows.append({"case": case, "engine": "flower (Ray)", "device": "cpu", **result})
+    # Repeats run interleaved (loop, batched, loop, batched, ...) so that a slow spell on a
+    # shared machine falls on every engine alike; rows report the median.
+    runs: dict[tuple[str, str, str], list[dict]] = {}
+    for repeat in range(args.repeats):
+        for case in args.cases.split(","):
+            for device in args.devices.split(","):
+                for engine in args.engines.split(","):
+                    label = f"{case}-{engine}-{device}"
+                    spec = {
+                        "run_config": run_config(args, case, engine, device),
+                        "threads": args.threads,
+                        "out": str(out / label / f"repeat{repeat}"),
+                    }
+                    print(
+                        f"[benchmark] {label} (repeat {repeat + 1}/{args.repeats}) ...", flush=True
+                    )
+                    result = measure(spec)
+                    runs.setdefault((case, engine, device), []).append(result)
+                    print(f"[benchmark] {label}: {json.dumps(result)}", flush=True)
+            if args.flower and case == args.cases.split(",")[0]:
+                print(f"[benchmark] {case}-flower-cpu (repeat {repeat + 1}) ...", flush=True)
+                result = flower_run(args, case, out / f"flower-repeat{repeat}")
+                runs.setdefault((case, "flower (Ray)", "cpu"), []).append(result)
+    rows = [
+        {"case": case, "engine": engine, "device": device, **aggregate(results)}
+        for (case, engine, device), results in runs.items()
+    ]
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "result")},
               "cpu_count": os.cpu_count(), "rows": rows}  # fmt: skip
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
