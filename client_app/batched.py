@@ -80,7 +80,7 @@ def train_together(
         return F.cross_entropy(functional_call(template, (p, b), (x,)), y)
 
     step_all = vmap(grad_and_value(loss_of))
-    totals = torch.zeros(count, dtype=torch.float64)
+    totals = torch.zeros(count, dtype=torch.float64, device=device)  # no sync per step
     steps = max(len(s) for s in schedules)
     for step in range(steps):
         groups: dict[int, list[int]] = {}
@@ -107,14 +107,14 @@ def train_together(
                 for target, source in ((params, p), (momentum, m), (buffers, b)):
                     for name, value in source.items():
                         target[name].index_copy_(0, pick, value)
-            totals[members] += losses.detach().double().cpu()
+            totals[pick] += losses.detach()
     with torch.no_grad():
         for i, model in enumerate(models):
             for name, value in model.named_parameters():
                 value.copy_(params[name][i])
             for name, value in model.named_buffers():
                 value.copy_(buffers[name][i])
-    return [float(totals[i]) / max(len(schedules[i]), 1) for i in range(count)]
+    return [float(t) / max(len(s), 1) for t, s in zip(totals.tolist(), schedules, strict=True)]
 
 
 def _rows(tensors: dict[str, torch.Tensor], pick: torch.Tensor | None) -> dict[str, torch.Tensor]:

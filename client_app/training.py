@@ -79,7 +79,8 @@ def train_sgd(
         params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     device = next(model.parameters()).device
-    total, batches = 0.0, 0
+    # summed on the device in float64 (as Python floats would be): no GPU sync per step
+    total, batches = torch.zeros((), dtype=torch.float64, device=device), 0
     for _ in range(settings.epochs):
         order = torch.randperm(len(y), generator=generator)
         for start in range(0, len(y), settings.batch_size):
@@ -98,9 +99,9 @@ def train_sgd(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
-            total += float(loss.detach())
+            total += loss.detach()
             batches += 1
-    return total / max(batches, 1)
+    return float(total) / max(batches, 1)
 
 
 @torch.no_grad()
@@ -110,10 +111,11 @@ def evaluate(
     """(correct, summed cross-entropy) over the given split, in eval mode."""
     model.eval()
     device = next(model.parameters()).device
-    correct, loss_sum = 0, 0.0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(y), batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
         logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == yb).sum())
-    return correct, loss_sum
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(dim=1) == yb).sum()
+    return int(correct), float(loss_sum)
