@@ -4,7 +4,7 @@ Each measurement is one real run (the ServerApp's `run_experiment` with in-proce
 in a child process of its own, so that its peak memory is its own:
 
     python -m experiments.benchmark --data imagefolder:../shared/data/cifar10 \\
-        --clients 10 --rounds 3 --out outputs/benchmark [--device cuda] [--flower]
+        --clients 10 --rounds 2 --out outputs/benchmark [--devices cpu,cuda] [--flower]
 
 Cases: `lenet` (homogeneous LeNet) and `five` (lenet, vgg8, resnet10, resnet12, resnet18), each
 with `engine: loop` and `engine: batched` on every requested device, side by side in one
@@ -12,7 +12,9 @@ invocation. Writes benchmark.json and benchmark.md: seconds per round, client-sa
 second (local training samples per second of round time), server seconds per client update,
 peak memory (resident set of the child; CUDA: peak allocated), and the accuracy reached, so
 that a speed-up never hides a different result. `--flower` adds the same small run through
-`flwr run` (Ray) next to the in-process engines. `--repeats N` runs every row N times,
+`flwr run` (Ray) next to the in-process engines. Rows come per torch thread count per client
+(`--threads 1,2`): with 1 thread the batched engine on the CPU trains 2 clients at once on 2
+cores, as Ray does with `client-resources-num-cpus=1`. `--repeats N` runs every row N times,
 interleaved, and reports the median (timings on a shared machine are noisy) and the range.
 """
 
@@ -121,7 +123,7 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def flower_run(args: argparse.Namespace, case: str, out: Path) -> dict:
+def flower_run(args: argparse.Namespace, case: str, threads: int, out: Path) -> dict:
     """The same configuration through `flwr run` (Ray), via the experiment runner."""
     from experiments.runner import Engine, run_sweep
     from server_app.outputs import read_metrics
@@ -139,9 +141,7 @@ def flower_run(args: argparse.Namespace, case: str, out: Path) -> dict:
     path = out / "flower_sweep.yaml"
     path.write_text(json.dumps(sweep))
     started = time.perf_counter()
-    outcomes = run_sweep(
-        path, out / "flower", engine=Engine("flower", args.threads), progress=False
-    )
+    outcomes = run_sweep(path, out / "flower", engine=Engine("flower", threads), progress=False)
     total = time.perf_counter() - started
     if outcomes[0].status != "ok":
         return {"error": outcomes[0].error[-300:]}
@@ -190,21 +190,22 @@ def aggregate(runs: list[dict]) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| case | engine | device | s/round (range) | client-samples/s | server s/client update | "
-        "peak memory MB | final accuracy | speed-up vs loop |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | engine | device | threads per client | s/round (range) | client-samples/s | "
+        "server s/client update | peak memory MB | final accuracy | speed-up vs loop |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     loop_seconds = {
-        (r["case"], r["device"]): r["seconds_per_round"]
+        (r["case"], r["device"], r["threads"]): r["seconds_per_round"]
         for r in rows
         if r["engine"] == "loop" and "seconds_per_round" in r
     }
     for r in rows:
+        head = f"| {r['case']} | {r['engine']} | {r['device']} | {r['threads']} |"
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['engine']} | {r['device']} | failed: {r['error']} |")
+            lines.append(f"{head} failed: {r['error']} |")
             continue
         memory = r.get("peak_cuda_mb", r.get("peak_rss_mb"))
-        base = loop_seconds.get((r["case"], r["device"]))
+        base = loop_seconds.get((r["case"], r["device"], r["threads"]))
         speedup = f"{base / r['seconds_per_round']:.2f}x" if base else "-"
         samples = r.get("client_samples_per_second")
         spread = [x["seconds_per_round"] for x in r.get("repeats", [])]
@@ -212,9 +213,6 @@ def markdown(rows: list[dict]) -> str:
         if len(spread) > 1:
             seconds += f" ({min(spread):.2f}-{max(spread):.2f})"
         cells = [
-            r["case"],
-            r["engine"],
-            r["device"],
             seconds,
             "-" if samples is None else f"{samples:.0f}",
             f"{r['server_seconds_per_client_update']:.3f}",
@@ -222,7 +220,7 @@ def markdown(rows: list[dict]) -> str:
             f"{r['final_accuracy']:.4f}",
             speedup,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"{head} " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--method", default="mh_pfedhn")
     parser.add_argument("--seed", type=int, default=0)
+    cores = os.cpu_count() or 1
     parser.add_argument(
         "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads for client training (all cores by default)",
+        default=",".join(dict.fromkeys(["1", str(cores)])),
+        help="torch threads per client, one set of rows each (the batched engine on the CPU "
+        "then trains cores/threads clients at once, as Ray would); default 1 and all cores",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of each row, interleaved; median reported"
@@ -260,30 +259,32 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # Repeats run interleaved (loop, batched, loop, batched, ...) so that a slow spell on a
     # shared machine falls on every engine alike; rows report the median.
-    runs: dict[tuple[str, str, str], list[dict]] = {}
+    runs: dict[tuple[str, str, str, int], list[dict]] = {}
+    thread_counts = [int(t) for t in args.threads.split(",")]
     for repeat in range(args.repeats):
         for case in args.cases.split(","):
-            for device in args.devices.split(","):
-                for engine in args.engines.split(","):
-                    label = f"{case}-{engine}-{device}"
-                    spec = {
-                        "run_config": run_config(args, case, engine, device),
-                        "threads": args.threads,
-                        "out": str(out / label / f"repeat{repeat}"),
-                    }
-                    print(
-                        f"[benchmark] {label} (repeat {repeat + 1}/{args.repeats}) ...", flush=True
-                    )
-                    result = measure(spec)
-                    runs.setdefault((case, engine, device), []).append(result)
+            for threads in thread_counts:
+                for device in args.devices.split(","):
+                    for engine in args.engines.split(","):
+                        label = f"{case}-{engine}-{device}-{threads}t"
+                        spec = {
+                            "run_config": run_config(args, case, engine, device),
+                            "threads": threads,
+                            "out": str(out / label / f"repeat{repeat}"),
+                        }
+                        print(f"[benchmark] {label} ({repeat + 1}/{args.repeats}) ...", flush=True)
+                        result = measure(spec)
+                        runs.setdefault((case, engine, device, threads), []).append(result)
+                        print(f"[benchmark] {label}: {json.dumps(result)}", flush=True)
+                if args.flower and case == args.cases.split(",")[0]:
+                    label = f"{case}-flower-cpu-{threads}t"
+                    print(f"[benchmark] {label} ({repeat + 1}/{args.repeats}) ...", flush=True)
+                    result = flower_run(args, case, threads, out / f"flower-{threads}t-{repeat}")
+                    runs.setdefault((case, "flower (Ray)", "cpu", threads), []).append(result)
                     print(f"[benchmark] {label}: {json.dumps(result)}", flush=True)
-            if args.flower and case == args.cases.split(",")[0]:
-                print(f"[benchmark] {case}-flower-cpu (repeat {repeat + 1}) ...", flush=True)
-                result = flower_run(args, case, out / f"flower-repeat{repeat}")
-                runs.setdefault((case, "flower (Ray)", "cpu"), []).append(result)
     rows = [
-        {"case": case, "engine": engine, "device": device, **aggregate(results)}
-        for (case, engine, device), results in runs.items()
+        {"case": case, "engine": engine, "device": device, "threads": threads, **aggregate(res)}
+        for (case, engine, device, threads), res in runs.items()
     ]
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "result")},
               "cpu_count": os.cpu_count(), "rows": rows}  # fmt: skip

@@ -88,6 +88,11 @@ class Engine:
             return int(env)
         return max(math.floor(self.cpus_per_client), 1)
 
+    def parallel_clients(self) -> int:
+        """Clients that train at once, as Ray would schedule them: cores / threads each."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return max((cores or os.cpu_count() or 1) // self.client_threads(), 1)
+
     def federation_config(self, num_clients: int) -> str:
         parts = [
             f"num-supernodes={num_clients}",
@@ -153,6 +158,7 @@ def run_inprocess(
         grid = grid_class.simulation(app, int(cfg.data.num_clients), run_config)
         if isinstance(grid, BatchedGrid):
             grid.train_threads = engine.client_threads()
+            grid.workers = engine.parallel_clients()
         run_experiment(grid, cfg, run_id=cfg.server.run_name)
     finally:
         server_logger.removeHandler(handler)

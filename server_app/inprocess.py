@@ -119,18 +119,20 @@ class InProcessGrid(Grid):
 
 
 class BatchedGrid(InProcessGrid):
-    """`engine: batched`: train messages of one type and architecture whose clients train
-    plainly (cross-entropy on the whole model) run together (`client_app/batched.py`);
-    everything else goes one by one as in InProcessGrid. Messages are prepared and answered
-    by this project's ClientApp code (`client_app.app.TrainJob`), so only the arithmetic is
-    batched; it serves that ClientApp, not an arbitrary one."""
+    """`engine: batched`: train messages whose clients train plainly (cross-entropy on the
+    whole model) run together (`client_app/batched.py`): with vmap per (type, architecture),
+    else all of one type client by client, `workers` at a time; everything else goes one by
+    one as in InProcessGrid. Messages are prepared and answered by this project's ClientApp
+    code (`client_app.app.TrainJob`), so only the arithmetic is batched; it serves that
+    ClientApp, not an arbitrary one."""
 
-    train_threads: int | None = None  # torch threads for the batched training
-    vectorize: bool | None = None  # None: vmap on CUDA only (see train_together)
+    train_threads: int | None = None  # torch threads per client
+    workers: int = 1  # clients trained at once without vmap (the runner: cores / threads)
+    vectorize: bool | None = None  # None: vmap on CUDA only (see uses_vmap)
 
     def deliver(self, messages: list[Message]) -> None:
         from client_app.app import TrainJob, open_session
-        from client_app.batched import train_together
+        from client_app.batched import train_together, uses_vmap
         from common.protocol import TRAIN, TRAIN_GLOBAL
 
         groups: dict[tuple[str, str], list[TrainJob]] = {}
@@ -147,7 +149,9 @@ class BatchedGrid(InProcessGrid):
                 rest.append(message)  # the ClientApp reports the same error itself
                 continue
             if job.plain:
-                groups.setdefault((kind, job.architecture), []).append(job)
+                device = next(job.model.parameters()).device
+                vmapped = uses_vmap(device, self.vectorize)
+                groups.setdefault((kind, job.architecture if vmapped else ""), []).append(job)
             else:
                 self._answer(message, lambda job=job: job.reply(job.run()))
         for jobs in groups.values():
@@ -159,6 +163,7 @@ class BatchedGrid(InProcessGrid):
                         jobs[0].session.settings(),
                         [job.generator for job in jobs],
                         self.vectorize,
+                        self.workers,
                     )
             except Exception as err:
                 for job in jobs:

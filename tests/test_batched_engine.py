@@ -13,19 +13,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parameters_to_vector
 
 from client_app.app import app as client_app
-from client_app.batched import train_together
+from client_app.batched import train_each, train_together
 from client_app.training import SGDSettings, train_sgd
 from common.config import resolve_config
 from common.models import build_model
 from server_app.app import STRATEGIES, build_server
-from server_app.inprocess import BatchedGrid, InProcessGrid
+from server_app.inprocess import BatchedGrid, InProcessGrid, torch_threads
 
 NUM_CLIENTS = 6
 
 
-def run(tiny_npz, tmp_path, engine, method="mh_pfedhn", seed=0, vectorize: bool | None = True):
+def run(
+    tiny_npz, tmp_path, engine, method="mh_pfedhn", seed=0, vectorize: bool | None = True, workers=1
+):
     run_cfg = {
         "experiment": "default",
         "method": method,
@@ -52,6 +55,7 @@ def run(tiny_npz, tmp_path, engine, method="mh_pfedhn", seed=0, vectorize: bool 
     grid_class = BatchedGrid if engine == "batched" else InProcessGrid
     grid = grid_class.simulation(client_app, NUM_CLIENTS, run_cfg)
     grid.vectorize = vectorize  # True: the vmap path, which the CPU would otherwise not take
+    grid.workers = workers
     strategy = STRATEGIES[cfg.method](build_server(cfg), cfg)
     deltas: dict[int, dict] = {}
     apply = strategy.server.apply_deltas
@@ -90,9 +94,10 @@ def test_batched_and_loop_engines_agree_after_two_rounds(method, tiny_npz, tmp_p
 
 
 def test_on_the_cpu_the_batched_engine_is_the_loop_bit_for_bit(tiny_npz, tmp_path):
-    """Without vmap (the CPU default) the group trains client by client: identical numbers."""
+    """Without vmap (the CPU default) clients train one by one, 3 at a time in threads:
+    identical numbers."""
     loop, loop_vectors, loop_deltas = run(tiny_npz, tmp_path, "loop")
-    batched, vectors, deltas = run(tiny_npz, tmp_path, "batched", vectorize=None)
+    batched, vectors, deltas = run(tiny_npz, tmp_path, "batched", vectorize=None, workers=3)
     assert all(np.array_equal(loop_vectors[k], vectors[k]) for k in vectors)
     assert all(np.array_equal(loop_deltas[2][k], deltas[2][k]) for k in deltas[2])
     assert [r["accuracy"] for r in loop.history] == [r["accuracy"] for r in batched.history]
@@ -154,3 +159,58 @@ def test_train_together_keeps_batchnorm_statistics_per_client():
         assert int(a.stem[1].num_batches_tracked) == int(b.stem[1].num_batches_tracked) == 1
     means = [m.stem[1].running_mean.clone() for m in together]
     assert not torch.equal(means[0], means[1])
+
+
+def clients(architectures: list[str], sizes: list[int], dropout: bool = False):
+    """Models (own start each) and data (own images each) for train_each."""
+    models, data = [], []
+    for i, (architecture, n) in enumerate(zip(architectures, sizes, strict=True)):
+        torch.manual_seed(100 + i)
+        model = build_model(architecture, num_classes=4, in_channels=1)
+        models.append(torch.nn.Sequential(model, torch.nn.Dropout(0.5)) if dropout else model)
+        g = torch.Generator().manual_seed(n)
+        data.append(
+            (torch.randn(n, 1, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g))
+        )
+    return models, data
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_clients_trained_in_parallel_threads_are_the_loop_bit_for_bit(threads):
+    """Mixed architectures (BatchNorm ResNet10 included) and sizes, 3 workers: each client's
+    parameters, buffers and loss equal train_sgd's exactly, at either torch thread count."""
+    settings = SGDSettings(lr=0.05, epochs=2, batch_size=16, grad_clip=0.5)
+    architectures, sizes = ["lenet", "resnet10", "mlp", "lenet", "resnet10"], [40, 23, 61, 9, 30]
+    with torch_threads(threads):
+        loop_models, data = clients(architectures, sizes)
+        loop_losses = [
+            train_sgd(m, x, y, settings, torch.Generator().manual_seed(i))
+            for i, (m, (x, y)) in enumerate(zip(loop_models, data, strict=True))
+        ]
+        models, _ = clients(architectures, sizes)
+        generators = [torch.Generator().manual_seed(i) for i in range(len(models))]
+        losses = train_each(models, data, settings, generators, workers=3)
+    assert losses == loop_losses
+    for a, b in zip(loop_models, models, strict=True):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(pa, pb), name
+
+
+def test_models_with_dropout_train_one_at_a_time_in_the_loops_order():
+    """Dropout draws from the global generator: in threads the draws would interleave, so
+    such clients train sequentially and reproduce the loop under the same global seed."""
+    settings = SGDSettings(lr=0.05, epochs=1, batch_size=8)
+    loop_models, data = clients(["mlp", "mlp", "mlp"], [24, 40, 16], dropout=True)
+    torch.manual_seed(7)
+    loop_losses = [
+        train_sgd(m, x, y, settings, torch.Generator().manual_seed(i))
+        for i, (m, (x, y)) in enumerate(zip(loop_models, data, strict=True))
+    ]
+    models, _ = clients(["mlp", "mlp", "mlp"], [24, 40, 16], dropout=True)
+    torch.manual_seed(7)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert train_each(models, data, settings, generators, workers=3) == loop_losses
+    for a, b in zip(loop_models, models, strict=True):
+        assert torch.equal(
+            parameters_to_vector(a.parameters()), parameters_to_vector(b.parameters())
+        )

@@ -41,7 +41,9 @@ def test_repeats_that_disagree_are_reported_not_averaged():
     row = benchmark.aggregate(runs)
     assert row["seconds_per_round"] == pytest.approx(2.0)
     assert "different accuracies" in row["error"]
-    assert "failed" in benchmark.markdown([{"case": "c", "engine": "e", "device": "d", **row}])
+    assert "failed" in benchmark.markdown(
+        [{"case": "c", "engine": "e", "device": "d", "threads": 1, **row}]
+    )
 
 
 def test_a_failed_repeat_fails_the_row():

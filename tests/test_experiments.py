@@ -341,3 +341,14 @@ def test_report_regenerates_from_a_folder(tmp_path, capsys):
         in (tmp_path / "results.md").read_text()
     )
     assert write_report(tmp_path)["plots"][0].name == "accuracy.png"
+
+
+def test_engine_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
+    """cores / threads per client, at least 1; OMP_NUM_THREADS overrides the threads."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert runner.Engine(cpus_per_client=1).parallel_clients() == 8
+    assert runner.Engine(cpus_per_client=3).parallel_clients() == 2
+    assert runner.Engine(cpus_per_client=16).parallel_clients() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert runner.Engine(cpus_per_client=1).parallel_clients() == 2
