@@ -25,6 +25,15 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from client_app.training import SGDSettings, train_sgd
 
+DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
 
 def _stacked(tensors_per_client: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {
@@ -151,10 +160,6 @@ def train_each(
     with ThreadPoolExecutor(min(workers, count), thread_name_prefix="client") as pool:
         futures = {i: pool.submit(one, i) for i in sorted(range(count), key=cost, reverse=True)}
     return [futures[i].result() for i in range(count)]
-
-
-DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-DROPOUT += (nn.FeatureAlphaDropout,)
 
 
 def _draws_randomness(model: nn.Module) -> bool:
