@@ -77,22 +77,12 @@ def child(spec: dict) -> dict:
     started = time.perf_counter()
     run_inprocess(cfg, rc, lambda line: None, Engine(cpus_per_client=spec["threads"]))
     total = time.perf_counter() - started
-    rows = read_metrics(Path(spec["out"], "run", "metrics.jsonl"))
-    trained = [r for r in rows if r["round"] > 0]
+    result = summary(read_metrics(Path(spec["out"], "run", "metrics.jsonl")), total)
     count = int(cfg.data.num_clients)
     nodes = [{"partition-id": i, "num-partitions": count} for i in range(count)]
     sizes = [len(load_client_data(client_spec(n, cfg), cfg.seed).y_train) for n in nodes]
-    seconds = statistics.fmean(r["seconds"] for r in trained)
-    result = {
-        "seconds_per_round": seconds,
-        "client_samples_per_second": sum(sizes) * cfg.client.epochs / seconds,
-        "server_seconds_per_client_update": statistics.fmean(
-            r["server_seconds_per_client_update"] for r in trained
-        ),
-        "final_accuracy": rows[-1]["accuracy"],
-        "total_seconds": total,
-        "round_seconds": [r["seconds"] for r in trained],
-    }
+    seconds = result["seconds_per_round"]
+    result["client_samples_per_second"] = sum(sizes) * cfg.client.epochs / seconds
     if cfg.client.device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -145,7 +135,11 @@ def flower_run(args: argparse.Namespace, case: str, threads: int, out: Path) -> 
     total = time.perf_counter() - started
     if outcomes[0].status != "ok":
         return {"error": outcomes[0].error[-300:]}
-    rows = read_metrics(out / "flower" / outcomes[0].run / "metrics.jsonl")
+    return summary(read_metrics(out / "flower" / outcomes[0].run / "metrics.jsonl"), total)
+
+
+def summary(rows: list[dict], total_seconds: float) -> dict:
+    """What one run's metrics say about its speed and result (round 0 trains nothing)."""
     trained = [r for r in rows if r["round"] > 0]
     return {
         "seconds_per_round": statistics.fmean(r["seconds"] for r in trained),
@@ -153,7 +147,7 @@ def flower_run(args: argparse.Namespace, case: str, threads: int, out: Path) -> 
             r["server_seconds_per_client_update"] for r in trained
         ),
         "final_accuracy": rows[-1]["accuracy"],
-        "total_seconds": total,
+        "total_seconds": total_seconds,
         "round_seconds": [r["seconds"] for r in trained],
     }
 
