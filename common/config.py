@@ -3,7 +3,7 @@
 Resolution order (later wins): schema defaults < experiment YAML < preset < run config.
 Every leaf of the schema is also a key of `[tool.flwr.app.config]` in pyproject.toml with the
 value "" (meaning "keep the YAML's value"), because Flower only accepts overrides for keys the
-app declares. `flwr run . -c 'client.lr=0.005 hypernetwork.update_mode="batched"'` then works.
+app declares. `flwr run . -c 'client.lr=0.005 hypernetwork.schedule="one_by_one"'` then works.
 """
 
 from __future__ import annotations
@@ -120,7 +120,16 @@ class HypernetworkConfig(_Section):
     embedding_std: float = Field(1.0, gt=0)
     lr: float = Field(2e-4, gt=0)
     grad_clip: float = Field(50.0, gt=0)
-    update_mode: Literal["sequential", "batched"] = "sequential"
+    schedule: Literal["one_by_one", "parallel_sequential", "parallel_mean", "parallel_residual"] = (
+        Field(
+            "parallel_sequential",
+            description="how a round's client updates reach the hypernetwork (SPEC 4): "
+            "one_by_one (generate, train, step, client after client: the authors' code); "
+            "parallel_sequential (all train the round-start theta, then one Adam step per "
+            "delta in a seeded order); parallel_mean (one step on the mean VJP); "
+            "parallel_residual (one step per client on theta_i(now) - trained_i)",
+        )
+    )
     max_params: int = Field(50_000_000, gt=0)
     device: str = "auto"
 
@@ -237,6 +246,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Settings that were renamed: a clear message instead of "unknown setting".
+RENAMED = {
+    "hypernetwork.update_mode": "hypernetwork.schedule (sequential -> parallel_sequential, "
+    "batched -> parallel_mean; one_by_one is the authors' round)",
+}
+
+
 def leaf_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
     """Dotted names of every leaf setting, in schema order (the run-config keys)."""
     keys = []
@@ -323,6 +339,9 @@ def resolve_config(
     raw = _read_experiment(path)
     flat = {k: v for k, v in (overrides or {}).items() if v != UNSET and k != EXPERIMENT_KEY}
     unknown = sorted(set(flat) - set(leaf_keys()))
+    if RENAMED.keys() & set(flat):
+        old = sorted(RENAMED.keys() & set(flat))
+        raise ConfigError("; ".join(f"{k} is now {RENAMED[k]}" for k in old))
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; valid keys: {leaf_keys()}")
     nested_overrides = _nest(flat)

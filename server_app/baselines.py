@@ -29,6 +29,7 @@ from server_app.state import (
     HypernetworkServer,
     HypernetworkSettings,
     RegistrationError,
+    settings_from_dict,
     validate_num_params,
 )
 from server_app.strategy import MHpFedHN
@@ -68,7 +69,7 @@ class LocalServer(_Registry):
     def generate(self, keys: Sequence[str]) -> dict[str, None]:
         return dict.fromkeys(keys)
 
-    def apply_deltas(self, deltas, server_round, weights=None) -> dict:
+    def apply_deltas(self, deltas, server_round, weights=None, sent=None) -> dict:
         return {"updates": 0}
 
     def describe(self) -> str:
@@ -79,7 +80,7 @@ class LocalServer(_Registry):
 
     @classmethod
     def from_state_dict(cls, state: dict, device="cpu") -> LocalServer:
-        server = cls(HypernetworkSettings(**state["settings"]), state["seed"])
+        server = cls(settings_from_dict(state["settings"]), state["seed"])
         for key, k in state["clients"]:
             server.register(key, k)
         return server
@@ -111,7 +112,9 @@ class FedAvgServer(_Registry):
     def generate(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         return dict.fromkeys(keys, self.weights)
 
-    def apply_deltas(self, deltas: Mapping[str, np.ndarray], server_round: int, weights=None):
+    def apply_deltas(
+        self, deltas: Mapping[str, np.ndarray], server_round: int, weights=None, sent=None
+    ):
         """w <- w - sum_i (m_i / M) delta_i (McMahan et al.), in key order."""
         if not deltas:
             return {"updates": 0}
@@ -129,7 +132,7 @@ class FedAvgServer(_Registry):
 
     @classmethod
     def from_state_dict(cls, state: dict, device="cpu") -> FedAvgServer:
-        server = cls(HypernetworkSettings(**state["settings"]), state["seed"])
+        server = cls(settings_from_dict(state["settings"]), state["seed"])
         for key, k in state["clients"]:
             server.register(key, k)
         server.weights = state["weights"]

@@ -24,7 +24,12 @@ from server_app.hypernetwork import MultiHeadHypernetwork, num_chunks
 
 logger = logging.getLogger(__name__)
 
-UPDATE_MODES = ("sequential", "batched")
+# Round schedules (SPEC section 4): how a round's client updates reach the hypernetwork.
+ONE_BY_ONE = "one_by_one"  # the authors' code: generate, train, step, one client at a time
+PARALLEL_SEQUENTIAL = "parallel_sequential"  # all train round-start thetas; a step per delta
+PARALLEL_MEAN = "parallel_mean"  # all train round-start thetas; one step on the mean VJP
+PARALLEL_RESIDUAL = "parallel_residual"  # a step per client on its residual to its target
+SCHEDULES = (ONE_BY_ONE, PARALLEL_SEQUENTIAL, PARALLEL_MEAN, PARALLEL_RESIDUAL)
 GLOBAL_KEY = "__global__"  # MH-pFedHNGD's global model; client keys may not start with "__"
 
 
@@ -60,8 +65,17 @@ class HypernetworkSettings:
     embedding_std: float = 1.0
     lr: float = 2e-4
     grad_clip: float = 50.0
-    update_mode: str = "sequential"
+    schedule: str = PARALLEL_SEQUENTIAL
     max_params: int = 50_000_000
+
+
+def settings_from_dict(values: Mapping) -> HypernetworkSettings:
+    """Settings as a checkpoint stored them (older ones named the schedule `update_mode`)."""
+    values = dict(values)
+    legacy = values.pop("update_mode", None)
+    if legacy is not None:
+        values["schedule"] = {"sequential": PARALLEL_SEQUENTIAL, "batched": PARALLEL_MEAN}[legacy]
+    return HypernetworkSettings(**values)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -109,9 +123,9 @@ class HypernetworkServer:
         device: str | torch.device = "cpu",
     ) -> None:
         self.settings = settings or HypernetworkSettings()
-        if self.settings.update_mode not in UPDATE_MODES:
+        if self.settings.schedule not in SCHEDULES:
             raise ValueError(
-                f"update_mode must be one of {UPDATE_MODES}, got {self.settings.update_mode!r}"
+                f"schedule must be one of {SCHEDULES}, got {self.settings.schedule!r}"
             )
         self.seed = seed
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -229,10 +243,18 @@ class HypernetworkServer:
         params += [self.embedding(k) for k in keys if k not in frozen.keys]
         return params
 
-    def gradients(self, deltas: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict:
+    def gradients(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        scale: float = 1.0,
+        sent: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict:
         """scale * sum_i J_i^T delta_i for the parameters that produced the thetas.
 
         Equals the gradient of scale * sum_i <theta_i(phi), delta_i>; returns {param: grad}.
+        With `sent` (the vectors the clients trained from), delta_i becomes the residual
+        theta_i(phi) - (sent_i - delta_i) to the client's trained vector: the gradient of
+        1/2 ||theta_i(phi) - trained_i||^2, which shrinks as earlier steps move theta_i there.
         """
         keys = list(deltas)
         params = self._involved_parameters(keys)
@@ -242,7 +264,11 @@ class HypernetworkServer:
         for group in self._by_tau(keys).values():
             for key, theta in zip(group, self._generate_group(group), strict=True):
                 outputs.append(theta)
-                grad_outputs.append(deltas[key].to(self.device, torch.float32) * scale)
+                direction = deltas[key].to(self.device, torch.float32)
+                if sent is not None:
+                    moved = theta.detach() - sent[key].to(self.device, torch.float32)
+                    direction = direction + moved
+                grad_outputs.append(direction * scale)
         grads = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
         return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
 
@@ -274,21 +300,18 @@ class HypernetworkServer:
         return self._step(self.gradients({key: combined}))
 
     def update_order(self, keys: Sequence[str], server_round: int) -> list[str]:
-        """Seeded random client order for sequential mode, independent of reply arrival order."""
+        """Seeded random client order of a round (one_by_one's training order and the order
+        of parallel_sequential / parallel_residual steps), independent of reply arrival."""
         ordered = sorted(keys)
         rng = np.random.default_rng(stable_seed(self.seed, "order", server_round))
         return [ordered[i] for i in rng.permutation(len(ordered))]
 
-    def apply_deltas(
-        self,
-        deltas: Mapping[str, np.ndarray | torch.Tensor],
-        server_round: int,
-        weights: Mapping[str, float] | None = None,
-    ) -> dict:
-        """Apply a round's deltas (old - new) in the configured mode.
+    def step_client(self, key: str, delta: np.ndarray | torch.Tensor) -> float:
+        """One clipped Adam step on one client's VJP at the current state (one_by_one)."""
+        tensors = self._checked({key: delta})
+        return self._step(self.gradients(tensors))
 
-        `weights` (example counts) are not used: MH-pFedHN updates per client, unweighted.
-        """
+    def _checked(self, deltas: Mapping[str, np.ndarray | torch.Tensor]) -> dict:
         # sorted by key: float sums must not depend on the order replies arrived in
         tensors = {
             k: torch.as_tensor(np.asarray(deltas[k], dtype=np.float32)) for k in sorted(deltas)
@@ -299,14 +322,36 @@ class HypernetworkServer:
                 raise ValueError(
                     f"delta of {key!r} has shape {tuple(delta.shape)}, expected ({expected},)"
                 )
+        return tensors
+
+    def apply_deltas(
+        self,
+        deltas: Mapping[str, np.ndarray | torch.Tensor],
+        server_round: int,
+        weights: Mapping[str, float] | None = None,
+        sent: Mapping[str, np.ndarray] | None = None,
+    ) -> dict:
+        """Apply a parallel round's deltas (old - new) by the configured schedule.
+
+        `weights` (example counts) are not used: MH-pFedHN updates per client, unweighted.
+        `sent`: the vectors the clients trained from (needed by parallel_residual).
+        """
+        tensors = self._checked(deltas)
         if not tensors:
             return {"updates": 0, "grad_norms": []}
         norms = []
-        if self.settings.update_mode == "sequential":
+        schedule = self.settings.schedule
+        if schedule == PARALLEL_MEAN:
+            norms.append(self._step(self.gradients(tensors, scale=1.0 / len(tensors))))
+        elif schedule in (PARALLEL_SEQUENTIAL, ONE_BY_ONE):
             for key in self.update_order(list(tensors), server_round):
                 norms.append(self._step(self.gradients({key: tensors[key]})))
         else:
-            norms.append(self._step(self.gradients(tensors, scale=1.0 / len(tensors))))
+            if sent is None:
+                raise ValueError("parallel_residual needs the vectors the clients trained from")
+            for key in self.update_order(list(tensors), server_round):
+                start = {key: torch.as_tensor(np.asarray(sent[key], np.float32))}
+                norms.append(self._step(self.gradients({key: tensors[key]}, sent=start)))
         return {"updates": len(norms), "grad_norms": norms}
 
     # ------------------------------------------------------------- persistence
@@ -334,7 +379,7 @@ class HypernetworkServer:
     def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> HypernetworkServer:
         """Rebuild by replaying registrations in their original order (same parameter groups),
         then load the tensors and the optimizer state."""
-        server = cls(HypernetworkSettings(**state["settings"]), seed=state["seed"], device=device)
+        server = cls(settings_from_dict(state["settings"]), seed=state["seed"], device=device)
         server._restore_structure(state)
         for key, num_params in state["clients"]:
             server._register(key, num_params)

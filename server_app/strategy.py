@@ -71,6 +71,7 @@ class MHpFedHN(Strategy):
         self.current_round = 0
         self.completed_round = -1  # set when resuming from a checkpoint
         self._pending: list[tuple[Message, str]] = []
+        self._sent_vectors: dict[str, np.ndarray] = {}
         self._sampled: tuple[int, list[str]] = (-1, [])
         self._log = RoundLog(0)
 
@@ -197,6 +198,7 @@ class MHpFedHN(Strategy):
     ) -> list[Message]:
         """One message per client with its own vector (generated now unless given)."""
         vectors = self.server.generate(keys) if vectors is None else vectors
+        self._sent_vectors = vectors
         self._pending = []
         for key in keys:
             config, teacher = self.instruction_extras(message_type, key)
@@ -255,20 +257,44 @@ class MHpFedHN(Strategy):
     ) -> Iterable[Message]:
         return self._messages(self.round_clients(server_round, grid), protocol.TRAIN, server_round)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        results = self.parse_replies(
+    def _parse_train(self, replies: Iterable[Message]) -> dict[str, protocol.TrainResult]:
+        return self.parse_replies(
             replies,
             lambda key, r: protocol.parse_train_reply(r, self.server.record(key).num_params),
         )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        results = self._parse_train(replies)
         started = time.perf_counter()
         self.server.apply_deltas(
             {k: r.delta for k, r in results.items()},
             server_round,
             weights={k: r.num_examples for k, r in results.items()},
+            sent={k: self._sent_vectors[k] for k in results},
         )
-        update_s = time.perf_counter() - started
+        return self._train_metrics(results, time.perf_counter() - started)
+
+    def train_one_by_one(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord:
+        """The authors' round: for each client in a seeded order, generate its theta from the
+        hypernetwork as it is now, let it train, step, and only then go on to the next."""
+        keys = self.round_clients(server_round, grid)
+        results: dict[str, protocol.TrainResult] = {}
+        update_s = 0.0
+        for key in self.server.update_order(keys, server_round):
+            messages = self._messages([key], protocol.TRAIN, server_round)
+            reply = self._parse_train(self._exchange(grid, messages, timeout))
+            if key in reply:
+                started = time.perf_counter()
+                self.server.step_client(key, reply[key].delta)
+                update_s += time.perf_counter() - started
+                results[key] = reply[key]
+        return self._train_metrics(results, update_s)[1]
+
+    def _train_metrics(
+        self, results: dict[str, protocol.TrainResult], update_s: float
+    ) -> tuple[None, MetricRecord]:
         examples = sum(r.num_examples for r in results.values())
         train_loss = (
             sum(r.train_loss * r.num_examples for r in results.values()) / examples
@@ -330,10 +356,10 @@ class MHpFedHN(Strategy):
     def summary(self) -> None:
         c = self.cfg
         logger.info(
-            "%s: %d rounds, %s update, data %s (%s), models %s, seed %d",
+            "%s: %d rounds, %s schedule, data %s (%s), models %s, seed %d",
             c.method,
             c.rounds,
-            c.hypernetwork.update_mode,
+            c.hypernetwork.schedule,
             c.data.source,
             c.data.partitioner,
             ",".join(c.clients.models),
@@ -345,6 +371,9 @@ class MHpFedHN(Strategy):
         return list(grid.send_and_receive(list(messages), timeout=timeout))
 
     def train_round(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
+        one_by_one = self.cfg.hypernetwork.schedule == "one_by_one"
+        if one_by_one and hasattr(self.server, "step_client"):  # Local, FedAvg: always parallel
+            return self.train_one_by_one(grid, server_round, timeout)
         messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
         replies = self._exchange(grid, messages, timeout)
         return self.aggregate_train(server_round, replies)[1]

@@ -46,7 +46,7 @@ def test_spec_defaults():
     assert (cfg.client.batch_size, cfg.client.epochs, cfg.client.grad_clip) == (64, 2, 50.0)
     h = cfg.hypernetwork
     assert (h.chunk_size, h.embedding_dim, h.hidden_dim, h.hidden_layers) == (3072, 64, 128, 3)
-    assert (h.embedding_std, h.lr, h.grad_clip, h.update_mode) == (1.0, 2e-4, 50.0, "sequential")
+    assert (h.embedding_std, h.lr, h.grad_clip, h.schedule) == (1.0, 2e-4, 50.0, "parallel_sequential")
     assert h.max_params == 50_000_000
     assert cfg.data.train_fraction == 0.75
 
@@ -86,7 +86,8 @@ def test_an_experiment_can_be_a_path(tmp_path):
     [
         ({"client.lrr": 1}, "unknown setting"),
         ({"client.lr": -1}, "client.lr"),
-        ({"hypernetwork.update_mode": "parallel"}, "update_mode"),
+        ({"hypernetwork.schedule": "parallel"}, "schedule"),
+        ({"hypernetwork.update_mode": "batched"}, "is now hypernetwork.schedule"),
         ({"data.partitioner": "dirichlet"}, "partitioner"),
         ({"preset": "fast"}, "unknown preset"),
     ],

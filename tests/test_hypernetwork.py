@@ -116,9 +116,9 @@ def test_update_moves_theta_towards_the_trained_parameters():
     assert np.abs(after - target).mean() < 0.5 * np.abs(before - target).mean()
 
 
-@pytest.mark.parametrize("mode", ["sequential", "batched"])
+@pytest.mark.parametrize("mode", ["parallel_sequential", "parallel_mean"])
 def test_other_clients_and_heads_stay_bit_identical(mode):
-    server = small_server(update_mode=mode)
+    server = small_server(schedule=mode)
     server.register("a", 120)
     server.register("b", 101)  # same head as a
     server.register("c", 40)  # other head
@@ -141,7 +141,7 @@ def test_other_clients_and_heads_stay_bit_identical(mode):
 
 
 def test_batched_mode_takes_one_step_on_the_mean_vjp():
-    server = small_server(update_mode="batched", grad_clip=1e9)
+    server = small_server(schedule="parallel_mean", grad_clip=1e9)
     twin = copy.deepcopy(server)
     for s in (server, twin):
         s.register("a", 120)
@@ -219,9 +219,9 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(caplog):
     assert resolve_device("auto").type == "cpu"
 
 
-@pytest.mark.parametrize("mode", ["sequential", "batched"])
+@pytest.mark.parametrize("mode", ["parallel_sequential", "parallel_mean"])
 def test_the_order_replies_arrive_in_does_not_change_the_result(mode):
-    servers = [small_server(update_mode=mode) for _ in range(2)]
+    servers = [small_server(schedule=mode) for _ in range(2)]
     rng = np.random.default_rng(7)
     deltas = {k: rng.normal(size=120).astype(np.float32) for k in "abcd"}
     for server in servers:
