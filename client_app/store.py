@@ -1,9 +1,10 @@
 """What a client keeps between messages: BatchNorm statistics, local layers, its own model.
 
 Flower's `context.state` lasts for one run on one SuperNode; a restarted SuperNode starts
-empty. With node config `state-dir`, every entry is also written to
-`<state-dir>/<client key>/<name>.npz` (atomically), and read from there when the context has
-none, so a client's local layers survive a SuperNode restart and the next run.
+empty. With node config `state-dir` (or, without one, the experiment's `client.state_dir`),
+every entry is also written to `<state dir>/<client key>/<name>.npz` (atomically), and read
+from there when the context has none, so a client's local layers survive a SuperNode restart
+and the next run, and a resumed simulation continues with every client's own state.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from flwr.app import Array, ArrayRecord, Context
 
 
 class ClientStore:
-    def __init__(self, context: Context, client_key: str) -> None:
+    def __init__(self, context: Context, client_key: str, default_dir: str = "") -> None:
         self.state = context.state
-        state_dir = context.node_config.get("state-dir")
+        state_dir = context.node_config.get("state-dir") or default_dir
         self.directory = None
         if state_dir:
             safe_key = re.sub(r"[^A-Za-z0-9_.-]", "_", client_key)

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from common.methods import METHODS, Method, get_method
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 UNSET = ""  # run-config value meaning "not overridden"
@@ -110,6 +112,12 @@ class ClientTrainConfig(_Section):
         "dense", description="top_p: send only the largest |delta| entries (paper C.7)"
     )
     upload_top_p: float = Field(0.3, gt=0.0, le=1.0, description="share of entries sent")
+    state_dir: str = Field(
+        "",
+        description="where clients keep their state on disk (BatchNorm statistics, local "
+        "layers, the Local baseline's model), one folder per client key; a SuperNode's node "
+        "config `state-dir` wins; '' = in memory only (Flower's context.state)",
+    )
 
 
 class HypernetworkConfig(_Section):
@@ -130,11 +138,11 @@ class HypernetworkConfig(_Section):
             "parallel_residual (one step per client on theta_i(now) - trained_i)",
         )
     )
-    max_params: int = Field(50_000_000, gt=0)
     device: str = "auto"
 
 
 class ServerConfig(_Section):
+    max_params: int = Field(50_000_000, gt=0, description="largest K the server accepts")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_nodes: int = Field(2, gt=0)
     wait_for_nodes_s: float = Field(300.0, ge=0)
@@ -142,6 +150,9 @@ class ServerConfig(_Section):
     evaluate_every: int = Field(1, ge=0)
     output_root: str = "outputs"
     run_name: str = "auto"
+    pull_interval_s: float = Field(
+        0.05, gt=0, description="seconds between pulls for replies (Flower's own loop waits 3 s)"
+    )
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = never")
     resume: str = Field("", description="a run directory to continue from its checkpoint")
 
@@ -183,9 +194,7 @@ class GeneralizationConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = "default"
-    method: Literal["mh_pfedhn", "mh_pfedhng", "mh_pfedhngd", "local", "fedavg", "pfedhn"] = (
-        "mh_pfedhn"
-    )
+    method: str = Field("mh_pfedhn", description="a name in common/methods.py METHODS")
     preset: Literal["none", "paper"] = "none"
     seed: int = 0
     rounds: int = Field(5, gt=0)
@@ -202,6 +211,12 @@ class ExperimentConfig(_Section):
     global_model: GlobalModelConfig = Field(default_factory=GlobalModelConfig)
     generalization: GeneralizationConfig = Field(default_factory=GeneralizationConfig)
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        get_method(value)  # raises, listing the methods
+        return value
+
     @model_validator(mode="after")
     def _generalization_fits(self) -> ExperimentConfig:
         g = self.generalization
@@ -215,8 +230,9 @@ class ExperimentConfig(_Section):
                 "novel clients need generalization.join_round >= 1 (the round after which "
                 "they join)"
             )
-        if g.join_round and self.method not in ("mh_pfedhn", "mh_pfedhng", "mh_pfedhngd"):
-            raise ValueError(f"the generalization phase needs an MH-pFedHN method, not "
+        if g.join_round and not self.method_spec.novel_clients:
+            supported = sorted(m.name for m in METHODS.values() if m.novel_clients)
+            raise ValueError(f"the generalization phase needs one of {supported}, not "
                              f"{self.method!r}")  # fmt: skip
         count = self.data.num_clients
         if g.novel_clients and count != "auto" and g.novel_clients >= count:
@@ -227,13 +243,13 @@ class ExperimentConfig(_Section):
         return self
 
     @property
-    def uses_global_model(self) -> bool:
-        return self.method in ("mh_pfedhng", "mh_pfedhngd")
+    def method_spec(self) -> Method:
+        return get_method(self.method)
 
     @property
     def distills(self) -> bool:
         """MH-pFedHNG is MH-pFedHNGD without distillation (a = 0)."""
-        return self.method == "mh_pfedhngd" and self.global_model.distill_weight > 0
+        return self.method_spec.distills and self.global_model.distill_weight > 0
 
 
 # The authors' code (DangDang1895/MH-pFL) where it differs from the paper's text (SPEC 4, 5).
@@ -250,7 +266,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 RENAMED = {
     "hypernetwork.update_mode": "hypernetwork.schedule (sequential -> parallel_sequential, "
     "batched -> parallel_mean; one_by_one is the authors' round)",
+    "hypernetwork.max_params": "server.max_params",
 }
+
+
+def _dotted_keys(raw: Mapping[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in raw.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, Mapping):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _refuse_renamed(keys: set[str], origin: str) -> None:
+    old = sorted(RENAMED.keys() & keys)
+    if old:
+        renames = "; ".join(f"{k} is now {RENAMED[k]}" for k in old)
+        raise ConfigError(f"{origin}: {renames}")
 
 
 def leaf_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
@@ -339,9 +372,7 @@ def resolve_config(
     raw = _read_experiment(path)
     flat = {k: v for k, v in (overrides or {}).items() if v != UNSET and k != EXPERIMENT_KEY}
     unknown = sorted(set(flat) - set(leaf_keys()))
-    if RENAMED.keys() & set(flat):
-        old = sorted(RENAMED.keys() & set(flat))
-        raise ConfigError("; ".join(f"{k} is now {RENAMED[k]}" for k in old))
+    _refuse_renamed(set(flat) | _dotted_keys(raw), str(path))
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; valid keys: {leaf_keys()}")
     nested_overrides = _nest(flat)
@@ -356,6 +387,57 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """The resolved experiment for a Flower Context's run_config."""
     experiment = str(run_config.get(EXPERIMENT_KEY) or "default")
     return resolve_config(experiment, run_config)
+
+
+# Settings a resumed run may change: where and how it runs, not what it computes.
+OPERATIONAL = (
+    "name",
+    "rounds",
+    "engine",
+    "data.root",
+    "data.download",
+    "data.cache_dir",
+    "client.device",
+    "client.state_dir",
+    "hypernetwork.device",
+    "server.min_nodes",
+    "server.wait_for_nodes_s",
+    "server.timeout_s",
+    "server.pull_interval_s",
+    "server.evaluate_every",
+    "server.output_root",
+    "server.run_name",
+    "server.checkpoint_every",
+    "server.resume",
+)
+
+
+def defining_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The flat settings that define what a run computes (a resume must keep them)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" not in OPERATIONAL:
+                flat[f"{prefix}{key}"] = value
+
+    walk(config.model_dump(mode="json"), "")
+    return flat
+
+
+def settings_changed(before: Mapping[str, Any], config: ExperimentConfig) -> list[str]:
+    """Defining settings whose value differs from `before` (a checkpoint's), as
+    'key: old -> new'; keys unknown to `before` count only if they are not at their default."""
+    now = defining_settings(config)
+    defaults = defining_settings(ExperimentConfig())
+    changed = []
+    for key in sorted(now):
+        old = before.get(key, defaults[key])
+        if old != now[key]:
+            changed.append(f"{key}: {old!r} -> {now[key]!r}")
+    return changed
 
 
 def to_yaml(config: ExperimentConfig) -> str:

@@ -65,17 +65,20 @@ def child(spec: dict) -> dict:
     """Run one configuration in this process; return what it measured."""
     import torch
 
-    from client_app.node import client_spec, load_client_data
+    from client_app.data import load_client_data
+    from client_app.spec import client_spec
     from common.config import resolve_config
-    from experiments.runner import Engine, run_inprocess
     from server_app.outputs import read_metrics
+    from simulation.run import run_inprocess
 
     rc = {**spec["run_config"], "server.output_root": spec["out"], "server.run_name": "run"}
     cfg = resolve_config("default", rc)
     if cfg.client.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    run_inprocess(cfg, rc, lambda line: None, Engine(cpus_per_client=spec["threads"]))
+    cores = len(os.sched_getaffinity(0))
+    run_inprocess(cfg, rc, threads_per_client=spec["threads"],
+                  parallel_clients=max(cores // spec["threads"], 1))  # fmt: skip
     total = time.perf_counter() - started
     result = summary(read_metrics(Path(spec["out"], "run", "metrics.jsonl")), total)
     count = int(cfg.data.num_clients)
@@ -115,7 +118,7 @@ def measure(spec: dict) -> dict:
 
 def flower_run(args: argparse.Namespace, case: str, threads: int, out: Path) -> dict:
     """The same configuration through `flwr run` (Ray), via the experiment runner."""
-    from experiments.runner import Engine, run_sweep
+    from experiments.runner import Runtime, run_sweep
     from server_app.outputs import read_metrics
 
     rc = run_config(args, case, "loop", "cpu")
@@ -131,7 +134,7 @@ def flower_run(args: argparse.Namespace, case: str, threads: int, out: Path) -> 
     path = out / "flower_sweep.yaml"
     path.write_text(json.dumps(sweep))
     started = time.perf_counter()
-    outcomes = run_sweep(path, out / "flower", engine=Engine("flower", threads), progress=False)
+    outcomes = run_sweep(path, out / "flower", runtime=Runtime("flower", threads), progress=False)
     total = time.perf_counter() - started
     if outcomes[0].status != "ok":
         return {"error": outcomes[0].error[-300:]}

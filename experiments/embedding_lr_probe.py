@@ -18,9 +18,11 @@ from pathlib import Path
 from client_app.app import app as client_app
 from common.config import resolve_config
 from experiments.cli import add_set_option
-from server_app.app import STRATEGIES, build_server
-from server_app.inprocess import InProcessGrid
-from server_app.state import HypernetworkServer
+from server_app.events import ConsoleProgress
+from server_app.hypernetwork_server import HypernetworkServer
+from server_app.round_loop import ResumePoint
+from server_app.run import build_strategy
+from simulation.grid import InProcessGrid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,16 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     clients = int(cfg.data.num_clients)
     base["server.min_nodes"] = clients
     join = cfg.generalization.join_round
-    trained = STRATEGIES[cfg.method](build_server(cfg), cfg)
-    trained.start(InProcessGrid.simulation(client_app, clients, base), num_rounds=join - 1)
-    state, history = trained.server.state_dict(), list(trained.history)
+    # the training phase alone: the novel clients are refused (no generalization phase yet)
+    training = {**base, "rounds": join - 1, "generalization.join_round": 0,
+                "generalization.novel_clients": 0}  # fmt: skip
+    first_novel = clients - cfg.generalization.novel_clients
+    nodes = [{"partition-id": i, "num-partitions": clients} for i in range(clients)]
+    for node in nodes[first_novel:]:
+        node["role"] = "novel"
+    grid = InProcessGrid(client_app, nodes, training)
+    trained = _strategy(resolve_config(args.experiment, training))
+    trained.start(grid)
+    state, history = trained.state.state_dict(), list(trained.history)
     curves = {}
     for lr in args.lrs:
         run_cfg = {**base, "generalization.embedding_lr": lr}
         variant = resolve_config(args.experiment, run_cfg)
         server = HypernetworkServer.from_state_dict(copy.deepcopy(state))
-        strategy = STRATEGIES[variant.method](server, variant)
-        strategy.completed_round, strategy.history = join - 1, list(history)
+        strategy = _strategy(variant, server, ResumePoint(join - 1, list(history)))
         strategy.start(InProcessGrid.simulation(client_app, clients, run_cfg))
         curves[str(lr)] = [
             {"round": r["round"], "novel_accuracy": r.get("novel_accuracy"),
@@ -57,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "embedding_lr_probe.json").write_text(json.dumps(curves, indent=2) + "\n")
     return 0
+
+
+def _strategy(cfg, state=None, resume=None):
+    return build_strategy(cfg, state, observers=[ConsoleProgress()], resume=resume)
 
 
 if __name__ == "__main__":

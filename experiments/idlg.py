@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client_app.node import client_spec, load_client_data
+from client_app.data import load_client_data
+from client_app.spec import client_spec
 from client_app.training import SGDSettings, train_sgd
 from common.config import resolve_config
 from common.models import build_model
 from common.param_vector import model_to_vector, vector_to_model
 from experiments.cli import add_set_option
-from server_app.app import build_server
+from server_app.run import build_state
 
 
 # ------------------------------------------------------------------ image quality
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=cfg.data.image_size)  # fmt: skip
-    server = build_server(cfg)
+    server = build_state(cfg)
     server.register(spec.key, model_to_vector(model).numel())
     theta = server.generate([spec.key])[spec.key]
     vector_to_model(model, theta)

@@ -1,24 +1,28 @@
 """Run every (experiment, seed, method) of a sweep file, then write the results table and plots.
 
     python -m experiments.runner configs/sweeps/smoke.yaml --out outputs/sweeps/smoke
-    python -m experiments.runner SWEEP.yaml --engine flower --skip-existing
+    python -m experiments.runner SWEEP.yaml --runtime flower
 
-Engines (the same ServerApp and ClientApp code, the same numbers for the same seed):
-- `inprocess` (default): the Strategy drives the real ClientApps through `InProcessGrid`,
-  in this process, one client after another; no Ray, no SuperLink. Fast on one GPU.
+Runtimes (the same ServerApp and ClientApp code, the same numbers for the same seed):
+- `inprocess` (default): the Strategy drives the real ClientApps in this process
+  (simulation/), one client after another or, with `engine: batched`, several at once;
+  no Ray, no SuperLink. Fast on one GPU.
 - `flower`: `flwr run . --stream` with the Ray simulation engine, one SuperNode per client,
   against a private local SuperLink (own FLWR_HOME and ports) that is killed after each run.
 
-Each run writes <out>/<run name>/ (config.yaml, metrics.jsonl, summary.json, plus
-sweep_run.json from the runner); a run that fails is recorded in <out>/sweep_status.json and
-reported at the end, and the sweep goes on. The table and plots (experiments.report) are
-written to <out> at the end.
+Each run writes <out>/<run name>/ (config.yaml, metrics.jsonl, summary.json, checkpoint.pt,
+client_state/, plus sweep_run.json from the runner). Starting a sweep again skips the runs
+that are done, continues every unfinished one from its last checkpoint (with the clients'
+state as it was then, so the result is bit-identical to an uninterrupted run) and starts the
+others afresh; `--restart` starts everything afresh. A sweep checkpoints every
+`server.checkpoint_every` = 10 rounds unless it says otherwise. A run that fails is recorded in
+<out>/sweep_status.json and reported at the end, and the sweep goes on. The table and plots
+(experiments.report) are written to <out> at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -30,7 +34,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,18 +41,23 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from common.config import ExperimentConfig
+from client_app.data import forget_loaded_data
+from common.config import ExperimentConfig, resolve_config
 from deployment.processes import kill_tree
 from experiments.flower import flwr_command, private_flower, run_config_toml
 from experiments.report import write_report
 from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan
+from server_app.checkpoint import CHECKPOINT_NAME
+from server_app.events import RunObserver
+from server_app.outputs import read_metrics
+from simulation.run import run_inprocess
 
-ENGINES = ("inprocess", "flower")
-ROUND_LINE = re.compile(r"\[round (\d+)/(\d+)\]")
+RUNTIMES = ("inprocess", "flower")
 RUN_INFO = "sweep_run.json"
 STATUS = "sweep_status.json"
 FLOWER_LOG = "flwr.log"
 ERROR_FILE = "error.txt"
+SUMMARY = "summary.json"
 
 log = logging.getLogger("experiments")
 
@@ -64,23 +72,24 @@ class Outcome:
     status: str  # ok | skipped | failed
     seconds: float = 0.0
     error: str = ""
+    resumed: bool = False  # continued from its checkpoint
 
 
-# ------------------------------------------------------------------- engines
+# ------------------------------------------------------------------ runtimes
 @dataclass(frozen=True)
-class Engine:
-    """How runs are executed.
+class Runtime:
+    """Where and how runs are executed.
 
     `cpus_per_client` is Flower's `client-resources-num-cpus`; Ray then runs each ClientApp
     with OMP_NUM_THREADS=floor(cpus) (unless OMP_NUM_THREADS is set), and the in-process
-    engine gives the ClientApp the same number of torch threads: float sums depend on the
-    thread count, so this is what makes both engines give the same numbers.
+    runtime gives the ClientApp the same number of torch threads: float sums depend on the
+    thread count, so this is what makes both runtimes give the same numbers.
     """
 
     name: str = "inprocess"
     cpus_per_client: float = 1.0
-    federation_extra: str = ""  # engine flower: e.g. "client-resources-num-gpus=0.25"
-    timeout: float | None = None  # engine flower: seconds per run
+    federation_extra: str = ""  # flower: e.g. "client-resources-num-gpus=0.25"
+    timeout: float | None = None  # flower: seconds per run
 
     def client_threads(self) -> int:
         env = os.environ.get("OMP_NUM_THREADS", "")
@@ -102,75 +111,42 @@ class Engine:
         return " ".join(p for p in parts if p)
 
 
-class _RoundProgress(logging.Handler):
-    """Feeds the server's `[round k/N]` log lines to a callback."""
+class RoundBar(RunObserver):
+    """Moves a progress bar as the run's rounds end (and prints each round when `echo`)."""
 
-    def __init__(self, on_line: Callable[[str], None]) -> None:
-        super().__init__(logging.INFO)
-        self.on_line = on_line
+    def __init__(self, bar: tqdm, echo: bool = False) -> None:
+        self.bar = bar
+        self.echo = echo
 
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self.on_line(record.getMessage())
+    def round_finished(self, row: dict[str, Any], num_rounds: int) -> None:
+        self.bar.total = num_rounds
+        self.bar.n = row["round"]
+        self.bar.refresh()
+        if self.echo and not self.bar.disable:
+            from server_app.events import progress_line
 
-
-class ThreadLimitedClientApp:
-    """A ClientApp called with `threads` torch threads, as a Ray worker runs it."""
-
-    def __init__(self, client_app: Any, threads: int) -> None:
-        self.client_app = client_app
-        self.threads = threads
-
-    def __call__(self, message: Any, context: Any) -> Any:
-        from server_app.inprocess import torch_threads
-
-        with torch_threads(self.threads):
-            return self.client_app(message, context)
+            tqdm.write(progress_line(row, num_rounds))
 
 
-def _forget_client_data() -> None:
-    """Drop the ClientApp's per-process data memo (one entry per client, experiment, seed)."""
-    with contextlib.suppress(Exception):
-        from client_app import node
-
-        node._client_data.cache_clear()
-        node._on_device.cache_clear()
-
-
-def run_inprocess(
-    cfg: ExperimentConfig,
-    run_config: dict[str, Any],
-    on_line: Callable[[str], None],
-    engine: Engine = Engine(),
-) -> None:
-    """The ServerApp's `run_experiment` against in-process ClientApps: one after another
-    (`InProcessGrid`, cfg.engine loop) or trained together per architecture (`BatchedGrid`)."""
-    from client_app.app import app as client_app
-    from server_app.app import run_experiment
-    from server_app.inprocess import BatchedGrid, InProcessGrid
-    from server_app.strategy import logger as server_logger
-
-    handler = _RoundProgress(on_line)
-    server_logger.addHandler(handler)
-    try:
-        app = ThreadLimitedClientApp(client_app, engine.client_threads())
-        grid_class = BatchedGrid if cfg.engine == "batched" else InProcessGrid
-        grid = grid_class.simulation(app, int(cfg.data.num_clients), run_config)
-        if isinstance(grid, BatchedGrid):
-            grid.train_threads = engine.client_threads()
-            grid.workers = engine.parallel_clients()
-        run_experiment(grid, cfg, run_id=cfg.server.run_name)
-    finally:
-        server_logger.removeHandler(handler)
+def follow_metrics(path: Path, observer: RunObserver, num_rounds: int, stop: threading.Event):
+    """Report each new metrics.jsonl row of a run in another process (flwr run) to an
+    observer, until `stop` is set."""
+    seen = 0
+    while not stop.wait(0.5):
+        if path.is_file():
+            rows = read_metrics(path)
+            for row in rows[seen:]:
+                observer.round_finished(row, num_rounds)
+            seen = max(seen, len(rows))
 
 
 def run_flower(
     cfg: ExperimentConfig,
     run_config: dict[str, Any],
-    on_line: Callable[[str], None],
+    observer: RunObserver,
     run_dir: Path,
     flower_home: Path,
-    engine: Engine = Engine("flower"),
+    runtime: Runtime = Runtime("flower"),
 ) -> None:
     """`flwr run` with the simulation engine; its output goes to <run_dir>/flwr.log.
 
@@ -179,7 +155,14 @@ def run_flower(
     """
     toml_path = run_dir / "run_config.toml"
     toml_path.write_text(run_config_toml(run_config))
-    cmd = flwr_command(str(toml_path), engine.federation_config(int(cfg.data.num_clients)))
+    cmd = flwr_command(str(toml_path), runtime.federation_config(int(cfg.data.num_clients)))
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=follow_metrics,
+        args=(run_dir / "metrics.jsonl", observer, cfg.rounds, stop),
+        daemon=True,
+    )
+    follower.start()
     with private_flower(flower_home) as env, (run_dir / FLOWER_LOG).open("w") as out:
         process = subprocess.Popen(
             cmd,
@@ -190,17 +173,17 @@ def run_flower(
             start_new_session=True,
         )
         timer = None
-        if engine.timeout:
-            timer = threading.Timer(engine.timeout, kill_tree, args=({process.pid},))
+        if runtime.timeout:
+            timer = threading.Timer(runtime.timeout, kill_tree, args=({process.pid},))
             timer.start()
         try:
             assert process.stdout is not None
             for line in process.stdout:
                 out.write(line)
                 out.flush()
-                on_line(line)
             returncode = process.wait()
         finally:
+            stop.set()
             if timer is not None:
                 timer.cancel()
             if process.poll() is None:
@@ -212,42 +195,34 @@ def run_flower(
 
 
 # -------------------------------------------------------------------- sweep
-def _round_bar_updater(bar: tqdm, echo: bool = False) -> Callable[[str], None]:
-    """Moves the round bar on each `[round k/N]` line (and prints the line when `echo`)."""
-
-    def on_line(text: str) -> None:
-        match = ROUND_LINE.search(text)
-        if match:
-            done, total = int(match.group(1)), int(match.group(2))
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-            if echo and not bar.disable:
-                tqdm.write(text.rstrip())
-
-    return on_line
-
-
 def output_dir(sweep: Sweep, out: str | Path | None) -> Path:
     """--out, or outputs/sweeps/<sweep name> under the working directory."""
     chosen = Path(out) if out is not None else Path("outputs", "sweeps", str(sweep.name))
     return chosen.expanduser().resolve()
 
 
+def finished_rounds(run_dir: Path) -> int | None:
+    """The rounds a run's summary.json reports (None: no summary)."""
+    try:
+        return int(json.loads((run_dir / SUMMARY).read_text())["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_sweep(
     sweep_path: str | Path,
     out: str | Path | None = None,
     *,
-    engine: Engine | str = "inprocess",
-    skip_existing: bool = False,
+    runtime: Runtime | str = "inprocess",
+    restart: bool = False,
     only: str | None = None,
     progress: bool = True,
 ) -> list[Outcome]:
     """Run a sweep file's runs into `out`, then write the report there. Returns each run's
     outcome; failures do not stop the sweep."""
-    engine = Engine(engine) if isinstance(engine, str) else engine
-    if engine.name not in ENGINES:
-        raise SweepError(f"unknown engine {engine.name!r}; choose one of {ENGINES}")
+    runtime = Runtime(runtime) if isinstance(runtime, str) else runtime
+    if runtime.name not in RUNTIMES:
+        raise SweepError(f"unknown runtime {runtime.name!r}; choose one of {RUNTIMES}")
     sweep = load_sweep(sweep_path)
     out = output_dir(sweep, out)
     runs = plan(sweep, out)  # every configuration is checked before anything runs
@@ -261,18 +236,36 @@ def run_sweep(
         for run, cfg, run_config in bar:
             bar.set_postfix_str(run.name)
             run_dir = out / run.name
-            if skip_existing and (run_dir / "summary.json").is_file():
+            done = finished_rounds(run_dir)
+            if not restart and done is not None and done >= cfg.rounds:
                 outcomes.append(Outcome(run.name, "skipped"))
                 continue
-            if engine.name == "inprocess" and previous_data not in (None, (run.label, run.seed)):
-                _forget_client_data()
+            if runtime.name == "inprocess" and previous_data not in (None, (run.label, run.seed)):
+                forget_loaded_data()
             previous_data = (run.label, run.seed)
-            outcomes.append(_one_run(run, cfg, run_config, run_dir, engine, out, progress))
-            _write_status(out, sweep.name, engine.name, outcomes)
+            outcomes.append(
+                _one_run(run, cfg, run_config, run_dir, runtime, out, progress, restart)
+            )
+            _write_status(out, sweep.name, runtime.name, outcomes)
         bar.close()
-    _write_status(out, sweep.name, engine.name, outcomes)
+    _write_status(out, sweep.name, runtime.name, outcomes)
     write_report(out)
     return outcomes
+
+
+def _prepare(
+    run: Run, run_config: dict[str, Any], run_dir: Path, runtime: Runtime, restart: bool
+) -> bool:
+    """Make the run directory ready; True when the run continues from its checkpoint."""
+    if not restart and (run_dir / CHECKPOINT_NAME).is_file():
+        run_config["server.resume"] = str(run_dir)
+        return True
+    if run_dir.exists():  # a fresh start (metrics.jsonl is appended to)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    info = {**run.describe(), "runtime": runtime.name, "run_config": run_config}
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return False
 
 
 def _one_run(
@@ -280,26 +273,32 @@ def _one_run(
     cfg: ExperimentConfig,
     run_config: dict[str, Any],
     run_dir: Path,
-    engine: Engine,
+    runtime: Runtime,
     out: Path,
     progress: bool = True,
+    restart: bool = False,
 ) -> Outcome:
-    if run_dir.exists():  # a rerun starts clean (metrics.jsonl is appended to)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    info = {**run.describe(), "engine": engine.name, "run_config": run_config}
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    run_config = dict(run_config)
+    resumed = _prepare(run, run_config, run_dir, runtime, restart)
+    if resumed:
+        cfg = resolve_config(run.experiment, run_config)
+        log.info("run %s continues from its checkpoint", run.name)
     started = time.perf_counter()
     desc = f"  {run.name}"
     with tqdm(total=cfg.rounds, desc=desc, unit="round", leave=False, disable=not progress) as bar:
-        # in-process, Flower's logger prints the round lines; flwr run's go to flwr.log
-        on_line = _round_bar_updater(bar, echo=engine.name == "flower")
+        observer = RoundBar(bar, echo=runtime.name == "flower")
         try:
-            if engine.name == "inprocess":
-                run_inprocess(cfg, run_config, on_line, engine)
+            if runtime.name == "inprocess":
+                run_inprocess(
+                    cfg,
+                    run_config,
+                    threads_per_client=runtime.client_threads(),
+                    parallel_clients=runtime.parallel_clients(),
+                    observers=[observer],
+                )
             else:
-                run_flower(cfg, run_config, on_line, run_dir, out / ".flower" / "home", engine)
-            if not (run_dir / "summary.json").is_file():
+                run_flower(cfg, run_config, observer, run_dir, out / ".flower" / "home", runtime)
+            if finished_rounds(run_dir) is None:
                 raise RunFailed("the run ended without writing summary.json")
         except KeyboardInterrupt:
             raise
@@ -308,14 +307,14 @@ def _one_run(
             (run_dir / ERROR_FILE).write_text(traceback.format_exc())
             message = f"{type(err).__name__}: {err}"
             log.error("run %s failed after %.0f s: %s", run.name, seconds, message)
-            return Outcome(run.name, "failed", seconds, message)
-    return Outcome(run.name, "ok", time.perf_counter() - started)
+            return Outcome(run.name, "failed", seconds, message, resumed)
+    return Outcome(run.name, "ok", time.perf_counter() - started, resumed=resumed)
 
 
-def _write_status(out: Path, name: str | None, engine: str, outcomes: list[Outcome]) -> None:
+def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outcome]) -> None:
     status = {
         "sweep": name,
-        "engine": engine,
+        "runtime": runtime,
         "runs": [o.__dict__ for o in outcomes],
     }
     (out / STATUS).write_text(json.dumps(status, indent=2) + "\n")
@@ -328,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("sweep", help="sweep YAML file (see configs/sweeps/)")
     parser.add_argument("--out", help="output folder (default: outputs/sweeps/<sweep name>)")
-    parser.add_argument("--engine", choices=ENGINES, default="inprocess")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="inprocess")
     parser.add_argument(
-        "--skip-existing", action="store_true", help="skip runs whose summary.json exists"
+        "--restart",
+        action="store_true",
+        help="start every run afresh (default: skip finished runs, continue unfinished ones "
+        "from their checkpoints)",
     )
     parser.add_argument("--only", help="run only the runs whose name matches this regex")
     parser.add_argument(
@@ -338,15 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="CPUs per client: Flower's client-resources-num-cpus, and the ClientApp's torch "
-        "threads in-process (the same on both engines, so that they give the same numbers)",
+        "threads in-process (the same in both runtimes, so that they give the same numbers)",
     )
     parser.add_argument(
         "--federation-config",
         default="",
-        help="engine flower: more federation config, e.g. 'client-resources-num-gpus=0.25' "
+        help="runtime flower: more federation config, e.g. 'client-resources-num-gpus=0.25' "
         "(num-supernodes is data.num_clients)",
     )
-    parser.add_argument("--timeout", type=float, help="engine flower: seconds per run")
+    parser.add_argument("--timeout", type=float, help="runtime flower: seconds per run")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     args = parser.parse_args(argv)
     if not log.handlers:  # the runner's own messages; Flower's logger has its own handler
@@ -364,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = run_sweep(
             args.sweep,
             args.out,
-            engine=Engine(args.engine, args.cpus_per_client, args.federation_config, args.timeout),
-            skip_existing=args.skip_existing,
+            runtime=Runtime(
+                args.runtime, args.cpus_per_client, args.federation_config, args.timeout
+            ),
+            restart=args.restart,
             only=args.only,
         )
     except SweepError as err:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from common.config import (
     leaf_keys,
     resolve_config,
 )
+from common.methods import METHODS
 
 RESERVED_KEYS = {
     EXPERIMENT_KEY: "list it under `experiments`",
@@ -54,6 +54,8 @@ RESERVED_KEYS = {
     "server.output_root": "the runner's --out sets it",
     "server.run_name": "the runner names each run",
 }
+CHECKPOINT_EVERY = 10
+CLIENT_STATE = "client_state"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$"
 AUTO_TAG_MAX = 24
 
@@ -65,8 +67,8 @@ class SweepError(ValueError):
 
 
 def known_methods() -> tuple[str, ...]:
-    """The methods ExperimentConfig accepts (its `method` Literal)."""
-    return typing.get_args(ExperimentConfig.model_fields["method"].annotation)
+    """The methods ExperimentConfig accepts (common/methods.py)."""
+    return tuple(METHODS)
 
 
 def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -227,9 +229,10 @@ class Run:
     def resolve(self, output_root: str | Path) -> tuple[ExperimentConfig, dict[str, Any]]:
         """The resolved configuration and the flat run config both engines get.
 
-        The number of clients must be fixed (data.num_clients an integer); unless overridden,
-        the server waits for all of them (server.min_nodes), so every engine starts with the
-        same clients.
+        The number of clients must be fixed (data.num_clients an integer). Unless overridden,
+        the server waits for all of them (server.min_nodes), so every runtime starts with the
+        same clients; it checkpoints every CHECKPOINT_EVERY rounds; and the clients keep their
+        state in the run's folder (client.state_dir), so that an interrupted run continues.
         """
         run_config = self.base_config(output_root)
         try:
@@ -243,10 +246,15 @@ class Run:
                 "number of clients: set data.num_clients to an integer in the experiment file "
                 "or the sweep's overrides"
             )
-        if "server.min_nodes" not in self.overrides:
-            run_config["server.min_nodes"] = num_clients
-            cfg = resolve_config(self.experiment, run_config)
-        return cfg, run_config
+        defaults = {
+            "server.min_nodes": num_clients,
+            "server.checkpoint_every": CHECKPOINT_EVERY,
+            "client.state_dir": str(Path(output_root, self.name, CLIENT_STATE).resolve()),
+        }
+        for key, value in defaults.items():
+            if key not in self.overrides:
+                run_config[key] = value
+        return resolve_config(self.experiment, run_config), run_config
 
     def num_clients(self, output_root: str | Path) -> int:
         return int(self.resolve(output_root)[0].data.num_clients)

@@ -1,5 +1,5 @@
-"""A run's output directory: resolved config, metrics.jsonl (one line per round), summary.json
-and accuracy.png.
+"""A run's output directory: resolved config, metrics.jsonl (one line per round) and
+summary.json (the plot, accuracy.png, is server_app/run_plot.py's).
 
 Lines are appended and flushed as each round ends, so a crashed run keeps what it measured.
 """
@@ -7,15 +7,13 @@ Lines are appended and flushed as each round ends, so a crashed run keeps what i
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from common.config import ExperimentConfig, to_yaml
-
-logger = logging.getLogger("flwr.mh_pfedhn")
+from server_app.events import RunObserver
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -24,7 +22,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class RunRecorder:
+class RunRecorder(RunObserver):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.metrics_path = directory / "metrics.jsonl"
@@ -49,22 +47,13 @@ class RunRecorder:
         _atomic_write(directory / "config.yaml", to_yaml(cfg))
         return recorder
 
-    def log_round(self, row: dict[str, Any]) -> None:
+    def round_finished(self, row: dict[str, Any], num_rounds: int) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=False) + "\n")
             f.flush()
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def run_finished(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.directory / "summary.json", json.dumps(summary, indent=2) + "\n")
-
-    def write_plot(self) -> None:
-        """accuracy.png by round; a plotting problem is logged, it never fails the run."""
-        from server_app.run_plot import plot_runs
-
-        try:
-            plot_runs([self.directory], self.directory / "accuracy.png")
-        except Exception as err:  # noqa: BLE001 - the run's numbers are already saved
-            logger.warning("could not plot %s: %s", self.directory, err)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -10,10 +10,15 @@ global model, its accuracy (dotted).
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from server_app.events import RunObserver
 from server_app.outputs import read_metrics
+
+logger = logging.getLogger("flwr.mh_pfedhn")
 
 CURVES = (  # metrics key, label, line style
     ("accuracy", "all clients", "-"),
@@ -21,6 +26,20 @@ CURVES = (  # metrics key, label, line style
     ("training_accuracy", "training clients", "--"),
     ("global_accuracy", "global model", ":"),
 )
+
+
+class PlotWhenFinished(RunObserver):
+    """Writes <run directory>/accuracy.png when the run ends; a plotting problem is logged,
+    it never fails the run (its numbers are already saved)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def run_finished(self, summary: dict[str, Any]) -> None:
+        try:
+            plot_runs([self.directory], self.directory / "accuracy.png")
+        except Exception as err:  # noqa: BLE001
+            logger.warning("could not plot %s: %s", self.directory, err)
 
 
 def plot_runs(directories: Sequence[str | Path], out: str | Path) -> Path:

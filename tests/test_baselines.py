@@ -12,16 +12,18 @@ from client_app.app import app as client_app
 from common.config import resolve_config
 from common.models import build_model
 from common.param_vector import vector_size, vector_to_model
-from server_app.app import build_server, run_experiment
-from server_app.baselines import FedAvgServer, PFedHNServer
-from server_app.inprocess import InProcessGrid
-from server_app.state import HypernetworkSettings, RegistrationError
+from server_app.hypernetwork_server import HypernetworkSettings
+from server_app.methods.fedavg import FedAvgServer
+from server_app.methods.pfedhn import PFedHNServer
+from server_app.run import build_state, run_experiment
+from server_app.server_state import RegistrationError
+from simulation.grid import InProcessGrid
 
 SETTINGS = HypernetworkSettings(embedding_dim=8, hidden_dim=16)
 
 
 def test_fedavg_steps_by_the_example_weighted_mean_of_deltas():
-    server = FedAvgServer(SETTINGS, seed=0)
+    server = FedAvgServer(seed=0, max_params=10**6)
     w0 = np.arange(4, dtype=np.float32)
     server.admit("a", 4, w0)
     server.admit("b", 4, None)  # w_0 is already known
@@ -35,7 +37,7 @@ def test_fedavg_steps_by_the_example_weighted_mean_of_deltas():
 
 
 def test_fedavg_refuses_a_second_architecture_and_a_missing_initial_vector():
-    server = FedAvgServer(SETTINGS, seed=0)
+    server = FedAvgServer(seed=0, max_params=10**6)
     with pytest.raises(RegistrationError, match="initial"):
         server.admit("a", 4, None)
     assert not server.clients
@@ -115,17 +117,17 @@ def test_fedavg_sends_everyone_the_same_model_each_round(tiny_npz, tmp_path):
 
 def test_fedavg_refuses_heterogeneous_clients(tiny_npz, tmp_path):
     strategy, _ = tiny_run("fedavg", tiny_npz, tmp_path, rounds=1, models="lenet,mlp")
-    assert len(strategy.server.clients) == 2 and len(strategy.refused) == 1
-    assert "one architecture" in next(iter(strategy.refused.values()))
+    assert len(strategy.state.clients) == 2 and len(strategy.directory.refused) == 1
+    assert "one architecture" in next(iter(strategy.directory.refused.values()))
 
 
 def test_pfedhn_runs_with_personalised_vectors(tiny_npz, tmp_path):
     strategy, received = tiny_run("pfedhn", tiny_npz, tmp_path)
     train_round_one = {e["client_key"]: e["sha256"] for e in received if e["round"] == 1}
     assert len(set(train_round_one.values())) == 3  # each client its own vector
-    assert isinstance(strategy.server, PFedHNServer)
+    assert isinstance(strategy.state, PFedHNServer)
     k = vector_size(build_model("lenet", num_classes=4, in_channels=1))
-    assert all(r.num_params == k for r in strategy.server.clients.values())
+    assert all(r.num_params == k for r in strategy.state.clients.values())
     assert strategy.history[-1]["clients_trained"] == 3
 
 
@@ -133,14 +135,14 @@ def test_pfedhn_runs_with_personalised_vectors(tiny_npz, tmp_path):
     ("method", "kind"),
     [("local", "LocalServer"), ("fedavg", "FedAvgServer"), ("pfedhn", "PFedHNServer")],
 )
-def test_build_server_picks_the_methods_state(method, kind):
-    assert type(build_server(resolve_config("default", {"method": method}))).__name__ == kind
+def test_build_state_picks_the_methods_state(method, kind):
+    assert type(build_state(resolve_config("default", {"method": method}))).__name__ == kind
 
 
 def test_baseline_states_survive_a_checkpoint(tmp_path):
-    from server_app.checkpoint import load_checkpoint, save_checkpoint
+    from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
-    fedavg = FedAvgServer(SETTINGS, seed=0)
+    fedavg = FedAvgServer(seed=0, max_params=10**6)
     fedavg.admit("a", 4, np.arange(4, dtype=np.float32))
     pfedhn = PFedHNServer(SETTINGS, seed=0)
     pfedhn.set_tensor_sizes([6, 2])
@@ -148,8 +150,8 @@ def test_baseline_states_survive_a_checkpoint(tmp_path):
     pfedhn.apply_deltas({"a": np.ones(8, np.float32)}, 1)
     for server in (fedavg, pfedhn):
         path = tmp_path / f"{type(server).__name__}.pt"
-        save_checkpoint(path, server, 1, [])
-        loaded, _, _ = load_checkpoint(path, type(server))
+        save_checkpoint(path, Checkpoint(server, 1, []))
+        loaded = load_checkpoint(path, type(server)).server
         assert np.array_equal(loaded.generate(["a"])["a"], server.generate(["a"])["a"])
     with pytest.raises(ValueError, match="holds a FedAvgServer"):
         load_checkpoint(tmp_path / "FedAvgServer.pt", PFedHNServer)

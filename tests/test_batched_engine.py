@@ -20,8 +20,9 @@ from client_app.batched import train_each, train_together
 from client_app.training import SGDSettings, train_sgd
 from common.config import resolve_config
 from common.models import build_model
-from server_app.app import STRATEGIES, build_server
-from server_app.inprocess import BatchedGrid, InProcessGrid, torch_threads
+from server_app.run import build_strategy
+from simulation.batched_grid import BatchedGrid
+from simulation.grid import InProcessGrid, torch_threads
 
 NUM_CLIENTS = 6
 
@@ -52,21 +53,23 @@ def run(
         "server.checkpoint_every": 0,
     }
     cfg = resolve_config("default", run_cfg)
-    grid_class = BatchedGrid if engine == "batched" else InProcessGrid
-    grid = grid_class.simulation(client_app, NUM_CLIENTS, run_cfg)
-    grid.vectorize = vectorize  # True: the vmap path, which the CPU would otherwise not take
-    grid.workers = workers
-    strategy = STRATEGIES[cfg.method](build_server(cfg), cfg)
+    if engine == "batched":  # vectorize True: the vmap path, which the CPU would otherwise not take
+        grid = BatchedGrid.simulation(
+            client_app, NUM_CLIENTS, run_cfg, vectorize=vectorize, workers=workers
+        )
+    else:
+        grid = InProcessGrid.simulation(client_app, NUM_CLIENTS, run_cfg)
+    strategy = build_strategy(cfg)
     deltas: dict[int, dict] = {}
-    apply = strategy.server.apply_deltas
+    apply = strategy.state.apply_deltas
 
-    def recording(round_deltas, server_round, weights=None):
+    def recording(round_deltas, server_round, weights=None, sent=None):
         deltas[server_round] = {k: np.array(v) for k, v in round_deltas.items()}
-        return apply(round_deltas, server_round, weights)
+        return apply(round_deltas, server_round, weights, sent)
 
-    strategy.server.apply_deltas = recording
+    strategy.state.apply_deltas = recording
     strategy.start(grid)
-    vectors = strategy.server.generate(sorted(strategy.server.clients))
+    vectors = strategy.state.generate(sorted(strategy.state.clients))
     return strategy, vectors, deltas
 
 
@@ -154,7 +157,15 @@ def test_train_together_keeps_batchnorm_statistics_per_client():
     settings = SGDSettings(lr=0.01, epochs=1, batch_size=16)
     loop, loop_losses, together, losses = train_both("resnet10", [5, 9, 16], settings)
     assert losses == pytest.approx(loop_losses, rel=1e-5)
-    assert largest_gap(loop, together) < 1e-4
+    # absolute: after one step BatchNorm biases are ~1e-4, where float order alone (AVX2 vs
+    # AVX-512 kernels) moves them by 0.5% of themselves; parameters are ~0.1
+    gap = max(
+        float((pa - pb).abs().max())
+        for a, b in zip(loop, together, strict=True)
+        for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+        if pa.is_floating_point()
+    )
+    assert gap < 5e-5
     for a, b in zip(loop, together, strict=True):
         assert int(a.stem[1].num_batches_tracked) == int(b.stem[1].num_batches_tracked) == 1
     means = [m.stem[1].running_mean.clone() for m in together]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from common.config import resolve_config
-from server_app.app import run_experiment
-from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from server_app.inprocess import InProcessGrid
-from server_app.state import HypernetworkServer, HypernetworkSettings
-from server_app.strategy import MHpFedHN
+from server_app.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
+from server_app.methods.mh_pfedhn import MHpFedHN
+from server_app.run import run_experiment
+from simulation.grid import InProcessGrid
 from tests.test_strategy import SMALL, scripted_app
 
 
@@ -54,9 +54,10 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     server.register("b", 100)
     server.apply_deltas({"a": torch.ones(40).numpy(), "b": torch.ones(100).numpy()}, 1)
     path = tmp_path / CHECKPOINT_NAME
-    save_checkpoint(path, server, 1, [{"round": 1}])
-    loaded, completed, history = load_checkpoint(path)
-    assert (completed, history) == (1, [{"round": 1}])
+    save_checkpoint(path, Checkpoint(server, 1, [{"round": 1}]))
+    checkpoint = load_checkpoint(path, HypernetworkServer)
+    loaded = checkpoint.server
+    assert (checkpoint.round, checkpoint.history) == (1, [{"round": 1}])
     assert_identical(server, loaded)
     assert not list(tmp_path.glob("*.tmp"))
     # the loaded optimizer keeps going exactly like the original
@@ -75,21 +76,21 @@ def test_resume_after_round_two_of_four_equals_an_uninterrupted_run(tmp_path, mo
     at_stop = {}
     original = MHpFedHN.train_round
 
-    def stop_at_round_three(self, grid, server_round, timeout):
+    def stop_at_round_three(self, grid, server_round):
         if server_round == 3:
-            at_stop["server"] = copy.deepcopy(self.server)
+            at_stop["server"] = copy.deepcopy(self.state)
             raise ServerStopped
-        return original(self, grid, server_round, timeout)
+        return original(self, grid, server_round)
 
     monkeypatch.setattr(MHpFedHN, "train_round", stop_at_round_three)
     with pytest.raises(ServerStopped):
         run(tmp_path, "split", rounds=4)
     monkeypatch.setattr(MHpFedHN, "train_round", original)
-    saved, completed, _ = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
-    assert completed == 2
-    assert_identical(at_stop["server"], saved)
+    saved = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME, HypernetworkServer)
+    assert saved.round == 2
+    assert_identical(at_stop["server"], saved.server)
     resumed = run(tmp_path, "split", rounds=4, resume=str(tmp_path / "split"))
-    assert_identical(whole.server, resumed.server)
+    assert_identical(whole.state, resumed.state)
     rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # none lost, none repeated
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in whole.history]
@@ -107,7 +108,7 @@ def test_resume_with_other_hypernetwork_settings_is_refused(tmp_path):
         },
     )
     grid = InProcessGrid(scripted_app({}, {}), [{"partition-id": 0}], {})
-    with pytest.raises(ValueError, match="resume with the same"):
+    with pytest.raises(ValueError, match="resume with the same.*hypernetwork.hidden_dim: 8 -> 32"):
         run_experiment(grid, cfg, run_id=0)
 
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from client_app.app import BUFFERS
 from client_app.app import app as client_app
-from client_app.node import NodeConfigError, client_spec
+from client_app.session import BUFFERS
+from client_app.spec import NodeConfigError, client_spec
 from common import protocol
 from common.config import resolve_config
 from common.models import build_model
 from common.param_vector import model_to_vector, vector_size
-from server_app.inprocess import InProcessGrid
+from simulation.grid import InProcessGrid
 
 
 def run_config(tiny_npz, tmp_path, **extra):

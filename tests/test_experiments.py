@@ -1,4 +1,4 @@
-"""The experiment runner: sweep files, both engines, the results table and plots."""
+"""The experiment runner: sweep files, both runtimes, the results table and plots."""
 
 from __future__ import annotations
 
@@ -103,9 +103,9 @@ def test_smoke_sweep_in_process_writes_table_and_plot(mnist_npz, tmp_path):
         png = (out / name).read_bytes()
         assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
 
-    # Rerunning with --skip-existing runs nothing and rewrites the same table.
+    # Running it again skips the finished runs and rewrites the same table.
     before = (out / "results.csv").read_text()
-    assert runner.main([str(sweep), "--out", str(out), "--skip-existing"]) == 0
+    assert runner.main([str(sweep), "--out", str(out)]) == 0
     assert (out / "results.csv").read_text() == before
     status = json.loads((out / "sweep_status.json").read_text())
     assert [r["status"] for r in status["runs"]] == ["skipped"] * 4
@@ -129,10 +129,10 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny_npz, tmp_path, mon
     path = _write_sweep(tmp_path / "sweep.yaml", sweep)
     original = runner.run_inprocess
 
-    def flaky(cfg, run_config, on_line, engine):
+    def flaky(cfg, run_config, **kwargs):
         if cfg.seed == 0:
             raise RuntimeError("boom")
-        original(cfg, run_config, on_line, engine)
+        original(cfg, run_config, **kwargs)
 
     monkeypatch.setattr(runner, "run_inprocess", flaky)
     assert runner.main([str(path), "--out", str(tmp_path / "out")]) == 1
@@ -150,7 +150,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny_npz, tmp_path, mon
 
 # --------------------------------------------------------- engines agree exactly
 @pytest.mark.slow
-def test_flower_and_in_process_engines_give_identical_metrics(mnist_npz, tmp_path):
+def test_flower_and_in_process_runtimes_give_identical_metrics(mnist_npz, tmp_path):
     """The same run through `flwr run` (Ray, 4 SuperNodes) and in-process: every metric
     except wall-clock times is exactly equal (ClientApps get the same torch thread count)."""
     sweep = {
@@ -170,7 +170,7 @@ def test_flower_and_in_process_engines_give_identical_metrics(mnist_npz, tmp_pat
     rows = {}
     for engine in ("flower", "inprocess"):
         out = tmp_path / engine
-        outcomes = runner.run_sweep(path, out, engine=engine, progress=False)
+        outcomes = runner.run_sweep(path, out, runtime=engine, progress=False)
         log = out / "default-mh_pfedhn-s0" / runner.FLOWER_LOG
         assert [o.status for o in outcomes] == ["ok"], (
             outcomes,
@@ -343,12 +343,12 @@ def test_report_regenerates_from_a_folder(tmp_path, capsys):
     assert write_report(tmp_path)["plots"][0].name == "accuracy.png"
 
 
-def test_engine_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
+def test_runtime_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
     """cores / threads per client, at least 1; OMP_NUM_THREADS overrides the threads."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert runner.Engine(cpus_per_client=1).parallel_clients() == 8
-    assert runner.Engine(cpus_per_client=3).parallel_clients() == 2
-    assert runner.Engine(cpus_per_client=16).parallel_clients() == 1
+    assert runner.Runtime(cpus_per_client=1).parallel_clients() == 8
+    assert runner.Runtime(cpus_per_client=3).parallel_clients() == 2
+    assert runner.Runtime(cpus_per_client=16).parallel_clients() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert runner.Engine(cpus_per_client=1).parallel_clients() == 2
+    assert runner.Runtime(cpus_per_client=1).parallel_clients() == 2

@@ -10,15 +10,16 @@ import torch
 from flwr.app import Message
 
 from client_app.app import app as client_app
-from client_app.node import NodeConfigError, client_spec
+from client_app.spec import NodeConfigError, client_spec
 from common import protocol
 from common.config import ConfigError, resolve_config
 from server_app import run_plot
-from server_app.app import STRATEGIES, build_server
-from server_app.inprocess import InProcessGrid
-from server_app.state import HypernetworkServer, HypernetworkSettings, RegistrationError
+from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
+from server_app.run import build_strategy
+from server_app.server_state import RegistrationError
+from simulation.grid import InProcessGrid
 
-SMALL = HypernetworkSettings(chunk_size=8, embedding_dim=4, hidden_dim=6, max_params=1000)
+SMALL = HypernetworkSettings(chunk_size=8, embedding_dim=4, hidden_dim=6)
 
 
 def tensors(server: HypernetworkServer) -> dict[str, torch.Tensor]:
@@ -32,7 +33,7 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def test_a_frozen_hypernetwork_stays_bit_identical_while_novel_embeddings_move():
-    server = HypernetworkServer(SMALL, seed=0)
+    server = HypernetworkServer(SMALL, seed=0, max_params=1000)
     server.register("a", 20)
     server.register("b", 30)
     server.apply_deltas({"a": np.ones(20, np.float32), "b": np.ones(30, np.float32)}, 1)
@@ -45,7 +46,7 @@ def test_a_frozen_hypernetwork_stays_bit_identical_while_novel_embeddings_move()
 
 
 def test_an_unseen_tau_gets_a_new_head_that_trains_while_the_extractor_does_not():
-    server = HypernetworkServer(SMALL, seed=0)
+    server = HypernetworkServer(SMALL, seed=0, max_params=1000)
     server.register("a", 20)
     server.freeze()
     record = server.register("new-architecture", 100)  # tau 13: no head before
@@ -60,7 +61,7 @@ def test_an_unseen_tau_gets_a_new_head_that_trains_while_the_extractor_does_not(
 
 
 def test_the_frozen_parts_survive_a_checkpoint():
-    server = HypernetworkServer(SMALL, seed=0)
+    server = HypernetworkServer(SMALL, seed=0, max_params=1000)
     server.register("a", 20)
     server.freeze(embedding_lr=0.05)
     server.register("b", 100)
@@ -103,15 +104,15 @@ def run_config(tiny_npz, tmp_path, **extra):
 def run(run_cfg):
     cfg = resolve_config("default", run_cfg)
     grid = InProcessGrid.simulation(client_app, 4, run_cfg)
-    strategy = STRATEGIES[cfg.method](build_server(cfg), cfg)
+    strategy = build_strategy(cfg)
     at_join = {}
-    join = strategy.join_novel_clients
+    join = strategy.novel.join
 
-    def join_and_snapshot():
-        join()
-        at_join.update(tensors(strategy.server))
+    def join_and_snapshot(*args):
+        join(*args)
+        at_join.update(tensors(strategy.state))
 
-    strategy.join_novel_clients = join_and_snapshot
+    strategy.novel.join = join_and_snapshot
     strategy.start(grid)
     return strategy, at_join
 
@@ -132,9 +133,9 @@ def test_novel_clients_join_after_training_and_only_they_learn(
             tiny_npz, tmp_path, method=method, **{"generalization.novel_models": novel_model}
         )
     )
-    server, rows = strategy.server, strategy.history
+    server, rows = strategy.state, strategy.history
     novel = "partition-3"
-    assert strategy.roles == {f"partition-{i}": "training" for i in range(3)} | {novel: "novel"}
+    assert strategy.novel.roles == {f"partition-{i}": "training" for i in range(3)} | {novel: "novel"}
     # held back during training: not registered, not trained, not evaluated
     assert [r["clients_trained"] for r in rows[1:]] == [3, 3, 1, 1]
     assert [r["novel_clients"] for r in rows] == [0, 0, 1, 1, 1]
@@ -161,14 +162,14 @@ def test_a_novel_client_without_a_generalization_phase_is_refused(tiny_npz, tmp_
              for i in range(4)]  # fmt: skip
     cfg = resolve_config("default", run_cfg)
     grid = InProcessGrid(client_app, nodes, run_cfg)
-    strategy = STRATEGIES[cfg.method](build_server(cfg), cfg)
+    strategy = build_strategy(cfg)
     strategy.discover(grid, timeout=5)
     assert "partition-3" not in server_keys(strategy)
-    assert "no generalization phase" in next(iter(strategy.refused.values()))
+    assert "no generalization phase" in next(iter(strategy.directory.refused.values()))
 
 
 def server_keys(strategy) -> set[str]:
-    return set(strategy.server.clients)
+    return set(strategy.state.clients)
 
 
 def test_node_config_role_and_the_simulation_rule(tiny_npz, tmp_path):
@@ -201,7 +202,7 @@ def _as_reply(content):
     [
         ({"generalization.join_round": 5, "rounds": 5}, "below rounds"),
         ({"generalization.novel_clients": 2}, "join_round >= 1"),
-        ({"generalization.join_round": 1, "method": "fedavg"}, "MH-pFedHN method"),
+        ({"generalization.join_round": 1, "method": "fedavg"}, "needs one of .*mh_pfedhn"),
         (
             {"generalization.join_round": 1, "generalization.novel_clients": 4,
              "data.num_clients": 4},
@@ -216,10 +217,10 @@ def test_generalization_settings_that_cannot_work_are_refused(overrides, message
 
 def test_a_bad_novel_k_is_refused_before_it_waits(tiny_npz, tmp_path):
     cfg = resolve_config("default", run_config(tiny_npz, tmp_path))
-    strategy = STRATEGIES[cfg.method](build_server(cfg), cfg)
+    strategy = build_strategy(cfg)
     with pytest.raises(RegistrationError, match="positive integer"):
-        strategy.admit_or_hold(protocol.Identity("x", -3, role="novel"))
-    assert not strategy.waiting
+        strategy.admit(protocol.Identity("x", -3, role="novel"))
+    assert not strategy.novel.waiting
 
 
 def test_the_run_plot_shows_novel_and_training_clients(tmp_path):

@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from flwr.app import Message
 
 from client_app.app import app as client_app
-from client_app.node import client_spec, load_client_data
+from client_app.data import load_client_data
+from client_app.spec import client_spec
 from client_app.training import distillation_loss
 from common import protocol
 from common.config import resolve_config
-from server_app.app import build_server
-from server_app.inprocess import InProcessGrid
-from server_app.state import GLOBAL_KEY, HypernetworkServer, HypernetworkSettings
-from server_app.strategy_gd import MHpFedHNGD
+from server_app.hypernetwork_server import GLOBAL_KEY, HypernetworkServer, HypernetworkSettings
+from server_app.methods.mh_pfedhngd import MHpFedHNGD
+from server_app.run import build_state
+from simulation.grid import InProcessGrid
 from tests.test_client_app import send
 
 
@@ -129,7 +130,7 @@ def gd_setup(tiny_npz, tmp_path, num_nodes=4, **extra):
     }
     cfg = resolve_config("default", overrides)
     grid = InProcessGrid.simulation(client_app, num_nodes, {"experiment": "default", **overrides})
-    return MHpFedHNGD(build_server(cfg), cfg), grid
+    return MHpFedHNGD(build_state(cfg), cfg), grid
 
 
 class Recorder:
@@ -163,9 +164,9 @@ def test_gd_round_runs_both_phases_and_reports_global_accuracy(tiny_npz, tmp_pat
     assert all(c["distill"] and c["teacher"] == "round_start" for c in distilled)
     assert all(c["temperature"] == 15.0 and c["distill-weight"] == 0.01 for c in distilled)
     # lenet clients and the lenet global model share one head; mlp has its own
-    assert len(strategy.server.hnet.heads) == 2
-    k_g = strategy.server.record(GLOBAL_KEY).num_params
-    lenet = strategy.server.record("partition-0")
+    assert len(strategy.state.hnet.heads) == 2
+    k_g = strategy.state.record(GLOBAL_KEY).num_params
+    lenet = strategy.state.record("partition-0")
     assert lenet.num_params == k_g
 
 
@@ -174,27 +175,27 @@ def test_global_embeddings_move_only_in_phase_one(tiny_npz, tmp_path, monkeypatc
     snapshots = {}
     original_phase = MHpFedHNGD.global_phase
 
-    def phase(self, grid, server_round, timeout):
-        snapshots["before"] = self.server.embedding(GLOBAL_KEY).detach().clone()
-        original_phase(self, grid, server_round, timeout)
-        snapshots["after"] = self.server.embedding(GLOBAL_KEY).detach().clone()
+    def phase(self, grid, server_round):
+        snapshots["before"] = self.state.embedding(GLOBAL_KEY).detach().clone()
+        original_phase(self, grid, server_round)
+        snapshots["after"] = self.state.embedding(GLOBAL_KEY).detach().clone()
 
     monkeypatch.setattr(MHpFedHNGD, "global_phase", phase)
     strategy.start(grid)
     assert not torch.equal(snapshots["before"], snapshots["after"])
-    assert torch.equal(strategy.server.embedding(GLOBAL_KEY), snapshots["after"])
+    assert torch.equal(strategy.state.embedding(GLOBAL_KEY), snapshots["after"])
 
 
 def test_phase_one_weights_are_the_clients_example_counts(tiny_npz, tmp_path, monkeypatch):
     strategy, grid = gd_setup(tiny_npz, tmp_path, rounds=1)
     seen = {}
-    original = strategy.server.apply_weighted_delta
+    original = strategy.state.apply_weighted_delta
 
     def capture(key, deltas, weights):
         seen["weights"] = list(weights)
         return original(key, deltas, weights)
 
-    monkeypatch.setattr(strategy.server, "apply_weighted_delta", capture)
+    monkeypatch.setattr(strategy.state, "apply_weighted_delta", capture)
     strategy.start(grid)
     counts = [
         len(load_client_data(client_spec(c.node_config, strategy.cfg), strategy.cfg.seed).y_train)
@@ -223,8 +224,8 @@ def test_each_teacher_choice_runs_and_only_regenerated_sends_more(teacher, tiny_
     strategy.start(grid)
     row = strategy.history[-1]
     assert row["clients_trained"] == 4 and not row["rejected"]
-    k_g = strategy.server.record(GLOBAL_KEY).num_params
-    personal = sum(strategy.server.record(k).num_params for k in strategy.node_of)
+    k_g = strategy.state.record(GLOBAL_KEY).num_params
+    personal = sum(strategy.state.record(k).num_params for k in strategy.directory.node_of)
     # personal train + evaluate, global train + evaluate, (+ a teacher per distilling client)
     expected = 4 * (2 * personal + 2 * 4 * k_g)
     if teacher == "regenerated":

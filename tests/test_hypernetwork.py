@@ -10,19 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from server_app.hypernetwork import MultiHeadHypernetwork, num_chunks
-from server_app.state import (
-    HypernetworkServer,
-    HypernetworkSettings,
-    RegistrationError,
-    resolve_device,
-)
+from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings, resolve_device
+from server_app.schedules import client_order
+from server_app.server_state import RegistrationError
 
 SMALL = HypernetworkSettings(chunk_size=50, embedding_dim=8, hidden_dim=16, hidden_layers=3)
 
 
-def small_server(**overrides) -> HypernetworkServer:
+def small_server(max_params: int = 50_000_000, **overrides) -> HypernetworkServer:
     settings = HypernetworkSettings(**{**SMALL.__dict__, **overrides})
-    return HypernetworkServer(settings, seed=3)
+    return HypernetworkServer(settings, seed=3, max_params=max_params)
 
 
 def test_tau_is_ceil_of_k_over_n():
@@ -159,10 +156,10 @@ def test_sequential_mode_steps_once_per_client_in_a_seeded_order():
     server = small_server()
     for key in "abcde":
         server.register(key, 60)
-    order = server.update_order(list("abcde"), server_round=4)
+    order = client_order(server.seed, list("abcde"), server_round=4)
     assert sorted(order) == list("abcde")
-    assert order == server.update_order(list("edcba"), server_round=4)
-    assert any(server.update_order(list("abcde"), r) != order for r in range(5, 10))
+    assert order == client_order(server.seed, list("edcba"), server_round=4)
+    assert any(client_order(server.seed, list("abcde"), r) != order for r in range(5, 10))
     info = server.apply_deltas({k: np.ones(60, np.float32) for k in "abc"}, server_round=1)
     assert info["updates"] == 3
 

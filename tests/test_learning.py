@@ -11,9 +11,9 @@ import pytest
 
 from client_app.app import app as client_app
 from common.config import resolve_config
-from server_app.app import run_experiment
-from server_app.inprocess import InProcessGrid
 from server_app.outputs import read_metrics
+from server_app.run import run_experiment
+from simulation.grid import InProcessGrid
 
 # A wrong-sign, missing or misrouted update leaves theta_i near chance on the client's
 # classes; SPEC's reference implementation reached 0.84 after 6 rounds with this setup.
@@ -46,7 +46,7 @@ def test_generated_parameters_rise_from_chance_to_accurate(mnist_npz, tmp_path):
     assert rows[0]["accuracy"] < 0.3, "untrained hypernetwork should be near chance"
     assert rows[-1]["accuracy"] > THRESHOLD, [round(r["accuracy"], 3) for r in rows]
     assert rows[-1]["clients_trained"] == 5 and not rows[-1]["rejected"]
-    assert len(strategy.server.hnet.heads) == 3  # lenet, vgg8, mlp have three taus
+    assert len(strategy.state.hnet.heads) == 3  # lenet, vgg8, mlp have three taus
     assert (tmp_path / "mnist" / "config.yaml").is_file()
     assert (tmp_path / "mnist" / "summary.json").is_file()
 
@@ -75,7 +75,7 @@ def _misrouted(deltas):
 @pytest.mark.parametrize("sabotage", [_wrong_sign, _missing, _misrouted], ids=lambda f: f.__name__)
 def test_a_broken_update_cannot_reach_the_threshold(sabotage, mnist_npz, tmp_path, monkeypatch):
     """The threshold above is only meaningful if broken updates stay below it."""
-    from server_app.state import HypernetworkServer
+    from server_app.hypernetwork_server import HypernetworkServer
 
     original = HypernetworkServer.apply_deltas
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from client_app.app import LOCAL_LAYERS
 from client_app.app import app as client_app
-from client_app.node import client_spec
+from client_app.session import LOCAL_LAYERS
+from client_app.spec import client_spec
 from common import protocol
 from common.config import resolve_config
 from common.models import build_model
@@ -18,8 +18,8 @@ from common.param_vector import (
     select_parameter_names,
     vector_size,
 )
-from server_app.app import STRATEGIES, build_server
-from server_app.inprocess import InProcessGrid
+from server_app.run import build_strategy
+from simulation.grid import InProcessGrid
 from tests.test_client_app import context_for, run_config, send
 
 LENET_HEAD = "classifier.5.*"  # LeNet's classification layer
@@ -144,7 +144,7 @@ def run_two_rounds(tiny_npz, tmp_path, **extra):
 
     cfg = resolve_config("default", run_cfg)
     grid = InProcessGrid.simulation(recording_app, 2, run_cfg)
-    strategy = STRATEGIES[cfg.method](build_server(cfg), cfg)
+    strategy = build_strategy(cfg)
     strategy.start(grid)
     return strategy, seen
 

@@ -14,15 +14,15 @@ from flwr.clientapp import ClientApp
 
 from common import protocol
 from common.config import resolve_config
-from server_app.app import build_server
-from server_app.inprocess import InProcessGrid
-from server_app.strategy import MHpFedHN
+from server_app.methods.mh_pfedhn import MHpFedHN
+from server_app.run import build_state
+from simulation.grid import InProcessGrid
 
 SMALL = {
     "hypernetwork.chunk_size": 16,
     "hypernetwork.embedding_dim": 4,
     "hypernetwork.hidden_dim": 8,
-    "hypernetwork.max_params": 1000,
+    "server.max_params": 1000,
     "server.min_nodes": 1,
     "server.wait_for_nodes_s": 0,
     "rounds": 1,
@@ -86,12 +86,12 @@ def run(behaviour_of, size_of=None, num_nodes=None, node_configs=None, **overrid
         n = num_nodes or len(behaviour_of)
         node_configs = [{"partition-id": i} for i in range(n)]
     grid = InProcessGrid(app, node_configs, run_config={})
-    strategy = MHpFedHN(build_server(cfg), cfg)
+    strategy = MHpFedHN(build_state(cfg), cfg)
     return strategy, grid
 
 
 def snapshot(strategy: MHpFedHN) -> dict[str, torch.Tensor]:
-    server = strategy.server
+    server = strategy.state
     state = {f"hnet.{k}": v.clone() for k, v in server.hnet.state_dict().items()}
     state.update({f"emb.{k}": v.detach().clone() for k, v in server.embeddings.items()})
     return state
@@ -132,28 +132,28 @@ def test_the_round_goes_on_with_the_good_clients():
     behaviour = {0: "good", 1: "nan", 2: "wrong-length", 3: "good", 4: "raises"}
     strategy, grid = run(behaviour, size_of={3: 100})
     strategy.discover(grid, timeout=10)
-    embeddings = {k: strategy.server.embedding(k).detach().clone() for k in ("c1", "c2", "c4")}
-    good = {k: strategy.server.embedding(k).detach().clone() for k in ("c0", "c3")}
+    embeddings = {k: strategy.state.embedding(k).detach().clone() for k in ("c1", "c2", "c4")}
+    good = {k: strategy.state.embedding(k).detach().clone() for k in ("c0", "c3")}
     strategy.start(grid)
     row = strategy.history[-1]
     assert row["clients_trained"] == 2
     assert sorted(r["client"] for r in row["rejected"]) == ["c1", "c2", "c4"]
     for key, value in embeddings.items():
-        assert torch.equal(strategy.server.embedding(key), value)
+        assert torch.equal(strategy.state.embedding(key), value)
     for key, value in good.items():
-        assert not torch.equal(strategy.server.embedding(key), value)
+        assert not torch.equal(strategy.state.embedding(key), value)
     assert row["bytes_up"] == 4 * (40 + 100)
 
 
 @pytest.mark.parametrize("bad_k", [0, -3, 2.5, "40", 10_001, True])
 def test_a_bad_parameter_count_is_refused(bad_k, caplog):
     strategy, grid = run(
-        {0: "good", 1: "good"}, size_of={1: bad_k}, **{"hypernetwork.max_params": 10_000}
+        {0: "good", 1: "good"}, size_of={1: bad_k}, **{"server.max_params": 10_000}
     )
     with caplog.at_level("WARNING", logger="flwr.mh_pfedhn"):
         strategy.start(grid)
-    assert list(strategy.server.clients) == ["c0"]
-    assert len(strategy.refused) == 1
+    assert list(strategy.state.clients) == ["c0"]
+    assert len(strategy.directory.refused) == 1
     assert "refused" in caplog.text
     assert strategy.history[-1]["clients_trained"] == 1
 
@@ -162,8 +162,8 @@ def test_a_key_reporting_a_different_k_is_refused():
     configs = [{"partition-id": 0, "client-key": "same"}, {"partition-id": 1, "client-key": "same"}]
     strategy, grid = run({}, size_of={0: 40, 1: 48}, node_configs=configs)
     strategy.start(grid)
-    assert strategy.server.record("same").num_params == 40
-    (reason,) = strategy.refused.values()
+    assert strategy.state.record("same").num_params == 40
+    (reason,) = strategy.directory.refused.values()
     assert "registered with K=40" in reason
 
 
@@ -176,10 +176,10 @@ def test_missing_identity_is_refused():
 
     cfg = resolve_config("default", SMALL)
     grid = InProcessGrid(app, [{"partition-id": 0}], run_config={})
-    strategy = MHpFedHN(build_server(cfg), cfg)
+    strategy = MHpFedHN(build_state(cfg), cfg)
     strategy.discover(grid, timeout=5)
-    assert not strategy.server.clients
-    assert "client-key" in next(iter(strategy.refused.values()))
+    assert not strategy.state.clients
+    assert "client-key" in next(iter(strategy.directory.refused.values()))
 
 
 def test_metrics_are_pooled_and_per_client():
@@ -199,10 +199,10 @@ def test_a_node_that_joins_later_is_queried_and_trained():
     strategy, grid = run({i: "good" for i in range(3)}, rounds=2)
     grid.disconnected.add(1002)
     strategy.discover(grid, timeout=5)
-    assert sorted(strategy.server.clients) == ["c0", "c1"]
+    assert sorted(strategy.state.clients) == ["c0", "c1"]
     grid.disconnected.clear()
     strategy.start(grid)
-    assert sorted(strategy.server.clients) == ["c0", "c1", "c2"]
+    assert sorted(strategy.state.clients) == ["c0", "c1", "c2"]
     assert strategy.history[-1]["clients_trained"] == 3
 
 
@@ -210,15 +210,15 @@ def test_a_restarted_node_keeps_its_embeddings_by_key():
     configs = [{"partition-id": 0, "client-key": "alice"}, {"partition-id": 1}]
     strategy, grid = run({}, node_configs=configs)
     strategy.discover(grid, timeout=5)
-    before = strategy.server.generate(["alice"])["alice"]
+    before = strategy.state.generate(["alice"])["alice"]
     # the node comes back under a new node id with the same key
     context = grid.contexts.pop(1000)
     context.node_id = 2000
     grid.contexts[2000] = context
     strategy.discover(grid, timeout=5)
-    assert strategy.node_of["alice"] == 2000
-    assert len(strategy.server.clients) == 2
-    assert np.array_equal(strategy.server.generate(["alice"])["alice"], before)
+    assert strategy.directory.node_of["alice"] == 2000
+    assert len(strategy.state.clients) == 2
+    assert np.array_equal(strategy.state.generate(["alice"])["alice"], before)
 
 
 def test_partial_participation_is_seeded_and_leaves_others_untouched():
@@ -227,7 +227,7 @@ def test_partial_participation_is_seeded_and_leaves_others_untouched():
     keys = strategy.connected_clients(grid)
     chosen = strategy.sample(1, keys)
     assert len(chosen) == 3 and chosen == strategy.sample(1, keys)
-    others = {k: strategy.server.embedding(k).detach().clone() for k in keys if k not in chosen}
+    others = {k: strategy.state.embedding(k).detach().clone() for k in keys if k not in chosen}
     strategy.start(grid)
     for key, value in others.items():
-        assert torch.equal(strategy.server.embedding(key), value)
+        assert torch.equal(strategy.state.embedding(key), value)

@@ -4,46 +4,54 @@ Each round, before the personalized phase of MH-pFedHN:
 phase 1 sends the global vector w_g = h(v_g)[:K_g] to a seeded fraction of the sampled clients
 (`train.global`); they train it with cross-entropy and return Delta w_g,i and m_i; the server
 takes ONE step on sum_i (m_i / M) VJP(w_g, Delta w_g,i), which moves only the feature
-extractor, the head of tau_g (shared with clients of that tau) and v_g.
-Phase 2 is MH-pFedHN's `train` round; clients that took part in phase 1 are told to distill
-from a teacher ((1 - a) CE + a T^2 KL) unless distillation is off (MH-pFedHNG).
-The global model's pooled accuracy on every client's test split is reported each round.
+extractor, the head of tau_g (shared with clients of that tau) and v_g. Phase 1 is parallel by
+nature, whatever the schedule (as in the authors' code).
+Phase 2 is MH-pFedHN's `train` round, by the configured schedule; clients that took part in
+phase 1 are told to distill from a teacher ((1 - a) CE + a T^2 KL) unless distillation is off
+(MH-pFedHNG). The global model's pooled accuracy on every client's test split is reported.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord
 from flwr.serverapp import Grid
 
 from common import protocol
+from common.config import ExperimentConfig
 from common.seeding import stable_seed
-from server_app.state import GLOBAL_KEY, ClientRecord, RegistrationError
-from server_app.strategy import MHpFedHN, logger
+from server_app.hypernetwork_rounds import HypernetworkRounds
+from server_app.hypernetwork_server import GLOBAL_KEY, HypernetworkServer
+from server_app.round_loop import logger
+from server_app.server_state import ClientRecord, RegistrationError
 
 
-class MHpFedHNGD(MHpFedHN):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+class MHpFedHNGD(HypernetworkRounds):
+    def __init__(self, state: HypernetworkServer, cfg: ExperimentConfig, **kwargs: Any) -> None:
+        super().__init__(state, cfg, **kwargs)
         self.global_keys: list[str] = []  # this round's phase-1 clients
-        self._regenerated: np.ndarray | None = None  # w_g after phase 1, if it is the teacher
+        self.regenerated: np.ndarray | None = None  # w_g after phase 1, if it is the teacher
 
-    def admit(self, identity: protocol.Identity) -> ClientRecord:
-        """Clients also report K_g, the size of the public global model on their data."""
-        if identity.global_num_params is None:
+    def register(self, identity: protocol.Identity) -> ClientRecord:
+        """Clients also report K_g, the size of the public global model on their data; both
+        sizes are checked before anything is registered."""
+        k_g = identity.global_num_params
+        if k_g is None:
             raise RegistrationError("reply lacks global-num-params (needed by MH-pFedHNG/GD)")
-        if GLOBAL_KEY in self.server.clients:
-            known = self.server.record(GLOBAL_KEY).num_params
-            if identity.global_num_params != known:
+        if GLOBAL_KEY in self.state.clients:
+            known = self.state.record(GLOBAL_KEY).num_params
+            if k_g != known:
                 raise RegistrationError(
-                    f"client reports a global model of K_g={identity.global_num_params}, but the "
-                    f"global model has K_g={known}: its data has other classes or channels"
+                    f"client reports a global model of K_g={k_g}, but the global model has "
+                    f"K_g={known}: its data has other classes or channels"
                 )
-        record = super().admit(identity)
-        if GLOBAL_KEY not in self.server.clients:
-            glob = self.server.register_global(identity.global_num_params)
+        self.state.check(GLOBAL_KEY, k_g)
+        self.state.check(identity.client_key, identity.num_params)
+        record = super().register(identity)
+        if GLOBAL_KEY not in self.state.clients:
+            glob = self.state.register_global(k_g)
             logger.info("global model %s: K=%d, tau=%d", self.cfg.global_model.architecture,
                         glob.num_params, glob.tau)  # fmt: skip
         return record
@@ -58,26 +66,27 @@ class MHpFedHNGD(MHpFedHN):
         return sorted(keys[i] for i in rng.choice(len(keys), count, replace=False))
 
     # ---------------------------------------------------------------- phase 1
-    def global_phase(self, grid: Grid, server_round: int, timeout: float) -> None:
+    def global_phase(self, grid: Grid, server_round: int) -> None:
         keys = self.global_keys
         if not keys:
             return
-        w_g = self.server.generate([GLOBAL_KEY])[GLOBAL_KEY]
-        messages = self._messages(
+        w_g = self.state.generate([GLOBAL_KEY])[GLOBAL_KEY]
+        messages = self.messages(
             keys, protocol.TRAIN_GLOBAL, server_round, vectors=dict.fromkeys(keys, w_g)
         )
-        results = self.parse_replies(
-            self._exchange(grid, messages, timeout),
+        results = self.exchange(
+            grid,
+            messages,
             lambda key, r: protocol.parse_train_reply(r, len(w_g)),
             phase=" (global phase)",
         )
         total = sum(r.num_examples for r in results.values())
         ordered = [results[k] for k in sorted(results)]  # arrival order must not matter
         started = time.perf_counter()
-        self.server.apply_weighted_delta(
+        self.state.apply_weighted_delta(
             GLOBAL_KEY, [r.delta for r in ordered], [r.num_examples / total for r in ordered]
         )
-        self._log.values.update(
+        self.round.values.update(
             global_clients_trained=len(results),
             global_train_loss=(
                 sum(r.train_loss * r.num_examples for r in results.values()) / total
@@ -98,35 +107,33 @@ class MHpFedHNGD(MHpFedHN):
             "temperature": g.temperature,
             "teacher": g.teacher,
         }
-        teacher = self._regenerated if g.teacher == "regenerated" else None
-        return config, teacher
+        return config, self.regenerated if g.teacher == "regenerated" else None
 
-    def train_round(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
+    def train_round(self, grid: Grid, server_round: int) -> None:
         """Phase 1, then phase 2. Novel clients (after the join) have no phase 1: the global
         model is part of the frozen hypernetwork, and they do not distill."""
         clients = self.round_clients(server_round, grid)
         generalizing = self.generalizing(server_round)
         self.global_keys = [] if generalizing else self.sample_global(server_round, clients)
-        self.global_phase(grid, server_round, timeout)
-        self._regenerated = None
+        self.global_phase(grid, server_round)
+        self.regenerated = None
         if self.cfg.global_model.teacher == "regenerated" and not generalizing:
-            self._regenerated = self.server.generate([GLOBAL_KEY])[GLOBAL_KEY]
-        return super().train_round(grid, server_round, timeout)
+            self.regenerated = self.state.generate([GLOBAL_KEY])[GLOBAL_KEY]
+        super().train_round(grid, server_round)
 
     # ------------------------------------------------------------- evaluation
-    def evaluate_round(self, grid: Grid, server_round: int, timeout: float) -> MetricRecord | None:
+    def evaluate_round(self, grid: Grid, server_round: int) -> None:
         """Personalized evaluation, then w_g on every client's test split (global_*)."""
-        metrics = super().evaluate_round(grid, server_round, timeout)
+        super().evaluate_round(grid, server_round)
         keys = self.connected_clients(grid)
-        w_g = self.server.generate([GLOBAL_KEY])[GLOBAL_KEY]
-        messages = self._messages(
+        w_g = self.state.generate([GLOBAL_KEY])[GLOBAL_KEY]
+        messages = self.messages(
             keys, protocol.EVALUATE_GLOBAL, server_round, vectors=dict.fromkeys(keys, w_g)
         )
-        stats = self.evaluation_stats(self._exchange(grid, messages, timeout))
+        stats = self.evaluation_stats(self.exchange(grid, messages, self.parse_evaluate))
         if stats is not None:
             stats.pop("clients_evaluated")
-            self._log.values.update({f"global_{k}": v for k, v in stats.items()})
-        return metrics
+            self.round.values.update({f"global_{k}": v for k, v in stats.items()})
 
     def summary(self) -> None:
         super().summary()

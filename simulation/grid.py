@@ -1,7 +1,8 @@
-"""Run the real ServerApp logic against real ClientApps in one process, without Ray.
+"""A Flower `Grid` that hands each message straight to a ClientApp, in this process.
 
-`InProcessGrid` is a Flower `Grid` that hands each message straight to the ClientApp with
-that node's own `Context` (its `state` persists across messages, as in Flower's runtimes).
+Each node has its own `Context` (its `state` persists across messages, as in Flower's
+runtimes). The ClientApp receives a copy of the message, with the message id the grid gave it,
+as a runtime delivers what it deserialised; the server's own Message objects stay untouched.
 Used by the fast tests and by sweeps that do not need Flower's scheduler; the server and
 client code are exactly those that `flwr run` executes.
 """
@@ -9,12 +10,14 @@ client code are exactly those that `flwr run` executes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
+import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -61,11 +64,11 @@ class InProcessGrid(Grid):
 
     @classmethod
     def simulation(
-        cls, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any]
+        cls, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any], **kwargs: Any
     ) -> InProcessGrid:
         """Nodes configured as Flower's simulation does it (partition-id, num-partitions)."""
         configs = [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
-        return cls(client_app, configs, run_config)
+        return cls(client_app, configs, run_config, **kwargs)
 
     def set_run(self, run: Any) -> None:  # the run is fixed at construction
         pass
@@ -84,12 +87,11 @@ class InProcessGrid(Grid):
         ids, delivered = [], []
         for message in messages:
             message_id = f"m{next(self._ids)}"
-            message.metadata.__dict__["_message_id"] = message_id
             ids.append(message_id)
             node = message.metadata.dst_node_id
             if node in self.disconnected or node not in self.contexts:
                 continue  # like an unreachable node: no reply arrives
-            delivered.append(message)
+            delivered.append(_received(message, message_id))
         self.deliver(delivered)
         return ids
 
@@ -118,61 +120,18 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-class BatchedGrid(InProcessGrid):
-    """`engine: batched`: train messages whose clients train plainly (cross-entropy on the
-    whole model) run together (`client_app/batched.py`): with vmap per (type, architecture),
-    else all of one type client by client, `workers` at a time; everything else goes one by
-    one as in InProcessGrid. Messages are prepared and answered by this project's ClientApp
-    code (`client_app.app.TrainJob`), so only the arithmetic is batched; it serves that
-    ClientApp, not an arbitrary one."""
-
-    train_threads: int | None = None  # torch threads per client
-    workers: int = 1  # clients trained at once without vmap (the runner: cores / threads)
-    vectorize: bool | None = None  # None: vmap on CUDA only (see uses_vmap)
-
-    def deliver(self, messages: list[Message]) -> None:
-        from client_app.app import TrainJob, open_session
-        from client_app.batched import train_together, uses_vmap
-        from common.protocol import TRAIN, TRAIN_GLOBAL
-
-        groups: dict[tuple[str, str], list[TrainJob]] = {}
-        rest = []
-        for message in messages:
-            kind = message.metadata.message_type
-            if kind not in (TRAIN, TRAIN_GLOBAL) or "arrays" not in message.content:
-                rest.append(message)
-                continue
-            context = self.contexts[message.metadata.dst_node_id]
-            try:
-                job = TrainJob.prepare(open_session(context), message, kind == TRAIN_GLOBAL)
-            except Exception:
-                rest.append(message)  # the ClientApp reports the same error itself
-                continue
-            if job.plain:
-                device = next(job.model.parameters()).device
-                vmapped = uses_vmap(device, self.vectorize)
-                groups.setdefault((kind, job.architecture if vmapped else ""), []).append(job)
-            else:
-                self._answer(message, lambda job=job: job.reply(job.run()))
-        for jobs in groups.values():
-            try:
-                with torch_threads(self.train_threads):
-                    losses = train_together(
-                        [job.model for job in jobs],
-                        [(job.session.data.x_train, job.session.data.y_train) for job in jobs],
-                        jobs[0].session.settings(),
-                        [job.generator for job in jobs],
-                        self.vectorize,
-                        self.workers,
-                    )
-            except Exception as err:
-                for job in jobs:
-                    self._answer(job.msg, lambda err=err: _raise(err))
-                continue
-            for job, loss in zip(jobs, losses, strict=True):
-                self._answer(job.msg, lambda job=job, loss=loss: job.reply(loss))
-        super().deliver(rest)
-
-
-def _raise(err: Exception) -> Message:
-    raise err
+def _received(message: Message, message_id: str) -> Message:
+    """The message as the destination node would receive it: its own copy, with an id."""
+    sent = message.metadata
+    metadata = Metadata(
+        run_id=sent.run_id,
+        message_id=message_id,
+        src_node_id=sent.src_node_id,
+        dst_node_id=sent.dst_node_id,
+        reply_to_message_id="",
+        group_id=sent.group_id,
+        created_at=sent.created_at or time.time(),
+        ttl=sent.ttl,
+        message_type=sent.message_type,
+    )
+    return Message(metadata=metadata, content=copy.deepcopy(message.content))

@@ -1,4 +1,5 @@
-"""Server state of MH-pFedHN: the hypernetwork, per-client embeddings, registry and optimizer.
+"""The core of MH-pFedHN on the server: the hypernetwork, per-client embeddings, registry and
+optimizer (a `ServerState`, server_app/server_state.py).
 
 Pure PyTorch, no Flower: the Strategy feeds it client keys, parameter counts and deltas.
 Invariants (SPEC section 4):
@@ -19,30 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.config import ExperimentConfig
 from common.seeding import stable_seed
 from server_app.hypernetwork import MultiHeadHypernetwork, num_chunks
+from server_app.schedules import (
+    ONE_BY_ONE,
+    PARALLEL_MEAN,
+    PARALLEL_RESIDUAL,
+    PARALLEL_SEQUENTIAL,
+    SCHEDULES,
+    client_order,
+)
+from server_app.server_state import ClientRecord, ClientRegistry, RegistrationError
 
 logger = logging.getLogger(__name__)
 
-# Round schedules (SPEC section 4): how a round's client updates reach the hypernetwork.
-ONE_BY_ONE = "one_by_one"  # the authors' code: generate, train, step, one client at a time
-PARALLEL_SEQUENTIAL = "parallel_sequential"  # all train round-start thetas; a step per delta
-PARALLEL_MEAN = "parallel_mean"  # all train round-start thetas; one step on the mean VJP
-PARALLEL_RESIDUAL = "parallel_residual"  # a step per client on its residual to its target
-SCHEDULES = (ONE_BY_ONE, PARALLEL_SEQUENTIAL, PARALLEL_MEAN, PARALLEL_RESIDUAL)
 GLOBAL_KEY = "__global__"  # MH-pFedHNGD's global model; client keys may not start with "__"
-
-
-class RegistrationError(ValueError):
-    """A client's reported size or key cannot be accepted; server state is unchanged."""
-
-
-@dataclass(frozen=True)
-class ClientRecord:
-    key: str
-    num_params: int
-    tau: int
-    embedding_name: str
 
 
 @dataclass
@@ -66,12 +59,17 @@ class HypernetworkSettings:
     lr: float = 2e-4
     grad_clip: float = 50.0
     schedule: str = PARALLEL_SEQUENTIAL
-    max_params: int = 50_000_000
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> HypernetworkSettings:
+        return cls(**cfg.hypernetwork.model_dump(exclude={"device"}))
 
 
 def settings_from_dict(values: Mapping) -> HypernetworkSettings:
-    """Settings as a checkpoint stored them (older ones named the schedule `update_mode`)."""
+    """Settings as a checkpoint stored them (older ones named the schedule `update_mode` and
+    kept max_params here)."""
     values = dict(values)
+    values.pop("max_params", None)
     legacy = values.pop("update_mode", None)
     if legacy is not None:
         values["schedule"] = {"sequential": PARALLEL_SEQUENTIAL, "batched": PARALLEL_MEAN}[legacy]
@@ -94,24 +92,6 @@ def fused_adam(device: torch.device) -> bool | None:
     return True if device.type in ("cpu", "cuda") else None
 
 
-def validate_num_params(value: object, max_params: int) -> int:
-    """K must be a positive integer not above the configured capacity."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise RegistrationError(f"parameter count K must be a positive integer, got {value!r}")
-    value = int(value)
-    if value <= 0:
-        raise RegistrationError(f"parameter count K must be a positive integer, got {value}")
-    if value > max_params:
-        raise RegistrationError(
-            f"parameter count K={value} exceeds the server's maximum of {max_params} "
-            "(raise hypernetwork.max_params to accept larger models)"
-        )
-    return value
-
-
 class HypernetworkServer:
     """Owns everything the server learns; generates vectors and applies client deltas."""
 
@@ -121,12 +101,12 @@ class HypernetworkServer:
         *,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        max_params: int = 50_000_000,
     ) -> None:
         self.settings = settings or HypernetworkSettings()
+        self.registry = ClientRegistry(seed, max_params)
         if self.settings.schedule not in SCHEDULES:
-            raise ValueError(
-                f"schedule must be one of {SCHEDULES}, got {self.settings.schedule!r}"
-            )
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.settings.schedule!r}")
         self.seed = seed
         self.device = resolve_device(device) if isinstance(device, str) else device
         s = self.settings
@@ -139,12 +119,21 @@ class HypernetworkServer:
                 hidden_layers=s.hidden_layers,
             ).to(self.device)
         self.embeddings = nn.ParameterDict()
-        self.clients: dict[str, ClientRecord] = {}
+        self.clients: dict[str, ClientRecord] = self.registry.clients
         self.frozen = FrozenParts()
         # fused: one kernel per step instead of ~10 elementwise passes over a head of up to
         # hundreds of millions of weights (6x faster on the CPU, same arithmetic to 1 ulp)
         self.optimizer = torch.optim.Adam(
             self.hnet.feature_extractor.parameters(), lr=s.lr, fused=fused_adam(self.device)
+        )
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> HypernetworkServer:
+        return cls(
+            HypernetworkSettings.from_config(cfg),
+            seed=cfg.seed,
+            device=cfg.hypernetwork.device,
+            max_params=cfg.server.max_params,
         )
 
     # ---------------------------------------------------------------- registry
@@ -160,16 +149,15 @@ class HypernetworkServer:
         """The global model: its own embeddings, the head of its tau (shared with clients)."""
         return self._register(GLOBAL_KEY, num_params)
 
+    def check(self, key: str, num_params: object) -> int:
+        """The K a registration of `key` would accept; raises RegistrationError, changes
+        nothing (so a step that registers several keys can check them all first)."""
+        return self.registry.check(key, num_params)
+
     def _register(self, key: str, num_params: object) -> ClientRecord:
-        k = validate_num_params(num_params, self.settings.max_params)
-        known = self.clients.get(key)
-        if known is not None:
-            if known.num_params != k:
-                raise RegistrationError(
-                    f"client {key!r} reported K={k} but is registered with K={known.num_params}; "
-                    "a client key cannot change its model size (use a new key for a new model)"
-                )
-            return known
+        k = self.check(key, num_params)
+        if key in self.clients:
+            return self.clients[key]
         tau = num_chunks(k, self.settings.chunk_size)
         if not self.hnet.has_head(tau):
             with torch.random.fork_rng(devices=[]):
@@ -190,10 +178,7 @@ class HypernetworkServer:
         return record
 
     def record(self, key: str) -> ClientRecord:
-        try:
-            return self.clients[key]
-        except KeyError:
-            raise KeyError(f"client {key!r} is not registered") from None
+        return self.registry.record(key)
 
     def embedding(self, key: str) -> nn.Parameter:
         return self.embeddings[self.record(key).embedding_name]
@@ -299,13 +284,6 @@ class HypernetworkServer:
         )
         return self._step(self.gradients({key: combined}))
 
-    def update_order(self, keys: Sequence[str], server_round: int) -> list[str]:
-        """Seeded random client order of a round (one_by_one's training order and the order
-        of parallel_sequential / parallel_residual steps), independent of reply arrival."""
-        ordered = sorted(keys)
-        rng = np.random.default_rng(stable_seed(self.seed, "order", server_round))
-        return [ordered[i] for i in rng.permutation(len(ordered))]
-
     def step_client(self, key: str, delta: np.ndarray | torch.Tensor) -> float:
         """One clipped Adam step on one client's VJP at the current state (one_by_one)."""
         tensors = self._checked({key: delta})
@@ -341,17 +319,20 @@ class HypernetworkServer:
             return {"updates": 0, "grad_norms": []}
         norms = []
         schedule = self.settings.schedule
+        order = client_order(self.seed, list(tensors), server_round)
         if schedule == PARALLEL_MEAN:
             norms.append(self._step(self.gradients(tensors, scale=1.0 / len(tensors))))
-        elif schedule in (PARALLEL_SEQUENTIAL, ONE_BY_ONE):
-            for key in self.update_order(list(tensors), server_round):
+        elif schedule in (PARALLEL_SEQUENTIAL, ONE_BY_ONE):  # one_by_one: given all at once
+            for key in order:
                 norms.append(self._step(self.gradients({key: tensors[key]})))
-        else:
+        elif schedule == PARALLEL_RESIDUAL:
             if sent is None:
                 raise ValueError("parallel_residual needs the vectors the clients trained from")
-            for key in self.update_order(list(tensors), server_round):
+            for key in order:
                 start = {key: torch.as_tensor(np.asarray(sent[key], np.float32))}
                 norms.append(self._step(self.gradients({key: tensors[key]}, sent=start)))
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}")
         return {"updates": len(norms), "grad_norms": norms}
 
     # ------------------------------------------------------------- persistence
@@ -360,6 +341,7 @@ class HypernetworkServer:
         return {
             "settings": dataclasses.asdict(self.settings),
             "seed": self.seed,
+            "max_params": self.registry.max_params,
             "clients": [(r.key, r.num_params) for r in self.clients.values()],
             "hnet": self.hnet.state_dict(),
             "embeddings": self.embeddings.state_dict(),
@@ -379,7 +361,12 @@ class HypernetworkServer:
     def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> HypernetworkServer:
         """Rebuild by replaying registrations in their original order (same parameter groups),
         then load the tensors and the optimizer state."""
-        server = cls(settings_from_dict(state["settings"]), seed=state["seed"], device=device)
+        server = cls(
+            settings_from_dict(state["settings"]),
+            seed=state["seed"],
+            device=device,
+            max_params=state.get("max_params", 50_000_000),
+        )
         server._restore_structure(state)
         for key, num_params in state["clients"]:
             server._register(key, num_params)

@@ -1,0 +1,343 @@
+"""The round loop every method shares: a Flower Strategy with its own `start`.
+
+Flower's stock strategies send one global model to everyone; here every node gets its own
+vector, so the loop is ours, built from the usual configure/aggregate pieces. Each round:
+query nodes not seen before (their key and K), train the sampled clients, then send every
+known client its vector for evaluation on its own test split. A method is a subclass that
+changes only what differs: who is admitted (`admit`), what a message carries
+(`instruction_extras`), how a round trains (`train_round`) and what the replies do
+(`aggregate_train`). Replies that are malformed are logged and dropped; they never reach the
+server state.
+
+`configure_*` return one Message per client key; `parse_*` check one reply (raising
+protocol.ReplyError to refuse it); `aggregate_*` take the parsed results of the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from common import protocol
+from common.config import ExperimentConfig, defining_settings
+from common.seeding import stable_seed
+from server_app.checkpoint import Checkpoint, CheckpointWriter
+from server_app.client_directory import ClientDirectory
+from server_app.events import Observers, RunObserver
+from server_app.exchange import Exchange
+from server_app.round_log import RoundLog, run_summary
+from server_app.server_state import ClientRecord, RegistrationError, ServerState
+
+logger = logging.getLogger("flwr.mh_pfedhn")
+
+
+@dataclass
+class ResumePoint:
+    """Where a checkpointed run stopped: the last completed round, the metrics rows so far,
+    and what the Strategy itself keeps (`strategy_state`)."""
+
+    completed_round: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    strategy: dict[str, Any] = field(default_factory=dict)
+
+
+class RoundLoop(Strategy):
+    def __init__(
+        self,
+        state: ServerState,
+        cfg: ExperimentConfig,
+        *,
+        observers: list[RunObserver] | tuple[RunObserver, ...] = (),
+        checkpoints: CheckpointWriter | None = None,
+        resume: ResumePoint | None = None,
+    ) -> None:
+        self.state = state
+        self.cfg = cfg
+        self.method = cfg.method_spec
+        self.observers = Observers(observers)
+        self.checkpoints = checkpoints
+        self.directory = ClientDirectory()
+        resume = resume or ResumePoint()
+        self.completed_round = resume.completed_round
+        self.history = list(resume.history)
+        self.round = RoundLog(0)  # the round in progress (start() begins a new one each round)
+        self._sampled: tuple[int, list[str]] = (-1, [])
+        self.restore(resume.strategy)
+
+    # ------------------------------------------------------- method hooks
+    def admit(self, identity: protocol.Identity) -> ClientRecord | None:
+        """Accept a client from its query reply (raise RegistrationError to refuse it;
+        None: accepted, but registered later)."""
+        if identity.role != "training":
+            raise RegistrationError(
+                f"client {identity.client_key!r} is {identity.role} but {self.cfg.method} has "
+                "no generalization phase"
+            )
+        return self.register(identity)
+
+    def register(self, identity: protocol.Identity) -> ClientRecord:
+        """The registration itself; methods that need more from a client extend this."""
+        return self.state.register(identity.client_key, identity.num_params)
+
+    def eligible(self, server_round: int, keys: list[str]) -> list[str]:
+        """Which of the connected clients may train this round (all of them here)."""
+        return keys
+
+    def instruction_extras(self, message_type: str, key: str) -> tuple[dict, np.ndarray | None]:
+        """Extra config and teacher vector for a client's message (none here)."""
+        return {}, None
+
+    def after_train(self, server_round: int) -> None:
+        """Between a round's training and its evaluation."""
+
+    def strategy_state(self) -> dict[str, Any]:
+        """What this Strategy needs to continue after a restart (goes into the checkpoint)."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The inverse of strategy_state (an empty dict for a new run)."""
+
+    # ------------------------------------------------------------ nodes
+    def wait_for_nodes(self, grid: Grid) -> None:
+        deadline = time.monotonic() + self.cfg.server.wait_for_nodes_s
+        needed = self.cfg.server.min_nodes
+        while len(list(grid.get_node_ids())) < needed and time.monotonic() < deadline:
+            time.sleep(1.0)
+        found = len(list(grid.get_node_ids()))
+        if found < needed:
+            logger.warning("only %d of %d nodes connected; starting anyway", found, needed)
+
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Query nodes never seen (new or restarted SuperNodes) for their key and K."""
+        nodes = self.directory.unknown(grid.get_node_ids())
+        queries = {
+            str(n): Message(protocol.instruction(None, 0), dst_node_id=n, message_type="query")
+            for n in nodes
+        }
+        replies, _ = Exchange(grid, self.cfg.server.pull_interval_s).run(queries, timeout)
+        for label, reply in replies.items():
+            node = int(label)
+            try:
+                identity = protocol.parse_identity(reply)
+                record = self.admit(identity)
+            except (protocol.ReplyError, RegistrationError) as err:
+                self.directory.refuse(node, str(err))
+                continue
+            self.directory.bind(identity.client_key, node)
+            self.log_admission(identity, record)
+
+    def log_admission(self, identity: protocol.Identity, record: ClientRecord | None) -> None:
+        if record is not None:
+            logger.info("client %s: K=%d, tau=%d", identity.client_key, record.num_params,
+                        record.tau)  # fmt: skip
+
+    def connected_clients(self, grid: Grid) -> list[str]:
+        """Registered clients whose node is connected."""
+        live = self.directory.connected(grid.get_node_ids())
+        return [k for k in live if k in self.state.clients]
+
+    def sample(self, server_round: int, keys: list[str]) -> list[str]:
+        """Seeded fraction of the eligible clients (all of them by default)."""
+        fraction = self.cfg.server.fraction_train
+        if fraction >= 1.0 or not keys:
+            return keys
+        count = max(1, int(round(fraction * len(keys))))
+        rng = np.random.default_rng(stable_seed(self.cfg.seed, "sample", server_round))
+        return sorted(keys[i] for i in rng.choice(len(keys), count, replace=False))
+
+    def round_clients(self, server_round: int, grid: Grid) -> list[str]:
+        """The clients sampled for this round (drawn once per round, seeded)."""
+        if self._sampled[0] != server_round:
+            keys = self.eligible(server_round, self.connected_clients(grid))
+            self._sampled = (server_round, self.sample(server_round, keys))
+        return self._sampled[1]
+
+    # -------------------------------------------------------- messaging
+    def messages(
+        self,
+        keys: list[str],
+        message_type: str,
+        server_round: int,
+        vectors: Mapping[str, np.ndarray | None] | None = None,
+    ) -> dict[str, Message]:
+        """One message per client with its own vector (generated now unless given)."""
+        vectors = self.state.generate(keys) if vectors is None else vectors
+        out = {}
+        for key in keys:
+            config, teacher = self.instruction_extras(message_type, key)
+            content = protocol.instruction(vectors[key], server_round, config, teacher)
+            for array in (vectors[key], teacher):
+                self.round.bytes_down += 0 if array is None else array.nbytes
+            node = self.directory.node_of[key]
+            out[key] = Message(content, dst_node_id=node, message_type=message_type)
+        return out
+
+    def exchange(
+        self,
+        grid: Grid,
+        messages: Mapping[str, Message],
+        parse: Callable[[str, Message], Any],
+        phase: str = "",
+    ) -> dict[str, Any]:
+        """Send the messages; parse(key, reply) each reply as it arrives. Refused replies and
+        clients that did not answer in time are logged and left out. bytes_up counts what
+        accepted replies carried (sparse when top-p)."""
+        results: dict[str, Any] = {}
+
+        def on_reply(key: str, reply: Message) -> None:
+            try:
+                results[key] = parse(key, reply)
+            except protocol.ReplyError as err:
+                self.round.reject(f"{key}{phase}", str(err))
+                return
+            self.round.bytes_up += getattr(results[key], "bytes_up", 0)
+
+        exchange = Exchange(grid, self.cfg.server.pull_interval_s)
+        _, missing = exchange.run(messages, self.cfg.server.timeout_s, on_reply)
+        for key in missing:
+            self.round.reject(f"{key}{phase}", "no reply before the timeout")
+        return {k: results[k] for k in sorted(results)}
+
+    # ------------------------------------------------------------ train
+    def configure_train(self, server_round: int, grid: Grid) -> dict[str, Message]:
+        return self.messages(self.round_clients(server_round, grid), protocol.TRAIN, server_round)
+
+    def parse_train(self, key: str, reply: Message) -> protocol.TrainResult:
+        return protocol.parse_train_reply(reply, self.state.record(key).num_params)
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        results: Mapping[str, protocol.TrainResult],
+        sent: Mapping[str, Message],
+    ) -> None:
+        """Hand the round's deltas to the server state (which applies them its own way)."""
+        started = time.perf_counter()
+        self.state.apply_deltas(
+            {k: r.delta for k, r in results.items()},
+            server_round,
+            weights={k: r.num_examples for k, r in results.items()},
+            sent={k: protocol.read_theta(sent[k]) for k in results},
+        )
+        self.record_training(results, time.perf_counter() - started)
+
+    def record_training(
+        self, results: Mapping[str, protocol.TrainResult], update_s: float | None = None
+    ) -> None:
+        """clients_trained and the example-weighted train loss (and the server's time)."""
+        examples = sum(r.num_examples for r in results.values())
+        loss = sum(r.train_loss * r.num_examples for r in results.values())
+        values: dict[str, Any] = {
+            "clients_trained": len(results),
+            "train_loss": loss / examples if examples else float("nan"),
+        }
+        if update_s is not None:
+            per_client = update_s / len(results) if results else 0.0
+            values.update(
+                server_update_seconds=update_s, server_seconds_per_client_update=per_client
+            )
+        self.round.values.update(values)
+
+    def train_round(self, grid: Grid, server_round: int) -> None:
+        """A parallel round: every sampled client trains the vector of the round's start."""
+        messages = self.configure_train(server_round, grid)
+        results = self.exchange(grid, messages, self.parse_train)
+        self.aggregate_train(server_round, results, messages)
+
+    # --------------------------------------------------------- evaluate
+    def configure_evaluate(self, server_round: int, grid: Grid) -> dict[str, Message]:
+        return self.messages(self.connected_clients(grid), protocol.EVALUATE, server_round)
+
+    def parse_evaluate(self, key: str, reply: Message) -> protocol.EvalResult:
+        return protocol.parse_evaluate_reply(reply)
+
+    def evaluation_stats(self, results: Mapping[str, protocol.EvalResult]) -> dict[str, Any] | None:
+        """Pooled (total correct / total samples) and per-client accuracy, pooled loss."""
+        total = sum(r.num_examples for r in results.values())
+        if not total:
+            return None
+        per_client = {k: r.correct / r.num_examples for k, r in sorted(results.items())}
+        return {
+            "accuracy": sum(r.correct for r in results.values()) / total,
+            "accuracy_client_mean": float(np.mean(list(per_client.values()))),
+            "loss": sum(r.loss_sum for r in results.values()) / total,
+            "clients_evaluated": len(results),
+            "client_accuracy": per_client,
+        }
+
+    def aggregate_evaluate(
+        self, server_round: int, results: Mapping[str, protocol.EvalResult]
+    ) -> None:
+        stats = self.evaluation_stats(results)
+        if stats is not None:
+            self.round.values.update(stats)
+
+    def evaluate_round(self, grid: Grid, server_round: int) -> None:
+        messages = self.configure_evaluate(server_round, grid)
+        self.aggregate_evaluate(server_round, self.exchange(grid, messages, self.parse_evaluate))
+
+    # ------------------------------------------------------------- loop
+    def summary(self) -> None:
+        c = self.cfg
+        logger.info(
+            "%s: %d rounds, %s, data %s (%s), models %s, seed %d",
+            c.method,
+            c.rounds,
+            f"{c.hypernetwork.schedule} schedule" if self.method.schedules else "parallel rounds",
+            c.data.source,
+            c.data.partitioner,
+            ",".join(c.clients.models),
+            c.seed,
+        )
+
+    def evaluation_due(self, server_round: int, num_rounds: int) -> bool:
+        every = self.cfg.server.evaluate_every
+        if every == 0:
+            return False
+        join = self.cfg.generalization.join_round
+        return server_round in (0, num_rounds, join) or server_round % every == 0
+
+    def _checkpoint(self, server_round: int, num_rounds: int) -> None:
+        every = self.cfg.server.checkpoint_every
+        if self.checkpoints is None or every == 0:
+            return
+        if server_round % every == 0 or server_round == num_rounds:
+            checkpoint = Checkpoint(self.state, server_round, self.history,
+                                    self.strategy_state(), defining_settings(self.cfg))  # fmt: skip
+            self.checkpoints.save(checkpoint)
+            self.observers.checkpoint_saved(server_round, self.checkpoints.path)
+
+    def start(self, grid: Grid, *_: Any, **__: Any) -> Result:
+        """Query, then rounds of train + evaluate; every round is reported as it ends."""
+        num_rounds = self.cfg.rounds
+        self.summary()
+        first = 0 if self.evaluation_due(0, num_rounds) else 1
+        first = max(first, self.completed_round + 1)
+        self.round = RoundLog(first)
+        self.observers.run_started(self.cfg, first, num_rounds)
+        self.wait_for_nodes(grid)
+        self.discover(grid, self.cfg.server.timeout_s)
+        logger.info("server state: %s", self.state.describe())
+        for server_round in range(first, num_rounds + 1):
+            self.round = RoundLog(server_round)
+            if server_round > 0:
+                self.discover(grid, self.cfg.server.timeout_s)
+                self.train_round(grid, server_round)
+            self.after_train(server_round)
+            if self.evaluation_due(server_round, num_rounds):
+                self.evaluate_round(grid, server_round)
+            row = self.round.row()
+            self.history.append(row)
+            self.completed_round = server_round
+            self.observers.round_finished(row, num_rounds)
+            self._checkpoint(server_round, num_rounds)
+        self.observers.run_finished(run_summary(self.history))
+        return Result()

@@ -1,0 +1,77 @@
+"""`engine: batched`: the in-process grid that trains many clients' messages together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Message
+
+from client_app.app import TrainJob, open_session
+from client_app.batched import train_together, uses_vmap
+from common.protocol import TRAIN, TRAIN_GLOBAL
+from simulation.grid import InProcessGrid, torch_threads
+
+
+class BatchedGrid(InProcessGrid):
+    """`engine: batched`: train messages whose clients train plainly (cross-entropy on the
+    whole model) run together (`client_app/batched.py`): with vmap per (type, architecture),
+    else all of one type client by client, `workers` at a time; everything else goes one by
+    one as in InProcessGrid. Messages are prepared and answered by this project's ClientApp
+    code (`client_app.app.TrainJob`), so only the arithmetic is batched; it serves that
+    ClientApp, not an arbitrary one."""
+
+    def __init__(
+        self,
+        *args: Any,
+        train_threads: int | None = None,
+        workers: int = 1,
+        vectorize: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_threads = train_threads  # torch threads per client
+        self.workers = workers  # clients trained at once without vmap (cores / threads)
+        self.vectorize = vectorize  # None: vmap on CUDA only (see uses_vmap)
+
+    def deliver(self, messages: list[Message]) -> None:
+        groups: dict[tuple[str, str], list[TrainJob]] = {}
+        rest = []
+        for message in messages:
+            kind = message.metadata.message_type
+            if kind not in (TRAIN, TRAIN_GLOBAL) or "arrays" not in message.content:
+                rest.append(message)
+                continue
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                job = TrainJob.prepare(open_session(context), message, kind == TRAIN_GLOBAL)
+            except Exception:
+                rest.append(message)  # the ClientApp reports the same error itself
+                continue
+            if job.plain:
+                device = next(job.model.parameters()).device
+                vmapped = uses_vmap(device, self.vectorize)
+                groups.setdefault((kind, job.architecture if vmapped else ""), []).append(job)
+            else:
+                self._answer(message, lambda job=job: job.reply(job.run()))
+        for jobs in groups.values():
+            try:
+                with torch_threads(self.train_threads):
+                    losses = train_together(
+                        [job.model for job in jobs],
+                        [(job.session.data.x_train, job.session.data.y_train) for job in jobs],
+                        jobs[0].session.settings(),
+                        [job.generator for job in jobs],
+                        self.vectorize,
+                        self.workers,
+                    )
+            except Exception as err:
+                for job in jobs:
+                    self._answer(job.msg, lambda err=err: _raise(err))
+                continue
+            for job, loss in zip(jobs, losses, strict=True):
+                self._answer(job.msg, lambda job=job, loss=loss: job.reply(loss))
+        super().deliver(rest)
+
+
+def _raise(err: Exception) -> Message:
+    raise err
