@@ -135,7 +135,8 @@ def test_novel_clients_join_after_training_and_only_they_learn(
     )
     server, rows = strategy.state, strategy.history
     novel = "partition-3"
-    assert strategy.novel.roles == {f"partition-{i}": "training" for i in range(3)} | {novel: "novel"}
+    roles = {f"partition-{i}": "training" for i in range(3)} | {novel: "novel"}
+    assert strategy.novel.roles == roles
     # held back during training: not registered, not trained, not evaluated
     assert [r["clients_trained"] for r in rows[1:]] == [3, 3, 1, 1]
     assert [r["novel_clients"] for r in rows] == [0, 0, 1, 1, 1]
