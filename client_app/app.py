@@ -43,6 +43,7 @@ def query(msg: Message, context: Context) -> Message:
         sizes,
         initial,
         role=session.spec.role,
+        proof=session.proof(),
     )
     return Message(reply, reply_to=msg)
 

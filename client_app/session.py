@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
 from client_app.data import ClientData, load_client_data
-from client_app.spec import ClientSpec, client_spec
+from client_app.spec import ClientSpec, NodeConfigError, client_spec
 from client_app.store import ClientStore
 from client_app.training import SGDSettings
 from common import protocol
@@ -38,6 +39,7 @@ GLOBAL_TRAINED = "global-trained"  # this client's phase-1-trained copy ("phase1
 LOCAL_MODEL = "local-model"  # the Local baseline's own model (parameters and buffers)
 LOCAL_LAYERS = "local-layers"  # layers this client never sends (paper C.9)
 VECTOR = "vector"
+IDENTITY = "identity"  # this client's generated secret
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,25 @@ class Session:
     @property
     def method(self) -> Method:
         return self.cfg.method_spec
+
+    def proof(self) -> str:
+        """This client's secret (protocol `client-proof`): node config `client-secret`, or
+        one generated once and kept in its store (the state dir, or Flower's context)."""
+        configured = self.context.node_config.get("client-secret")
+        if configured:
+            secret = str(configured)
+            if not protocol.MIN_PROOF_LENGTH <= len(secret) <= protocol.MAX_PROOF_LENGTH:
+                raise NodeConfigError(
+                    f"node config 'client-secret' must have {protocol.MIN_PROOF_LENGTH}-"
+                    f"{protocol.MAX_PROOF_LENGTH} characters"
+                )
+            return secret
+        stored = self.store.get(IDENTITY)
+        if stored is not None:
+            return bytes(stored["secret"]).decode()
+        secret = secrets.token_urlsafe(32)
+        self.store.put(IDENTITY, {"secret": np.frombuffer(secret.encode(), np.uint8)})
+        return secret
 
     def generator(self, *purpose: object) -> torch.Generator:
         return torch.Generator().manual_seed(stable_seed(self.cfg.seed, *purpose, self.spec.key))

@@ -14,11 +14,27 @@ from dataclasses import dataclass
 
 from common.config import DataConfig, ExperimentConfig
 from common.param_vector import parse_layer_patterns
-from common.protocol import ROLES
+from common.protocol import ROLES, check_client_key
 
 
 class NodeConfigError(ValueError):
     """The SuperNode's node config cannot describe a client; says what to set."""
+
+
+NODE_CONFIG_KEYS = (
+    "partition-id",
+    "num-partitions",
+    "client-key",
+    "client-secret",
+    "model",
+    "data-source",
+    "data-root",
+    "role",
+    "local-layers",
+    "frozen-layers",
+    "state-dir",
+    "message-log",
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,11 @@ def _int_setting(node_config: Mapping, key: str) -> int | None:
 
 def client_spec(node_config: Mapping, cfg: ExperimentConfig) -> ClientSpec:
     """Resolve this node's identity, model and data settings."""
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise NodeConfigError(
+            f"unknown node config key(s) {unknown}; valid: {list(NODE_CONFIG_KEYS)}"
+        )
     partition_id = _int_setting(node_config, "partition-id")
     num_partitions = _int_setting(node_config, "num-partitions")
     configured = cfg.data.num_clients
@@ -67,6 +88,10 @@ def client_spec(node_config: Mapping, cfg: ExperimentConfig) -> ClientSpec:
         raise NodeConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     role, model_name = _role_and_model(node_config, cfg, partition_id, num_partitions)
     key = str(node_config.get("client-key") or f"partition-{partition_id}")
+    try:
+        check_client_key(key)
+    except ValueError as err:
+        raise NodeConfigError(f"node config 'client-key': {err}") from None
     overrides = {}
     if node_config.get("data-source"):
         overrides["source"] = str(node_config["data-source"])

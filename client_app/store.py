@@ -9,13 +9,29 @@ and the next run, and a resumed simulation continues with every client's own sta
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
+
+PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
+
+
+def folder_name(client_key: str) -> str:
+    """A folder name for a key, one per key: plain keys as they are; any other key (`..`,
+    `a/b`, unicode) percent-encoded after a leading `%`, which no plain name has; very long
+    ones as `%sha256-` and their hash, within file-name limits."""
+    if PLAIN.fullmatch(client_key):
+        return client_key
+    encoded = "%" + quote(client_key, safe="")
+    if len(encoded) > 200:
+        return "%sha256-" + hashlib.sha256(client_key.encode()).hexdigest()
+    return encoded
 
 
 class ClientStore:
@@ -24,8 +40,7 @@ class ClientStore:
         state_dir = context.node_config.get("state-dir") or default_dir
         self.directory = None
         if state_dir:
-            safe_key = re.sub(r"[^A-Za-z0-9_.-]", "_", client_key)
-            self.directory = Path(str(state_dir)).expanduser() / safe_key
+            self.directory = Path(str(state_dir)).expanduser() / folder_name(client_key)
 
     def _path(self, name: str) -> Path:
         assert self.directory is not None

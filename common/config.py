@@ -143,6 +143,47 @@ class HypernetworkConfig(_Section):
 
 class ServerConfig(_Section):
     max_params: int = Field(50_000_000, gt=0, description="largest K the server accepts")
+    memory_budget_gb: float | Literal["auto"] = Field(
+        "auto",
+        description="memory the server's learned state may take (parameters, gradients, "
+        "Adam moments); a registration that would exceed it is refused before anything is "
+        "allocated. auto: half the machine's memory, or 90% of the GPU's",
+    )
+    max_delta_abs: float = Field(
+        1e4,
+        gt=0,
+        description="a delta with an entry larger than this in absolute value is "
+        "refused (parameter changes of that size are never honest)",
+    )
+    max_example_weight: float = Field(
+        4.0,
+        ge=0,
+        description="a client's example count weighs at most this many times the "
+        "round's lower median (FedAvg, MH-pFedHNGD phase 1); 0: unbounded",
+    )
+    delta_norm_bound: float = Field(
+        0.0,
+        ge=0,
+        description="defence against hostile directions: a delta whose norm is "
+        "above this many times the median of recent accepted norms (same K) is scaled down "
+        "to that; 0: off",
+    )
+    require_client_proof: bool = Field(
+        True,
+        description="refuse clients that send no client-proof (their key could be "
+        "taken over by anyone)",
+    )
+    bind_node_ids: bool = Field(
+        False,
+        description="with Flower's SuperNode authentication on (stable node ids): a "
+        "key also stays bound to the node id it first registered from",
+    )
+    requery_rounds: int = Field(
+        1,
+        ge=0,
+        description="a refused node is asked again after this many rounds, then "
+        "after twice as many each time (at most 64); 0: never",
+    )
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_nodes: int = Field(2, gt=0)
     wait_for_nodes_s: float = Field(300.0, ge=0)

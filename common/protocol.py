@@ -2,7 +2,9 @@
 
 This is all a client implementation has to honour (see README "Plugging in your own model"):
 
-- query         reply   config  {"client-key": str, "num-params": K
+- query         reply   config  {"client-key": str (at most 128 characters), "num-params": K
+                                 [, "client-proof": str  (16-256 characters: a secret the
+                                    client keeps; the first one registered binds the key)]
                                  [, "role": "novel"  (joins after training, paper 4.4)]
                                  [, "global-num-params": K_g  (MH-pFedHNG/GD)]
                                  [, "tensor-sizes": [int, ...]  (pFedHN baseline)]}
@@ -28,7 +30,7 @@ Parsing is strict so that a malformed reply is refused before it can touch serve
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -53,6 +55,13 @@ TENSOR_SIZES = "tensor-sizes"
 INITIAL = "initial"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+CLIENT_PROOF = (
+    "client-proof"  # a secret the client keeps; binds its key (server_app/client_directory.py)
+)
+
+MAX_KEY_LENGTH = 128
+MIN_PROOF_LENGTH, MAX_PROOF_LENGTH = 16, 256
+MAX_VECTOR = 2**31 - 1  # no vector of more entries is ever accepted
 
 
 class ReplyError(ValueError):
@@ -65,8 +74,9 @@ class Identity:
     num_params: object  # validated by the server (it may be anything a client sends)
     global_num_params: object = None
     tensor_sizes: list | None = None
-    initial: np.ndarray | None = None
+    initial: np.ndarray | None = field(default=None, repr=False)
     role: str = "training"
+    proof: str | None = field(default=None, repr=False)  # never printed
 
 
 @dataclass(frozen=True)
@@ -131,8 +141,11 @@ def identity_reply(
     tensor_sizes: list[int] | None = None,
     initial: np.ndarray | None = None,
     role: str = "training",
+    proof: str | None = None,
 ) -> RecordDict:
     identity: dict = {CLIENT_KEY: client_key, NUM_PARAMS: num_params}
+    if proof is not None:
+        identity[CLIENT_PROOF] = proof
     if role != "training":
         identity[ROLE] = role
     if global_num_params is not None:
@@ -190,9 +203,13 @@ def evaluate_reply(num_examples: int, correct: int, loss_sum: float) -> RecordDi
 
 
 # --------------------------------------------------------------- strict parsing
+# A reply is client-chosen bytes: every parser below raises ReplyError, and nothing else, for
+# anything it cannot use, and checks sizes before it decodes (tests/test_hardening.py).
+
+
 def _record(message: Message, name: str, kind: type):
     if message.has_error():
-        raise ReplyError(f"client error {message.error.code}: {message.error.reason}")
+        raise ReplyError(f"client error {message.error.code}: {message.error.reason}"[:500])
     if not message.has_content() or name not in message.content:
         raise ReplyError(f"reply has no {name!r} record")
     record = message.content[name]
@@ -210,25 +227,91 @@ def _field(record, name: str, types: tuple[type, ...]):
     return value
 
 
+def _optional_arrays(message: Message) -> ArrayRecord | None:
+    if "arrays" not in message.content:
+        return None
+    return _record(message, "arrays", ArrayRecord)
+
+
+def _decode(
+    arrays: ArrayRecord, name: str, dtypes: tuple[type, ...], max_size: int, shape=None
+) -> np.ndarray:
+    """One array, strictly: its declared serialisation, dtype and size are checked before
+    it is decoded (so a claim of 10^12 entries costs nothing), the decoded array must match
+    what it declared, and a decoding failure is a ReplyError."""
+    array = arrays[name]
+    if not isinstance(array, Array) or array.stype != "numpy.ndarray":
+        raise ReplyError(f"{name!r} is not a numpy-serialised array")
+    try:
+        dtype = np.dtype(array.dtype)
+        declared = tuple(int(n) for n in array.shape)
+    except (TypeError, ValueError) as err:
+        raise ReplyError(f"{name!r} declares an unusable dtype or shape ({err})") from None
+    if dtype not in [np.dtype(d) for d in dtypes]:
+        raise ReplyError(f"{name!r} has dtype {dtype}, expected {'/'.join(map(str, dtypes))}")
+    if len(declared) != 1 or not 0 <= declared[0] <= max_size:
+        raise ReplyError(f"{name!r} has shape {declared}, expected at most ({max_size},)")
+    if shape is not None and declared != shape:
+        raise ReplyError(f"{name!r} has shape {declared}, expected {shape}")
+    try:
+        values = array.numpy()
+    except Exception as err:  # noqa: BLE001 - any decoding failure is the client's fault
+        raise ReplyError(f"{name!r} cannot be decoded ({type(err).__name__})") from None
+    if values.dtype != dtype or values.shape != declared:
+        raise ReplyError(f"{name!r} holds {values.dtype}{values.shape}, not the declared "
+                         f"{dtype}{declared}")  # fmt: skip
+    return values
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise ReplyError(f"{what} holds {int((~np.isfinite(values)).sum())} NaN/Inf values")
+    return values
+
+
+def check_client_key(key: object) -> str:
+    """A client key: a non-empty printable string of at most MAX_KEY_LENGTH characters."""
+    if not isinstance(key, str) or not key:
+        raise ReplyError(f"client key must be a non-empty string, got {type(key).__name__}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ReplyError(f"client key of {len(key)} characters (at most {MAX_KEY_LENGTH})")
+    if not key.isprintable():
+        raise ReplyError("client key holds control characters")
+    return key
+
+
 def parse_identity(message: Message) -> Identity:
     config = _record(message, "config", ConfigRecord)
-    key = _field(config, CLIENT_KEY, (str,))
+    key = check_client_key(_field(config, CLIENT_KEY, (str,)))
     if NUM_PARAMS not in config:
         raise ReplyError(f"reply lacks {NUM_PARAMS!r}")
     initial = None
-    if "arrays" in message.content and INITIAL in message.content["arrays"]:
-        initial = message.content["arrays"][INITIAL].numpy()
+    arrays = _optional_arrays(message)
+    if arrays is not None and INITIAL in arrays:
+        initial = _finite(_decode(arrays, INITIAL, (np.float32,), MAX_VECTOR), "initial")
     sizes = config.get(TENSOR_SIZES)
+    if sizes is not None and (
+        not isinstance(sizes, list) or not all(type(n) is int and n > 0 for n in sizes)
+    ):
+        raise ReplyError(f"{TENSOR_SIZES!r} must be a list of positive integers")
     role = config.get(ROLE, "training")
     if role not in ROLES:
-        raise ReplyError(f"unknown role {role!r}; expected one of {ROLES}")
+        raise ReplyError(f"unknown role {str(role)[:40]!r}; expected one of {ROLES}")
+    proof = config.get(CLIENT_PROOF)
+    if proof is not None and (
+        not isinstance(proof, str) or not MIN_PROOF_LENGTH <= len(proof) <= MAX_PROOF_LENGTH
+    ):
+        raise ReplyError(
+            f"{CLIENT_PROOF!r} must be a string of {MIN_PROOF_LENGTH}-{MAX_PROOF_LENGTH} characters"
+        )
     return Identity(
         key,
         config[NUM_PARAMS],
         config.get(GLOBAL_NUM_PARAMS),
-        None if sizes is None else list(sizes),
+        sizes,
         initial,
         role,
+        proof,
     )
 
 
@@ -239,55 +322,50 @@ def _count(metrics, name: str) -> int:
     return int(value)
 
 
-def _payload_bytes(array: Array) -> int:
-    """Bytes of the array's elements (Flower adds a ~128-byte header per array)."""
-    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+def _loss(metrics) -> float:
+    if "train-loss" not in metrics:
+        return float("nan")
+    return float(_field(metrics, "train-loss", (int, float)))
 
 
-def _finite_float32(values: np.ndarray, what: str) -> None:
-    if values.dtype != np.float32:
-        raise ReplyError(f"{what} has dtype {values.dtype}, expected float32")
-    if not np.isfinite(values).all():
-        raise ReplyError(f"{what} holds {int((~np.isfinite(values)).sum())} NaN/Inf values")
-
-
-def _sparse_delta(arrays: ArrayRecord, expected_params: int) -> np.ndarray:
-    """The dense delta from a top-p upload: zero off the sent indices."""
+def _sparse_delta(arrays: ArrayRecord, expected_params: int) -> tuple[np.ndarray, int]:
+    """The dense delta from a top-p upload (zero off the sent indices), and the bytes sent."""
     if DELTA_INDICES not in arrays or DELTA_VALUES not in arrays:
         raise ReplyError(f"reply lacks the {DELTA!r} array (or {DELTA_INDICES!r} and "
                          f"{DELTA_VALUES!r})")  # fmt: skip
-    indices, values = arrays[DELTA_INDICES].numpy(), arrays[DELTA_VALUES].numpy()
-    if indices.dtype not in (np.int32, np.int64) or indices.ndim != 1:
-        raise ReplyError(f"delta-indices must be 1-D int32/int64, got {indices.dtype}")
-    if values.shape != indices.shape:
-        raise ReplyError(f"{values.shape[0] if values.ndim else 0} values for "
-                         f"{indices.shape[0]} indices")  # fmt: skip
-    _finite_float32(values, "delta-values")
+    indices = _decode(arrays, DELTA_INDICES, (np.int32, np.int64), expected_params)
+    values = _decode(arrays, DELTA_VALUES, (np.float32,), expected_params, indices.shape)
+    _finite(values, "delta-values")
     if indices.size and (indices.min() < 0 or indices.max() >= expected_params):
         raise ReplyError(f"delta-indices outside 0..{expected_params - 1}")
     if indices.size > 1 and not (np.diff(indices) > 0).all():
         raise ReplyError("delta-indices must be strictly increasing (no repeats)")
     delta = np.zeros(expected_params, np.float32)
     delta[indices] = values
-    return delta
+    return delta, indices.nbytes + values.nbytes
 
 
-def parse_train_reply(message: Message, expected_params: int) -> TrainResult:
-    """A dense or top-p delta, checked before it can reach the server state."""
+def parse_train_reply(
+    message: Message, expected_params: int, max_abs: float = float("inf")
+) -> TrainResult:
+    """A dense or top-p delta, checked before it can reach the server state; an entry above
+    `max_abs` in absolute value refuses it."""
     arrays = _record(message, "arrays", ArrayRecord)
     metrics = _record(message, "metrics", MetricRecord)
-    if DELTA in arrays:
-        delta = arrays[DELTA].numpy()
-        _finite_float32(delta, "delta")
-        if delta.shape != (expected_params,):
-            raise ReplyError(f"delta has shape {delta.shape}, expected ({expected_params},)")
-    else:
-        delta = _sparse_delta(arrays, expected_params)
     num_examples = _count(metrics, NUM_EXAMPLES)
     if num_examples == 0:
         raise ReplyError("num-examples is 0")
-    loss = float(metrics.get("train-loss", float("nan")))
-    bytes_up = sum(_payload_bytes(array) for array in arrays.values())
+    loss = _loss(metrics)
+    if DELTA in arrays:
+        shape = (expected_params,)
+        delta = _finite(_decode(arrays, DELTA, (np.float32,), expected_params, shape), "delta")
+        bytes_up = delta.nbytes
+    else:
+        delta, bytes_up = _sparse_delta(arrays, expected_params)
+    largest = float(np.abs(delta).max()) if delta.size else 0.0
+    if largest > max_abs:
+        raise ReplyError(f"delta has an entry of {largest:.3g} (at most {max_abs:g} accepted: "
+                         "server.max_delta_abs)")  # fmt: skip
     return TrainResult(delta, num_examples, loss, bytes_up)
 
 
@@ -297,8 +375,7 @@ def parse_local_train_reply(message: Message) -> TrainResult:
     if "arrays" in message.content:
         raise ReplyError("a Local client must not send parameters")
     num_examples = _count(metrics, NUM_EXAMPLES)
-    loss = float(metrics.get("train-loss", float("nan")))
-    return TrainResult(delta=np.empty(0, np.float32), num_examples=num_examples, train_loss=loss)
+    return TrainResult(np.empty(0, np.float32), num_examples, _loss(metrics))
 
 
 def parse_evaluate_reply(message: Message) -> EvalResult:
@@ -306,6 +383,6 @@ def parse_evaluate_reply(message: Message) -> EvalResult:
     n = _count(metrics, NUM_EXAMPLES)
     correct = _count(metrics, "correct")
     loss_sum = float(_field(metrics, "loss-sum", (int, float)))
-    if correct > n or not np.isfinite(loss_sum):
+    if correct > n or not np.isfinite(loss_sum) or loss_sum < 0:
         raise ReplyError(f"inconsistent evaluation: correct={correct}, n={n}, loss-sum={loss_sum}")
     return EvalResult(num_examples=n, correct=correct, loss_sum=loss_sum)

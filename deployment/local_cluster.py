@@ -11,6 +11,7 @@ then stops every process it started, their children included. Logs go to <workdi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -64,7 +65,11 @@ class LocalCluster:
         binds: dict[str, str] | None = None,
         extra_args: dict[str, list[str]] | None = None,
     ) -> None:
-        self.nodes = nodes
+        # every site keeps its state (its client secret included) across restarts
+        self.nodes = [
+            n if n.state_dir else dataclasses.replace(n, state_dir=str(workdir / "state"))
+            for n in nodes
+        ]
         self.workdir = workdir
         self.tls = tls
         self.host = host

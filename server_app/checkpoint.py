@@ -49,7 +49,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
 
 
 def load_checkpoint(
-    path: Path, server_class: type, device: str | torch.device = "cpu"
+    path: Path, server_class: type, device: str | torch.device = "cpu", **server_options: Any
 ) -> Checkpoint:
     if not path.is_file():
         raise FileNotFoundError(
@@ -61,7 +61,7 @@ def load_checkpoint(
     if state.get("kind", server_class.__name__) != server_class.__name__:
         raise ValueError(f"{path} holds a {state['kind']} state, not a {server_class.__name__}")
     return Checkpoint(
-        server_class.from_state_dict(state["server"], device=device),
+        server_class.from_state_dict(state["server"], device=device, **server_options),
         int(state["round"]),
         list(state["history"]),
         dict(state.get("strategy", {})),

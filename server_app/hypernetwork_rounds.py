@@ -14,7 +14,7 @@ from server_app.hypernetwork_server import HypernetworkServer
 from server_app.novel_clients import NOVEL, TRAINING, NovelClients
 from server_app.round_loop import RoundLoop, logger
 from server_app.schedules import ONE_BY_ONE, client_order
-from server_app.server_state import ClientRecord
+from server_app.server_state import ClientRecord, UpdateRejected
 
 
 class HypernetworkRounds(RoundLoop):
@@ -71,11 +71,18 @@ class HypernetworkRounds(RoundLoop):
         for key in client_order(self.state.seed, keys, server_round):
             messages = self.messages([key], protocol.TRAIN, server_round)
             reply = self.exchange(grid, messages, self.parse_train)
-            if key in reply:
-                started = time.perf_counter()
-                self.state.step_client(key, reply[key].delta)
+            if key not in reply:
+                continue
+            result = self.bounded(key, reply[key])
+            started = time.perf_counter()
+            try:
+                self.state.step_client(key, result.delta)
+            except UpdateRejected as err:
+                self.round.reject(key, str(err))
+                continue
+            finally:
                 update_s += time.perf_counter() - started
-                results[key] = reply[key]
+            results[key] = result
         self.record_training(results, update_s)
 
     # --------------------------------------------------------- evaluate
@@ -92,8 +99,12 @@ class HypernetworkRounds(RoundLoop):
 
     # ------------------------------------------------------ checkpoint
     def strategy_state(self) -> dict[str, Any]:
-        return {} if self.novel is None else {"novel_clients": self.novel.state_dict()}
+        state = super().strategy_state()
+        if self.novel is not None:
+            state["novel_clients"] = self.novel.state_dict()
+        return state
 
     def restore(self, state: dict[str, Any]) -> None:
+        super().restore(state)
         if self.novel is not None and "novel_clients" in state:
             self.novel.load_state_dict(state["novel_clients"])

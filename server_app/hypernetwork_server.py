@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,12 @@ from server_app.schedules import (
     SCHEDULES,
     client_order,
 )
-from server_app.server_state import ClientRecord, ClientRegistry, RegistrationError
+from server_app.server_state import (
+    ClientRecord,
+    ClientRegistry,
+    RegistrationError,
+    UpdateRejected,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,18 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
+BYTES_PER_WEIGHT = 16  # a float32 weight, its gradient and Adam's two moments
+
+
+def memory_budget_bytes(setting: float | str, device: torch.device) -> int:
+    """server.memory_budget_gb in bytes; "auto": 90% of the GPU, or half the machine's RAM."""
+    if setting != "auto":
+        return int(float(setting) * 1e9)
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def fused_adam(device: torch.device) -> bool | None:
     """PyTorch's fused Adam on the devices it has kernels for here, else its default."""
     return True if device.type in ("cpu", "cuda") else None
@@ -102,6 +120,7 @@ class HypernetworkServer:
         seed: int = 0,
         device: str | torch.device = "cpu",
         max_params: int = 50_000_000,
+        memory_budget: float | str = "auto",
     ) -> None:
         self.settings = settings or HypernetworkSettings()
         self.registry = ClientRegistry(seed, max_params)
@@ -109,6 +128,7 @@ class HypernetworkServer:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.settings.schedule!r}")
         self.seed = seed
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.memory_budget = memory_budget_bytes(memory_budget, self.device)
         s = self.settings
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed(seed, "feature_extractor"))
@@ -134,6 +154,7 @@ class HypernetworkServer:
             seed=cfg.seed,
             device=cfg.hypernetwork.device,
             max_params=cfg.server.max_params,
+            memory_budget=cfg.server.memory_budget_gb,
         )
 
     # ---------------------------------------------------------------- registry
@@ -149,13 +170,42 @@ class HypernetworkServer:
         """The global model: its own embeddings, the head of its tau (shared with clients)."""
         return self._register(GLOBAL_KEY, num_params)
 
-    def check(self, key: str, num_params: object) -> int:
-        """The K a registration of `key` would accept; raises RegistrationError, changes
-        nothing (so a step that registers several keys can check them all first)."""
-        return self.registry.check(key, num_params)
+    def check(self, *entries: tuple[str, object]) -> list[int]:
+        """The Ks that registering these (key, K) pairs would accept, all together within the
+        memory budget; raises RegistrationError and changes nothing (so a step that registers
+        several keys checks them all first)."""
+        ks = [self.registry.check(key, num_params) for key, num_params in entries]
+        new_heads: set[int] = set()
+        weights = 0
+        for (key, _), k in zip(entries, ks, strict=True):
+            if key in self.clients:
+                continue
+            tau = num_chunks(k, self.settings.chunk_size)
+            weights += tau * self.settings.embedding_dim
+            if not self.hnet.has_head(tau) and tau not in new_heads:
+                new_heads.add(tau)
+                weights += self.head_weights(tau)
+        self.check_budget(weights, ", ".join(f"{key!r} (K={k})" for (key, _), k in
+                                             zip(entries, ks, strict=True)))  # fmt: skip
+        return ks
+
+    def head_weights(self, tau: int) -> int:
+        s = self.settings
+        return tau * (s.hidden_dim * s.chunk_size + s.chunk_size)
+
+    def check_budget(self, new_weights: int, what: str) -> None:
+        """Refuse, before allocating, what would take the server past its memory budget."""
+        in_use = self.num_parameters() * BYTES_PER_WEIGHT
+        needed = new_weights * BYTES_PER_WEIGHT
+        if in_use + needed > self.memory_budget:
+            raise RegistrationError(
+                f"registering {what} needs {needed / 1e9:.2f} GB more for the hypernetwork "
+                f"(weights, gradients, Adam state); {in_use / 1e9:.2f} GB are in use of a "
+                f"budget of {self.memory_budget / 1e9:.2f} GB (raise server.memory_budget_gb)"
+            )
 
     def _register(self, key: str, num_params: object) -> ClientRecord:
-        k = self.check(key, num_params)
+        (k,) = self.check((key, num_params))
         if key in self.clients:
             return self.clients[key]
         tau = num_chunks(k, self.settings.chunk_size)
@@ -258,13 +308,24 @@ class HypernetworkServer:
         return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
 
     def _step(self, grads: dict) -> float:
-        """Clip the joint gradient norm, one Adam step; other parameters keep grad None."""
+        """Clip the joint gradient norm, one Adam step; other parameters keep grad None.
+
+        A gradient whose norm is not finite (a delta so large that its VJP overflows) is
+        refused before anything changes: clipping would multiply it by 0 and write NaN into
+        the shared feature extractor (UpdateRejected; the caller drops that client).
+        """
         if not grads:
             return 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for param, grad in grads.items():
             param.grad = grad
-        norm = torch.nn.utils.clip_grad_norm_(list(grads), self.settings.grad_clip)
+        try:
+            norm = torch.nn.utils.clip_grad_norm_(
+                list(grads), self.settings.grad_clip, error_if_nonfinite=True
+            )
+        except RuntimeError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise UpdateRejected("its update overflows (non-finite gradient norm)") from None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -282,10 +343,13 @@ class HypernetworkServer:
             w * torch.as_tensor(np.asarray(d, np.float32))
             for d, w in zip(deltas, weights, strict=True)
         )
+        if not torch.isfinite(combined).all():
+            raise UpdateRejected("the weighted sum of the deltas overflows")
         return self._step(self.gradients({key: combined}))
 
     def step_client(self, key: str, delta: np.ndarray | torch.Tensor) -> float:
-        """One clipped Adam step on one client's VJP at the current state (one_by_one)."""
+        """One clipped Adam step on one client's VJP at the current state (one_by_one);
+        raises UpdateRejected, changing nothing, when the step would not be finite."""
         tensors = self._checked({key: delta})
         return self._step(self.gradients(tensors))
 
@@ -317,23 +381,50 @@ class HypernetworkServer:
         tensors = self._checked(deltas)
         if not tensors:
             return {"updates": 0, "grad_norms": []}
-        norms = []
+        norms: list[float] = []
+        rejected: dict[str, str] = {}
         schedule = self.settings.schedule
         order = client_order(self.seed, list(tensors), server_round)
+
+        def step(key: str, **kwargs) -> None:
+            try:
+                norms.append(self._step(self.gradients({key: tensors[key]}, **kwargs)))
+            except UpdateRejected as err:
+                rejected[key] = str(err)
+
         if schedule == PARALLEL_MEAN:
-            norms.append(self._step(self.gradients(tensors, scale=1.0 / len(tensors))))
+            norms += self._mean_step(tensors, rejected)
         elif schedule in (PARALLEL_SEQUENTIAL, ONE_BY_ONE):  # one_by_one: given all at once
             for key in order:
-                norms.append(self._step(self.gradients({key: tensors[key]})))
+                step(key)
         elif schedule == PARALLEL_RESIDUAL:
             if sent is None:
                 raise ValueError("parallel_residual needs the vectors the clients trained from")
             for key in order:
-                start = {key: torch.as_tensor(np.asarray(sent[key], np.float32))}
-                norms.append(self._step(self.gradients({key: tensors[key]}, sent=start)))
+                step(key, sent={key: torch.as_tensor(np.asarray(sent[key], np.float32))})
         else:
             raise ValueError(f"unknown schedule {schedule!r}")
-        return {"updates": len(norms), "grad_norms": norms}
+        return {"updates": len(norms), "grad_norms": norms, "rejected": rejected}
+
+    def _mean_step(self, tensors: dict, rejected: dict[str, str]) -> list[float]:
+        """One step on the mean VJP; if it overflows, the clients whose own VJP overflows
+        are dropped (with the reason) and the rest step together."""
+        try:
+            return [self._step(self.gradients(tensors, scale=1.0 / len(tensors)))]
+        except UpdateRejected:
+            pass
+        for key in list(tensors):
+            grads = self.gradients({key: tensors[key]})
+            if not all(torch.isfinite(g).all() for g in grads.values()):
+                rejected[key] = "its update overflows (non-finite gradient)"
+        kept = {k: v for k, v in tensors.items() if k not in rejected}
+        if not kept:
+            return []
+        try:
+            return [self._step(self.gradients(kept, scale=1.0 / len(kept)))]
+        except UpdateRejected as err:  # together they still overflow: nobody steps
+            rejected.update(dict.fromkeys(kept, str(err)))
+            return []
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -358,7 +449,9 @@ class HypernetworkServer:
         """Anything a subclass must rebuild before registrations are replayed."""
 
     @classmethod
-    def from_state_dict(cls, state: dict, device: str | torch.device = "cpu") -> HypernetworkServer:
+    def from_state_dict(
+        cls, state: dict, device: str | torch.device = "cpu", memory_budget: float | str = "auto"
+    ) -> HypernetworkServer:
         """Rebuild by replaying registrations in their original order (same parameter groups),
         then load the tensors and the optimizer state."""
         server = cls(
@@ -366,6 +459,7 @@ class HypernetworkServer:
             seed=state["seed"],
             device=device,
             max_params=state.get("max_params", 50_000_000),
+            memory_budget=memory_budget,
         )
         server._restore_structure(state)
         for key, num_params in state["clients"]:

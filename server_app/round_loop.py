@@ -15,6 +15,7 @@ protocol.ReplyError to refuse it); `aggregate_*` take the parsed results of the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -31,10 +32,16 @@ from common.config import ExperimentConfig, defining_settings
 from common.seeding import stable_seed
 from server_app.checkpoint import Checkpoint, CheckpointWriter
 from server_app.client_directory import ClientDirectory
+from server_app.defences import DeltaNormBound
 from server_app.events import Observers, RunObserver
 from server_app.exchange import Exchange
 from server_app.round_log import RoundLog, run_summary
-from server_app.server_state import ClientRecord, RegistrationError, ServerState
+from server_app.server_state import (
+    ClientRecord,
+    RegistrationError,
+    ServerState,
+    bounded_weights,
+)
 
 logger = logging.getLogger("flwr.mh_pfedhn")
 
@@ -64,7 +71,12 @@ class RoundLoop(Strategy):
         self.method = cfg.method_spec
         self.observers = Observers(observers)
         self.checkpoints = checkpoints
-        self.directory = ClientDirectory()
+        self.directory = ClientDirectory(
+            require_proof=cfg.server.require_client_proof,
+            bind_node_ids=cfg.server.bind_node_ids,
+            requery_rounds=cfg.server.requery_rounds,
+        )
+        self.delta_bound = DeltaNormBound(cfg.server.delta_norm_bound)
         resume = resume or ResumePoint()
         self.completed_round = resume.completed_round
         self.history = list(resume.history)
@@ -99,11 +111,17 @@ class RoundLoop(Strategy):
         """Between a round's training and its evaluation."""
 
     def strategy_state(self) -> dict[str, Any]:
-        """What this Strategy needs to continue after a restart (goes into the checkpoint)."""
-        return {}
+        """What this Strategy needs to continue after a restart (goes into the checkpoint):
+        the keys' bindings (salted hashes only) and the norm bound's history."""
+        return {
+            "directory": self.directory.state_dict(),
+            "delta_norms": self.delta_bound.state_dict(),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """The inverse of strategy_state (an empty dict for a new run)."""
+        self.directory.load_state_dict(state.get("directory", {}))
+        self.delta_bound.load_state_dict(state.get("delta_norms", {}))
 
     # ------------------------------------------------------------ nodes
     def wait_for_nodes(self, grid: Grid) -> None:
@@ -117,21 +135,28 @@ class RoundLoop(Strategy):
 
     def discover(self, grid: Grid, timeout: float) -> None:
         """Query nodes never seen (new or restarted SuperNodes) for their key and K."""
-        nodes = self.directory.unknown(grid.get_node_ids())
+        server_round = self.round.round
+        nodes = self.directory.unknown(grid.get_node_ids(), server_round)
         queries = {
             str(n): Message(protocol.instruction(None, 0), dst_node_id=n, message_type="query")
             for n in nodes
         }
         replies, _ = Exchange(grid, self.cfg.server.pull_interval_s).run(queries, timeout)
-        for label, reply in replies.items():
+        for label, reply in sorted(replies.items(), key=lambda item: int(item[0])):
             node = int(label)
             try:
                 identity = protocol.parse_identity(reply)
+                self.directory.authorize(identity, node)
                 record = self.admit(identity)
             except (protocol.ReplyError, RegistrationError) as err:
-                self.directory.refuse(node, str(err))
+                self.directory.refuse(node, str(err), server_round)
                 continue
-            self.directory.bind(identity.client_key, node)
+            except Exception as err:  # noqa: BLE001 - one reply never stops the server
+                logger.exception("node %d: unexpected failure on its query reply", node)
+                self.directory.refuse(node, f"unusable reply ({type(err).__name__})",
+                                      server_round)  # fmt: skip
+                continue
+            self.directory.bind(identity, node)
             self.log_admission(identity, record)
 
     def log_admission(self, identity: protocol.Identity, record: ClientRecord | None) -> None:
@@ -198,6 +223,10 @@ class RoundLoop(Strategy):
             except protocol.ReplyError as err:
                 self.round.reject(f"{key}{phase}", str(err))
                 return
+            except Exception as err:  # noqa: BLE001 - one reply never stops the server
+                logger.exception("%s%s: unexpected failure on its reply", key, phase)
+                self.round.reject(f"{key}{phase}", f"unusable reply ({type(err).__name__})")
+                return
             self.round.bytes_up += getattr(results[key], "bytes_up", 0)
 
         exchange = Exchange(grid, self.cfg.server.pull_interval_s)
@@ -211,7 +240,23 @@ class RoundLoop(Strategy):
         return self.messages(self.round_clients(server_round, grid), protocol.TRAIN, server_round)
 
     def parse_train(self, key: str, reply: Message) -> protocol.TrainResult:
-        return protocol.parse_train_reply(reply, self.state.record(key).num_params)
+        size = self.state.record(key).num_params
+        return protocol.parse_train_reply(reply, size, self.cfg.server.max_delta_abs)
+
+    def bounded(self, key: str, result: protocol.TrainResult) -> protocol.TrainResult:
+        """The delta within server.delta_norm_bound (called in the round's seeded order)."""
+        delta, scaled = self.delta_bound(result.delta)
+        if not scaled:
+            return result
+        logger.warning("round %d: the delta of %s was scaled down to the norm bound",
+                       self.round.round, key)  # fmt: skip
+        self.round.values["deltas_scaled"] = self.round.values.get("deltas_scaled", 0) + 1
+        return dataclasses.replace(result, delta=delta)
+
+    def weights(self, results: Mapping[str, protocol.TrainResult]) -> dict[str, float]:
+        """Example counts, each bounded by server.max_example_weight x the round's median."""
+        counts = {k: r.num_examples for k, r in results.items()}
+        return bounded_weights(counts, self.cfg.server.max_example_weight)
 
     def aggregate_train(
         self,
@@ -220,21 +265,26 @@ class RoundLoop(Strategy):
         sent: Mapping[str, Message],
     ) -> None:
         """Hand the round's deltas to the server state (which applies them its own way)."""
+        results = {k: self.bounded(k, results[k]) for k in sorted(results)}
         started = time.perf_counter()
-        self.state.apply_deltas(
+        info = self.state.apply_deltas(
             {k: r.delta for k, r in results.items()},
             server_round,
-            weights={k: r.num_examples for k, r in results.items()},
+            weights=self.weights(results),
             sent={k: protocol.read_theta(sent[k]) for k in results},
         )
-        self.record_training(results, time.perf_counter() - started)
+        for key, reason in info.get("rejected", {}).items():
+            self.round.reject(key, reason)
+        applied = {k: r for k, r in results.items() if k not in info.get("rejected", {})}
+        self.record_training(applied, time.perf_counter() - started)
 
     def record_training(
         self, results: Mapping[str, protocol.TrainResult], update_s: float | None = None
     ) -> None:
         """clients_trained and the example-weighted train loss (and the server's time)."""
-        examples = sum(r.num_examples for r in results.values())
-        loss = sum(r.train_loss * r.num_examples for r in results.values())
+        weights = self.weights(results)
+        examples = sum(weights.values())
+        loss = sum(r.train_loss * weights[k] for k, r in results.items())
         values: dict[str, Any] = {
             "clients_trained": len(results),
             "train_loss": loss / examples if examples else float("nan"),
@@ -264,7 +314,9 @@ class RoundLoop(Strategy):
         total = sum(r.num_examples for r in results.values())
         if not total:
             return None
-        per_client = {k: r.correct / r.num_examples for k, r in sorted(results.items())}
+        per_client = {  # a client with no test samples has no accuracy of its own
+            k: r.correct / r.num_examples for k, r in sorted(results.items()) if r.num_examples
+        }
         return {
             "accuracy": sum(r.correct for r in results.values()) / total,
             "accuracy_client_mean": float(np.mean(list(per_client.values()))),

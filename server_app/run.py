@@ -45,7 +45,10 @@ def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRe
     """Load a run directory's checkpoint; the settings that define the run must not change."""
     directory = Path(cfg.server.resume).expanduser().resolve()
     checkpoint = load_checkpoint(
-        directory / CHECKPOINT_NAME, cfg.method_spec.state_class(), cfg.hypernetwork.device
+        directory / CHECKPOINT_NAME,
+        cfg.method_spec.state_class(),
+        cfg.hypernetwork.device,
+        memory_budget=cfg.server.memory_budget_gb,
     )
     changed = settings_changed(checkpoint.settings, cfg)
     if changed:

@@ -7,6 +7,7 @@ that interface; `ClientRegistry` is the key -> K bookkeeping every state starts 
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, runtime_checkable
@@ -18,6 +19,10 @@ from common.config import ExperimentConfig
 
 class RegistrationError(ValueError):
     """A client's reported size or key cannot be accepted; server state is unchanged."""
+
+
+class UpdateRejected(ValueError):
+    """A client's update that cannot be applied (it would not be finite); nothing changed."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,16 @@ class ServerState(Protocol):
     def from_state_dict(cls, state: dict[str, Any], device: str = "cpu") -> Self: ...
 
     def describe(self) -> str: ...
+
+
+def bounded_weights(counts: Mapping[str, int], ratio: float) -> dict[str, float]:
+    """Example counts as weights, each at most `ratio` x the round's lower median: a client
+    cannot take a weighted step over by claiming 10^12 examples (it counts as `ratio`
+    typical clients at most). `ratio` 0 leaves the counts as they are."""
+    if not counts or ratio <= 0:
+        return {k: float(v) for k, v in counts.items()}
+    cap = ratio * statistics.median_low(counts.values())
+    return {k: float(min(v, cap)) for k, v in counts.items()}
 
 
 def validate_num_params(value: object, max_params: int) -> int:

@@ -118,7 +118,7 @@ def test_fedavg_sends_everyone_the_same_model_each_round(tiny_npz, tmp_path):
 def test_fedavg_refuses_heterogeneous_clients(tiny_npz, tmp_path):
     strategy, _ = tiny_run("fedavg", tiny_npz, tmp_path, rounds=1, models="lenet,mlp")
     assert len(strategy.state.clients) == 2 and len(strategy.directory.refused) == 1
-    assert "one architecture" in next(iter(strategy.directory.refused.values()))
+    assert "one architecture" in next(iter(strategy.directory.refused.values())).reason
 
 
 def test_pfedhn_runs_with_personalised_vectors(tiny_npz, tmp_path):

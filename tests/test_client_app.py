@@ -48,7 +48,8 @@ def test_query_reports_key_and_k_of_the_assigned_model(tiny_npz, tmp_path):
     context = context_for(run_config(tiny_npz, tmp_path), {"partition-id": 1, "num-partitions": 2})
     identity = protocol.parse_identity(send(protocol.QUERY, context))
     expected = vector_size(build_model("lenet", num_classes=4, in_channels=1))
-    assert identity == protocol.Identity("partition-1", expected)
+    assert (identity.client_key, identity.num_params) == ("partition-1", expected)
+    assert len(identity.proof) >= protocol.MIN_PROOF_LENGTH
 
 
 def test_node_config_chooses_model_and_key(tiny_npz, tmp_path):
@@ -56,7 +57,26 @@ def test_node_config_chooses_model_and_key(tiny_npz, tmp_path):
     context = context_for(run_config(tiny_npz, tmp_path), node)
     identity = protocol.parse_identity(send(protocol.QUERY, context))
     expected = vector_size(build_model("mlp", num_classes=4, in_channels=1))
-    assert identity == protocol.Identity("hospital-7", expected)
+    assert (identity.client_key, identity.num_params) == ("hospital-7", expected)
+
+
+def test_a_client_proves_its_key_with_the_same_secret_after_a_restart(tiny_npz, tmp_path):
+    """Generated once into the state dir (or set as node config client-secret), the secret
+    is the same in every query and after the SuperNode restarts (a new, empty context)."""
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "state")}
+    config = run_config(tiny_npz, tmp_path)
+    proofs = []
+    for _ in range(2):  # two SuperNode lives
+        context = context_for(config, node)
+        for _ in range(2):
+            proofs.append(protocol.parse_identity(send(protocol.QUERY, context)).proof)
+    assert len(set(proofs)) == 1
+    other = context_for(config, {**node, "partition-id": 1})
+    assert protocol.parse_identity(send(protocol.QUERY, other)).proof != proofs[0]
+    given = context_for(config, {**node, "client-secret": "correct-horse-battery-staple"})
+    assert (
+        protocol.parse_identity(send(protocol.QUERY, given)).proof == "correct-horse-battery-staple"
+    )
 
 
 def test_train_returns_old_minus_new_and_keeps_batchnorm_statistics(tiny_npz, tmp_path):

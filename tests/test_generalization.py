@@ -166,7 +166,7 @@ def test_a_novel_client_without_a_generalization_phase_is_refused(tiny_npz, tmp_
     strategy = build_strategy(cfg)
     strategy.discover(grid, timeout=5)
     assert "partition-3" not in server_keys(strategy)
-    assert "no generalization phase" in next(iter(strategy.directory.refused.values()))
+    assert "no generalization phase" in next(iter(strategy.directory.refused.values())).reason
 
 
 def server_keys(strategy) -> set[str]:

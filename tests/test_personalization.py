@@ -238,7 +238,7 @@ def sparse_reply(indices, values):
         (np.array([3, 1], np.int32), np.ones(2, np.float32), "strictly increasing"),
         (np.array([0, 10], np.int32), np.ones(2, np.float32), "outside"),
         (np.array([-1, 2], np.int32), np.ones(2, np.float32), "outside"),
-        (np.array([0, 2], np.int32), np.ones(3, np.float32), "values for"),
+        (np.array([0, 2], np.int32), np.ones(3, np.float32), r"shape \(3,\), expected \(2,\)"),
         (np.array([0, 2], np.int32), np.array([1, np.nan], np.float32), "NaN"),
         (np.array([0, 2], np.float32), np.ones(2, np.float32), "int32"),
         (np.array([0, 2], np.int32), np.ones(2, np.float64), "float32"),

@@ -21,7 +21,7 @@ from common.config import resolve_config
 from server_app.run import build_strategy
 from server_app.schedules import SCHEDULES, client_order
 from simulation.grid import InProcessGrid
-from tests.test_strategy import SMALL
+from tests.test_strategy import SMALL, proof_of
 
 SIZES = {0: 40, 1: 40, 2: 100, 3: 40, 4: 100}  # two heads (tau 3 and 7 with N = 16)
 
@@ -45,7 +45,8 @@ def pulling_app(received: list) -> ClientApp:
     @app.query()
     def query(msg, context):
         i = context.node_config["partition-id"]
-        return Message(protocol.identity_reply(key_of(context), SIZES[i]), reply_to=msg)
+        reply = protocol.identity_reply(key_of(context), SIZES[i], proof=proof_of(key_of(context)))
+        return Message(reply, reply_to=msg)
 
     @app.train()
     def train(msg, context):

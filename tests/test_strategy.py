@@ -29,6 +29,11 @@ SMALL = {
 }
 
 
+def proof_of(key: str) -> str:
+    """A scripted client's secret (at least 16 characters, one per key)."""
+    return f"secret-of-{key}-0123456789"
+
+
 def scripted_app(behaviour_of: dict[int, str], size_of: dict[int, object]) -> ClientApp:
     """A ClientApp whose partition i replies as behaviour_of[i] says."""
     app = ClientApp()
@@ -40,7 +45,8 @@ def scripted_app(behaviour_of: dict[int, str], size_of: dict[int, object]) -> Cl
     def query(msg, context):
         i = who(context)
         key = context.node_config.get("client-key", f"c{i}")
-        return Message(protocol.identity_reply(key, size_of.get(i, 40)), reply_to=msg)
+        reply = protocol.identity_reply(key, size_of.get(i, 40), proof=proof_of(key))
+        return Message(reply, reply_to=msg)
 
     @app.train()
     def train(msg, context):
@@ -163,8 +169,8 @@ def test_a_key_reporting_a_different_k_is_refused():
     strategy, grid = run({}, size_of={0: 40, 1: 48}, node_configs=configs)
     strategy.start(grid)
     assert strategy.state.record("same").num_params == 40
-    (reason,) = strategy.directory.refused.values()
-    assert "registered with K=40" in reason
+    (refusal,) = strategy.directory.refused.values()
+    assert "registered with K=40" in refusal.reason
 
 
 def test_missing_identity_is_refused():
@@ -179,7 +185,7 @@ def test_missing_identity_is_refused():
     strategy = MHpFedHN(build_state(cfg), cfg)
     strategy.discover(grid, timeout=5)
     assert not strategy.state.clients
-    assert "client-key" in next(iter(strategy.directory.refused.values()))
+    assert "client-key" in next(iter(strategy.directory.refused.values())).reason
 
 
 def test_metrics_are_pooled_and_per_client():

@@ -34,7 +34,7 @@ class LocalServer(ClientRegistry):
         return self.registry_state()
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], device: str = "cpu") -> Self:
+    def from_state_dict(cls, state: dict[str, Any], device: str = "cpu", **_: Any) -> Self:
         server = cls(state["seed"], state.get("max_params", 50_000_000))
         server.restore_registry(state)
         return server

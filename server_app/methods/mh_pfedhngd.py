@@ -25,7 +25,7 @@ from common.seeding import stable_seed
 from server_app.hypernetwork_rounds import HypernetworkRounds
 from server_app.hypernetwork_server import GLOBAL_KEY, HypernetworkServer
 from server_app.round_loop import logger
-from server_app.server_state import ClientRecord, RegistrationError
+from server_app.server_state import ClientRecord, RegistrationError, UpdateRejected
 
 
 class MHpFedHNGD(HypernetworkRounds):
@@ -47,8 +47,7 @@ class MHpFedHNGD(HypernetworkRounds):
                     f"client reports a global model of K_g={k_g}, but the global model has "
                     f"K_g={known}: its data has other classes or channels"
                 )
-        self.state.check(GLOBAL_KEY, k_g)
-        self.state.check(identity.client_key, identity.num_params)
+        self.state.check((identity.client_key, identity.num_params), (GLOBAL_KEY, k_g))
         record = super().register(identity)
         if GLOBAL_KEY not in self.state.clients:
             glob = self.state.register_global(k_g)
@@ -68,31 +67,36 @@ class MHpFedHNGD(HypernetworkRounds):
     # ---------------------------------------------------------------- phase 1
     def global_phase(self, grid: Grid, server_round: int) -> None:
         keys = self.global_keys
-        if not keys:
+        if not keys or GLOBAL_KEY not in self.state.clients:
             return
         w_g = self.state.generate([GLOBAL_KEY])[GLOBAL_KEY]
         messages = self.messages(
             keys, protocol.TRAIN_GLOBAL, server_round, vectors=dict.fromkeys(keys, w_g)
         )
+        limit = self.cfg.server.max_delta_abs
         results = self.exchange(
             grid,
             messages,
-            lambda key, r: protocol.parse_train_reply(r, len(w_g)),
+            lambda key, r: protocol.parse_train_reply(r, len(w_g), limit),
             phase=" (global phase)",
         )
-        total = sum(r.num_examples for r in results.values())
-        ordered = [results[k] for k in sorted(results)]  # arrival order must not matter
+        results = {k: self.bounded(k, results[k]) for k in sorted(results)}  # not arrival order
+        weights = self.weights(results)
+        total = sum(weights.values())
         started = time.perf_counter()
-        self.state.apply_weighted_delta(
-            GLOBAL_KEY, [r.delta for r in ordered], [r.num_examples / total for r in ordered]
-        )
+        try:
+            self.state.apply_weighted_delta(
+                GLOBAL_KEY, [r.delta for r in results.values()],
+                [weights[k] / total for k in results],
+            )  # fmt: skip
+        except UpdateRejected as err:
+            for key in results:
+                self.round.reject(f"{key} (global phase)", str(err))
+            return
+        loss = sum(r.train_loss * weights[k] for k, r in results.items())
         self.round.values.update(
             global_clients_trained=len(results),
-            global_train_loss=(
-                sum(r.train_loss * r.num_examples for r in results.values()) / total
-                if total
-                else None
-            ),
+            global_train_loss=loss / total if total else None,
             global_update_seconds=time.perf_counter() - started,
         )
 
@@ -117,7 +121,8 @@ class MHpFedHNGD(HypernetworkRounds):
         self.global_keys = [] if generalizing else self.sample_global(server_round, clients)
         self.global_phase(grid, server_round)
         self.regenerated = None
-        if self.cfg.global_model.teacher == "regenerated" and not generalizing:
+        has_global = GLOBAL_KEY in self.state.clients
+        if self.cfg.global_model.teacher == "regenerated" and not generalizing and has_global:
             self.regenerated = self.state.generate([GLOBAL_KEY])[GLOBAL_KEY]
         super().train_round(grid, server_round)
 
@@ -126,6 +131,8 @@ class MHpFedHNGD(HypernetworkRounds):
         """Personalized evaluation, then w_g on every client's test split (global_*)."""
         super().evaluate_round(grid, server_round)
         keys = self.connected_clients(grid)
+        if not keys or GLOBAL_KEY not in self.state.clients:
+            return
         w_g = self.state.generate([GLOBAL_KEY])[GLOBAL_KEY]
         messages = self.messages(
             keys, protocol.EVALUATE_GLOBAL, server_round, vectors=dict.fromkeys(keys, w_g)

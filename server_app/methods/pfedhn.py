@@ -41,6 +41,7 @@ class PFedHNServer(HypernetworkServer):
             raise RegistrationError("pFedHN needs the client's parameter tensor sizes")
         sizes = [int(n) for n in sizes]
         if self.tensor_sizes is None:
+            self.check_budget(sum(sizes) * (self.settings.hidden_dim + 1), "pFedHN's heads")
             self.tensor_sizes = sizes
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
@@ -51,7 +52,7 @@ class PFedHNServer(HypernetworkServer):
             raise RegistrationError("pFedHN has one head per tensor: all clients must share them")
 
     def _register(self, key: str, num_params: object) -> ClientRecord:
-        k = self.check(key, num_params)
+        k = self.registry.check(key, num_params)
         if self.tensor_sizes is None or k != sum(self.tensor_sizes):
             raise RegistrationError(f"K={k} does not match the tensor sizes reported")
         if key in self.clients:
