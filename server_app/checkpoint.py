@@ -1,16 +1,22 @@
 """Server checkpoints, written atomically, so a stopped run can resume.
 
 A checkpoint holds the server state (for the hypernetwork methods: hypernetwork, embeddings,
-Adam state, the client registry of key -> K), the last completed round, the metrics so far
-and what the Strategy keeps (for example novel clients' roles). It is written to a temporary
-file in the same directory and renamed over the old one, so a crash mid-write never leaves a
-truncated checkpoint behind.
+Adam state, the client registry of key -> K), the last completed round, the metrics so far,
+what the Strategy keeps (novel clients' roles, the salted hashes that bind client keys) and
+the settings that define the run. It is written to a temporary file in the same directory
+and renamed over the old one, so a crash mid-write never leaves a truncated checkpoint
+behind. The file is a header with the SHA-256 of the payload, then the payload, which is
+loaded with `weights_only=True`: a damaged file is detected and a crafted one cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,12 @@ from typing import Any
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2
+MAGIC = b"MH-pFedHN checkpoint\n"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says what is wrong and what to do."""
 
 
 @dataclass
@@ -40,9 +51,13 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "strategy": checkpoint.strategy,
         "settings": checkpoint.settings,
     }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        torch.save(state, f)
+        f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+        f.write(payload)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -51,15 +66,20 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
 def load_checkpoint(
     path: Path, server_class: type, device: str | torch.device = "cpu", **server_options: Any
 ) -> Checkpoint:
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a write that was killed
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path} (server.resume must name a run directory)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')}, expected {FORMAT}")
-    if state.get("kind", server_class.__name__) != server_class.__name__:
-        raise ValueError(f"{path} holds a {state['kind']} state, not a {server_class.__name__}")
+    state = _read(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: checkpoint format {found}, expected {FORMAT}")
+    if state.get("kind") != server_class.__name__:
+        raise CheckpointError(
+            f"{path} holds a {state.get('kind')} state, not a {server_class.__name__}: "
+            "resume with the method that made it"
+        )
     return Checkpoint(
         server_class.from_state_dict(state["server"], device=device, **server_options),
         int(state["round"]),
@@ -67,6 +87,22 @@ def load_checkpoint(
         dict(state.get("strategy", {})),
         dict(state.get("settings", {})),
     )
+
+
+def _read(path: Path) -> Any:
+    """The verified payload; a damaged or foreign file raises CheckpointError."""
+    damaged = (f"{path} is damaged or not a checkpoint of this project ({{}}): resume from a "
+               "copy, or start the run again without server.resume")  # fmt: skip
+    data = path.read_bytes()
+    header, _, payload = data[len(MAGIC) :].partition(b"\n")
+    if not data.startswith(MAGIC) or len(header) != 64:
+        raise CheckpointError(damaged.format("no checkpoint header"))
+    if hashlib.sha256(payload).hexdigest().encode() != header:
+        raise CheckpointError(damaged.format("its checksum does not match: bytes changed"))
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(damaged.format(f"{type(err).__name__}: {err}"[:300])) from None
 
 
 class CheckpointWriter:

@@ -414,9 +414,9 @@ class HypernetworkServer:
         except UpdateRejected:
             pass
         for key in list(tensors):
-            grads = self.gradients({key: tensors[key]})
-            if not all(torch.isfinite(g).all() for g in grads.values()):
-                rejected[key] = "its update overflows (non-finite gradient)"
+            grads = list(self.gradients({key: tensors[key]}).values())
+            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                rejected[key] = "its update overflows (non-finite gradient norm)"
         kept = {k: v for k, v in tensors.items() if k not in rejected}
         if not kept:
             return []

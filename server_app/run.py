@@ -50,6 +50,11 @@ def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRe
         cfg.hypernetwork.device,
         memory_budget=cfg.server.memory_budget_gb,
     )
+    if checkpoint.round >= cfg.rounds:
+        raise ConfigError(
+            f"{directory} is checkpointed after round {checkpoint.round}; rounds={cfg.rounds} "
+            f"leaves nothing to run: set rounds above {checkpoint.round} to continue it"
+        )
     changed = settings_changed(checkpoint.settings, cfg)
     if changed:
         raise ConfigError(

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import numpy as np
+import torch
 
 from common import protocol
 from common.config import ExperimentConfig
@@ -61,13 +62,15 @@ class FedAvgServer(ClientRegistry):
         return f"{len(self.clients)} clients, one global model of {size} parameters"
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.registry_state(), "weights": self.weights}
+        weights = None if self.weights is None else torch.from_numpy(self.weights)
+        return {**self.registry_state(), "weights": weights}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: str = "cpu", **_: Any) -> Self:
         server = cls(state["seed"], state.get("max_params", 50_000_000))
         server.restore_registry(state)
-        server.weights = state["weights"]
+        weights = state["weights"]
+        server.weights = None if weights is None else np.asarray(weights, np.float32)
         return server
 
 
