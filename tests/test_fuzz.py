@@ -1,0 +1,202 @@
+"""Property-based: random malformed and hostile replies of every message type, among honest
+clients, over several rounds. The server never crashes, its state stays finite, and a rejected
+reply changes nothing: the honest clients end exactly where they would had the attacker only
+sent errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import protocol
+from common.config import resolve_config
+from server_app.run import build_strategy
+from simulation.grid import InProcessGrid
+from tests.test_hardening import SIZE, all_finite, honest_delta
+from tests.test_strategy import SMALL, proof_of
+
+KEYS = [
+    protocol.CLIENT_KEY, protocol.NUM_PARAMS, protocol.GLOBAL_NUM_PARAMS, protocol.TENSOR_SIZES,
+    protocol.ROLE, protocol.CLIENT_PROOF, protocol.NUM_EXAMPLES, "train-loss", "correct",
+    "loss-sum", protocol.DELTA, protocol.DELTA_INDICES, protocol.DELTA_VALUES, protocol.INITIAL,
+    "x",
+]  # fmt: skip
+SCALARS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=40),
+)
+CONFIG_VALUES = st.one_of(SCALARS, st.lists(st.integers(-5, 10**6), max_size=4))
+METRIC_VALUES = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.lists(st.floats(allow_nan=True), max_size=3),
+)
+
+
+@st.composite
+def arrays(draw) -> Array:
+    kind = draw(st.sampled_from(["values", "bytes", "lying shape"]))
+    dtype = draw(st.sampled_from(["float32", "float64", "int32", "int64", "int8", "float16"]))
+    if kind == "bytes":
+        shape = (draw(st.integers(0, 10**13)),)
+        return Array(dtype=draw(st.sampled_from([dtype, "object", "nonsense"])), shape=shape,
+                     stype=draw(st.sampled_from(["numpy.ndarray", "torch", ""])),
+                     data=draw(st.binary(max_size=64)))  # fmt: skip
+    size = draw(st.sampled_from([0, 1, SIZE - 1, SIZE, SIZE + 1]))
+    special = st.sampled_from([0.0, 1e37, -1e37, np.nan, np.inf, 3.0, -(2**31), 2**31 - 1])
+    values = np.array(draw(st.lists(special, min_size=size, max_size=size)), np.float64)
+    with np.errstate(all="ignore"):
+        array = Array(
+            values.astype(dtype) if "int" not in dtype else np.nan_to_num(values).astype(dtype)
+        )
+    if kind == "lying shape":
+        return Array(dtype=array.dtype, shape=(SIZE,), stype=array.stype, data=array.data)
+    return array
+
+
+@st.composite
+def records(draw) -> RecordDict:
+    content = RecordDict()
+    for name in draw(st.lists(st.sampled_from(["config", "metrics", "arrays"]), unique=True)):
+        kind = draw(st.sampled_from(["config", "metrics", "arrays"]))  # maybe the wrong type
+        keys = draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=5))
+        if kind == "config":
+            content[name] = ConfigRecord({k: draw(CONFIG_VALUES) for k in keys})
+        elif kind == "metrics":
+            content[name] = MetricRecord({k: draw(METRIC_VALUES) for k in keys})
+        else:
+            content[name] = ArrayRecord({k: draw(arrays()) for k in keys})
+    return content
+
+
+REPLIES = st.one_of(
+    records(),
+    st.just("error"),
+    st.builds(  # well-formed but hostile: a huge claim, a flipped or extreme delta
+        lambda n, scale: ("hostile", n, scale),
+        st.sampled_from([0, 1, 10**12, 2**62]),
+        st.sampled_from([-100.0, 1e3, 1e9, 0.0]),
+    ),
+)
+
+
+def fuzzed_app(draws, attacked_types: set[str]) -> ClientApp:
+    """Clients c0-c3 are honest; c4 and c5 answer the attacked message types with drawn
+    replies (and every other one honestly)."""
+    app = ClientApp()
+
+    def answer(msg, context, honest):
+        i = int(context.node_config["partition-id"])
+        if i < 4 or msg.metadata.message_type not in attacked_types:
+            return Message(honest(i, msg), reply_to=msg)
+        drawn = draws()
+        if drawn == "error":
+            return Message(Error(2, "fuzz"), reply_to=msg)
+        if isinstance(drawn, tuple):
+            _, n, scale = drawn
+            theta = protocol.read_theta(msg) if "arrays" in msg.content else np.zeros(SIZE)
+            return Message(protocol.train_reply(scale * honest_delta(theta), n, 0.1), reply_to=msg)
+        return Message(drawn, reply_to=msg)
+
+    def identity(i, msg):  # what every method needs to hear
+        return protocol.identity_reply(
+            f"c{i}", SIZE, global_num_params=SIZE, tensor_sizes=[SIZE],
+            initial=np.ones(SIZE, np.float32), proof=proof_of(f"c{i}"),
+        )  # fmt: skip
+
+    def trained(i, msg):
+        if "arrays" not in msg.content:  # the Local baseline
+            return protocol.train_reply(None, 10 + i, 0.5)
+        return protocol.train_reply(honest_delta(protocol.read_theta(msg)), 10 + i, 0.5)
+
+    @app.query()
+    def query(msg, context):
+        return answer(msg, context, identity)
+
+    @app.train()
+    def train(msg, context):
+        return answer(msg, context, trained)
+
+    @app.train("global")
+    def train_global(msg, context):
+        return train(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return answer(msg, context, lambda i, m: protocol.evaluate_reply(10, 3 + i, 4.0))
+
+    @app.evaluate("global")
+    def evaluate_global(msg, context):
+        return evaluate(msg, context)
+
+    return app
+
+
+def run(app: ClientApp, method: str, schedule: str):
+    cfg = resolve_config("default", {**SMALL, "rounds": 3, "method": method,
+                                     "hypernetwork.schedule": schedule})  # fmt: skip
+    grid = InProcessGrid(app, [{"partition-id": i} for i in range(6)], {})
+    strategy = build_strategy(cfg)
+    strategy.start(grid)
+    return strategy
+
+
+def honest_state(strategy) -> dict[str, torch.Tensor]:
+    state = strategy.state
+    return {k: state.embedding(k).detach().clone() for k in ("c0", "c1", "c2", "c3")}
+
+
+@settings(max_examples=50, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+@given(
+    data=st.data(),
+    method=st.sampled_from(["mh_pfedhn", "mh_pfedhngd", "fedavg", "local"]),
+    schedule=st.sampled_from(["parallel_sequential", "one_by_one", "parallel_mean"]),
+    attacked=st.sets(
+        st.sampled_from(["train", "evaluate", "train.global", "evaluate.global"]), min_size=1
+    ),  # fmt: skip
+)
+def test_random_hostile_replies_never_crash_and_rejected_ones_change_nothing(
+    data, method, schedule, attacked
+):
+    if method in ("fedavg", "local"):
+        attacked = attacked & {"train", "evaluate"} or {"train"}
+    draws = lambda: data.draw(REPLIES)  # noqa: E731
+    strategy = run(fuzzed_app(draws, attacked), method, schedule)
+    assert [r["round"] for r in strategy.history] == [0, 1, 2, 3]
+    if method in ("fedavg", "local"):
+        if method == "fedavg":
+            assert np.isfinite(strategy.state.weights).all()
+        return
+    assert all_finite(strategy)
+    honest_only = all(r.get("clients_trained", 4) == 4 for r in strategy.history[1:]) and all(
+        r.get("global_clients_trained", 4) == 4 for r in strategy.history[1:]
+    )
+    if honest_only:  # every attacked reply was refused: as if c4 and c5 sent errors
+        reference = run(fuzzed_app(lambda: "error", attacked), method, schedule)
+        got, want = honest_state(strategy), honest_state(reference)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+@given(data=st.data(), method=st.sampled_from(["mh_pfedhn", "mh_pfedhngd", "pfedhn", "fedavg"]))
+def test_random_query_replies_never_crash_the_server(data, method):
+    draws = lambda: data.draw(REPLIES)  # noqa: E731
+    strategy = run(fuzzed_app(draws, {"query"}), method, "parallel_sequential")
+    assert [r["round"] for r in strategy.history] == [0, 1, 2, 3]
+    assert {"c0", "c1", "c2", "c3"} <= set(strategy.state.clients)
