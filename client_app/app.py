@@ -53,11 +53,13 @@ def train(msg: Message, context: Context) -> Message:
     session = open_session(context)
     if session.method.trains == "own":  # the Local baseline: this client's own model
         model = session.local_model()
+        evaluation = session.evaluate_first(msg, model)
         data = session.data
         generator = session.generator("train", protocol.read_round(msg))
         loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator)
         session.save_local_model(model)
-        return Message(protocol.train_reply(None, len(data.y_train), loss), reply_to=msg)
+        reply = protocol.train_reply(None, len(data.y_train), loss, evaluation=evaluation)
+        return Message(reply, reply_to=msg)
     job = TrainJob.prepare(session, msg, global_model=False)
     return job.reply(job.run())
 

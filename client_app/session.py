@@ -24,7 +24,7 @@ from torch import nn
 from client_app.data import ClientData, load_client_data
 from client_app.spec import ClientSpec, NodeConfigError, client_spec
 from client_app.store import ClientStore
-from client_app.training import SGDSettings
+from client_app.training import SGDSettings, evaluate
 from common import protocol
 from common.config import ExperimentConfig, config_from_run_config
 from common.methods import Method
@@ -160,6 +160,14 @@ class Session:
     @property
     def method(self) -> Method:
         return self.cfg.method_spec
+
+    def evaluate_first(self, msg: Message, model: nn.Module) -> protocol.EvalResult | None:
+        """The model as received, on the test split, when the train message asks for it
+        (the server's evaluation of the previous round, in the same exchange)."""
+        if not protocol.read_config(msg).get(protocol.EVALUATE_FIRST, False):
+            return None
+        correct, loss_sum = evaluate(model, self.data.x_test, self.data.y_test)
+        return protocol.EvalResult(len(self.data.y_test), correct, loss_sum)
 
     def proof(self) -> str:
         """This client's secret (protocol `client-proof`): node config `client-secret`, or

@@ -30,6 +30,7 @@ class TrainJob:
     generator: torch.Generator
     distillation: Distillation | None
     global_model: bool
+    evaluation: protocol.EvalResult | None = None  # of theta before training, if asked
 
     @classmethod
     def prepare(cls, session: Session, msg: Message, global_model: bool) -> TrainJob:
@@ -41,7 +42,9 @@ class TrainJob:
         purpose = "train-global" if global_model else "train"
         generator = session.generator(purpose, protocol.read_round(msg))
         distillation = None if global_model else _teacher(session, msg)
-        return cls(session, msg, model, theta, layout, generator, distillation, global_model)
+        evaluation = session.evaluate_first(msg, model)
+        return cls(session, msg, model, theta, layout, generator, distillation, global_model,
+                   evaluation)  # fmt: skip
 
     @property
     def architecture(self) -> str:
@@ -77,7 +80,9 @@ class TrainJob:
         else:
             session.save_model_state(self.model, self.layout)
         n = len(session.data.y_train)
-        reply = protocol.train_reply(delta, n, loss, top_p=session.upload_top_p())
+        reply = protocol.train_reply(
+            delta, n, loss, top_p=session.upload_top_p(), evaluation=self.evaluation
+        )
         return Message(reply, reply_to=self.msg)
 
 

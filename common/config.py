@@ -191,6 +191,11 @@ class ServerConfig(_Section):
     evaluate_every: int = Field(1, ge=0)
     output_root: str = "outputs"
     run_name: str = "auto"
+    fuse_evaluation: bool = Field(
+        True,
+        description="a round's evaluation travels with the next round's train messages "
+        "(one exchange per round) where the method allows it; false: its own exchange",
+    )
     pull_interval_s: float = Field(
         0.05, gt=0, description="seconds between pulls for replies (Flower's own loop waits 3 s)"
     )
@@ -445,6 +450,7 @@ OPERATIONAL = (
     "server.wait_for_nodes_s",
     "server.timeout_s",
     "server.pull_interval_s",
+    "server.fuse_evaluation",
     "server.evaluate_every",
     "server.output_root",
     "server.run_name",

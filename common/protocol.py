@@ -10,13 +10,15 @@ This is all a client implementation has to honour (see README "Plugging in your 
                                  [, "tensor-sizes": [int, ...]  (pFedHN baseline)]}
                         arrays  {"initial": float32[K]}  (FedAvg baseline only)
 - train         in      arrays  {"theta": float32[K] [, "teacher": float32[K_g]]},
-                        config  {"server-round": int [, "distill": bool, "distill-weight": a,
-                                 "temperature": T, "teacher": "round_start" | "regenerated"
-                                 | "phase1_trained"]}
+                        config  {"server-round": int [, "evaluate": true] [, "distill": bool,
+                                 "distill-weight": a, "temperature": T, "teacher":
+                                 "round_start" | "regenerated" | "phase1_trained"]}
                 reply   arrays  {"delta": float32[K]}  (sent minus trained, "old - new")
                                 or {"delta-indices": int32[n], "delta-values": float32[n]}
                                 (top-p upload: the n largest |delta| entries, indices ascending)
-                        metrics {"num-examples": int, "train-loss": float}
+                        metrics {"num-examples": int, "train-loss": float
+                                 [, "eval-num-examples", "eval-correct", "eval-loss-sum":
+                                 theta on the test split before training, when "evaluate"]}
 - evaluate      in      arrays  {"theta": float32[K]}, config {"server-round": int}
                 reply   metrics {"num-examples": int, "correct": int, "loss-sum": float}
 - train.global, evaluate.global: as train and evaluate, for the public global model (K_g)
@@ -55,6 +57,8 @@ TENSOR_SIZES = "tensor-sizes"
 INITIAL = "initial"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+EVALUATE_FIRST = "evaluate"  # train config: evaluate the received vector before training
+EVAL_PREFIX = "eval-"  # ...and report it with these metrics (eval-num-examples, ...)
 CLIENT_PROOF = (
     "client-proof"  # a secret the client keeps; binds its key (server_app/client_directory.py)
 )
@@ -80,18 +84,19 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class EvalResult:
+    num_examples: int
+    correct: int
+    loss_sum: float
+
+
+@dataclass(frozen=True)
 class TrainResult:
     delta: np.ndarray  # dense, float32[K] (rebuilt from a top-p upload)
     num_examples: int
     train_loss: float
     bytes_up: int = 0  # payload bytes of the arrays as they travelled (none for Local)
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    num_examples: int
-    correct: int
-    loss_sum: float
+    evaluation: EvalResult | None = None  # of the received vector, before training
 
 
 # ------------------------------------------------------------------ server -> client
@@ -176,12 +181,15 @@ def train_reply(
     num_examples: int,
     train_loss: float,
     top_p: float | None = None,
+    evaluation: EvalResult | None = None,
 ) -> RecordDict:
     """delta None: the Local baseline, which sends no parameters. top_p: send only the top-p
-    share of the delta by absolute value, as indices and values (paper C.7)."""
-    content = RecordDict(
-        {"metrics": MetricRecord({NUM_EXAMPLES: num_examples, "train-loss": train_loss})}
-    )
+    share of the delta by absolute value, as indices and values (paper C.7). evaluation: the
+    received vector on the client's test split, asked for with config `evaluate`."""
+    metrics = {NUM_EXAMPLES: num_examples, "train-loss": train_loss}
+    if evaluation is not None:
+        metrics.update(_evaluation_metrics(evaluation, EVAL_PREFIX))
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     if delta is not None and top_p is None:
         content["arrays"] = ArrayRecord({DELTA: _array(delta)})
     elif delta is not None:
@@ -192,14 +200,17 @@ def train_reply(
     return content
 
 
+def _evaluation_metrics(evaluation: EvalResult, prefix: str = "") -> dict:
+    return {
+        f"{prefix}{NUM_EXAMPLES}": evaluation.num_examples,
+        f"{prefix}correct": evaluation.correct,
+        f"{prefix}loss-sum": evaluation.loss_sum,
+    }
+
+
 def evaluate_reply(num_examples: int, correct: int, loss_sum: float) -> RecordDict:
-    return RecordDict(
-        {
-            "metrics": MetricRecord(
-                {NUM_EXAMPLES: num_examples, "correct": correct, "loss-sum": loss_sum}
-            )
-        }
-    )
+    metrics = _evaluation_metrics(EvalResult(num_examples, correct, loss_sum))
+    return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 # --------------------------------------------------------------- strict parsing
@@ -366,7 +377,14 @@ def parse_train_reply(
     if largest > max_abs:
         raise ReplyError(f"delta has an entry of {largest:.3g} (at most {max_abs:g} accepted: "
                          "server.max_delta_abs)")  # fmt: skip
-    return TrainResult(delta, num_examples, loss, bytes_up)
+    return TrainResult(delta, num_examples, loss, bytes_up, _fused_evaluation(metrics))
+
+
+def _fused_evaluation(metrics) -> EvalResult | None:
+    """The evaluation a train reply carries (config `evaluate`), if any."""
+    if f"{EVAL_PREFIX}{NUM_EXAMPLES}" not in metrics:
+        return None
+    return _evaluation(metrics, EVAL_PREFIX)
 
 
 def parse_local_train_reply(message: Message) -> TrainResult:
@@ -375,14 +393,19 @@ def parse_local_train_reply(message: Message) -> TrainResult:
     if "arrays" in message.content:
         raise ReplyError("a Local client must not send parameters")
     num_examples = _count(metrics, NUM_EXAMPLES)
-    return TrainResult(np.empty(0, np.float32), num_examples, _loss(metrics))
+    return TrainResult(
+        np.empty(0, np.float32), num_examples, _loss(metrics), 0, _fused_evaluation(metrics)
+    )
 
 
-def parse_evaluate_reply(message: Message) -> EvalResult:
-    metrics = _record(message, "metrics", MetricRecord)
-    n = _count(metrics, NUM_EXAMPLES)
-    correct = _count(metrics, "correct")
-    loss_sum = float(_field(metrics, "loss-sum", (int, float)))
+def _evaluation(metrics, prefix: str = "") -> EvalResult:
+    n = _count(metrics, f"{prefix}{NUM_EXAMPLES}")
+    correct = _count(metrics, f"{prefix}correct")
+    loss_sum = float(_field(metrics, f"{prefix}loss-sum", (int, float)))
     if correct > n or not np.isfinite(loss_sum) or loss_sum < 0:
         raise ReplyError(f"inconsistent evaluation: correct={correct}, n={n}, loss-sum={loss_sum}")
     return EvalResult(num_examples=n, correct=correct, loss_sum=loss_sum)
+
+
+def parse_evaluate_reply(message: Message) -> EvalResult:
+    return _evaluation(_record(message, "metrics", MetricRecord))

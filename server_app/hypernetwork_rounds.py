@@ -56,6 +56,9 @@ class HypernetworkRounds(RoundLoop):
             self.novel.join(self.round, self.register)
 
     # ------------------------------------------------------------ train
+    def parallel_round(self, server_round: int) -> bool:
+        return self.cfg.hypernetwork.schedule != ONE_BY_ONE
+
     def train_round(self, grid: Grid, server_round: int) -> None:
         if self.cfg.hypernetwork.schedule == ONE_BY_ONE:
             self.train_one_by_one(grid, server_round)

@@ -24,22 +24,41 @@ class RoundLog:
     bytes_up: int = 0
     values: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    seconds: float | None = None  # fixed by close(); until then, the time since `started`
 
     def reject(self, who: str, reason: str) -> None:
         logger.warning("round %d: rejected reply from %s: %s", self.round, who, reason)
         self.rejected.append({"client": who, "reason": reason})
+
+    def close(self) -> None:
+        """The round's work is done (its evaluation may still arrive with the next round)."""
+        self.seconds = time.perf_counter() - self.started
 
     def row(self) -> dict[str, Any]:
         values = dict(self.values)
         row: dict[str, Any] = {"round": self.round}
         for key in LEADING[1:]:
             row[key] = values.pop(key, None)
-        row["seconds"] = time.perf_counter() - self.started
+        row["seconds"] = (
+            time.perf_counter() - self.started if self.seconds is None else self.seconds
+        )
         row["bytes_down"] = self.bytes_down
         row["bytes_up"] = self.bytes_up
         row.update(values)
         row["rejected"] = self.rejected
         return row
+
+
+def pending_state(log: RoundLog | None) -> dict[str, Any] | None:
+    """A round that awaits its evaluation, as a checkpoint keeps it."""
+    if log is None:
+        return None
+    return {"round": log.round, "seconds": log.seconds, "bytes_down": log.bytes_down,
+            "bytes_up": log.bytes_up, "values": log.values, "rejected": log.rejected}  # fmt: skip
+
+
+def pending_from_state(state: dict[str, Any] | None) -> RoundLog | None:
+    return None if state is None else RoundLog(**state)
 
 
 def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:

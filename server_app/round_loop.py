@@ -35,7 +35,7 @@ from server_app.client_directory import ClientDirectory
 from server_app.defences import DeltaNormBound
 from server_app.events import Observers, RunObserver
 from server_app.exchange import Exchange
-from server_app.round_log import RoundLog, run_summary
+from server_app.round_log import RoundLog, pending_from_state, pending_state, run_summary
 from server_app.server_state import (
     ClientRecord,
     RegistrationError,
@@ -81,6 +81,7 @@ class RoundLoop(Strategy):
         self.completed_round = resume.completed_round
         self.history = list(resume.history)
         self.round = RoundLog(0)  # the round in progress (start() begins a new one each round)
+        self.pending: RoundLog | None = None  # a finished round whose evaluation is on its way
         self._sampled: tuple[int, list[str]] = (-1, [])
         self.restore(resume.strategy)
 
@@ -116,12 +117,14 @@ class RoundLoop(Strategy):
         return {
             "directory": self.directory.state_dict(),
             "delta_norms": self.delta_bound.state_dict(),
+            "pending_round": pending_state(self.pending),  # a round awaiting its evaluation
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         """The inverse of strategy_state (an empty dict for a new run)."""
         self.directory.load_state_dict(state.get("directory", {}))
         self.delta_bound.load_state_dict(state.get("delta_norms", {}))
+        self.pending = pending_from_state(state.get("pending_round"))
 
     # ------------------------------------------------------------ nodes
     def wait_for_nodes(self, grid: Grid) -> None:
@@ -237,7 +240,13 @@ class RoundLoop(Strategy):
 
     # ------------------------------------------------------------ train
     def configure_train(self, server_round: int, grid: Grid) -> dict[str, Message]:
-        return self.messages(self.round_clients(server_round, grid), protocol.TRAIN, server_round)
+        messages = self.messages(
+            self.round_clients(server_round, grid), protocol.TRAIN, server_round
+        )
+        if self.pending is not None:  # the previous round's evaluation travels with them
+            for message in messages.values():
+                message.content["config"][protocol.EVALUATE_FIRST] = True
+        return messages
 
     def parse_train(self, key: str, reply: Message) -> protocol.TrainResult:
         size = self.state.record(key).num_params
@@ -296,11 +305,42 @@ class RoundLoop(Strategy):
             )
         self.round.values.update(values)
 
+    def parallel_round(self, server_round: int) -> bool:
+        """Whether this round sends every client the vector of the round's start in one
+        exchange (so the previous round's evaluation can travel with it)."""
+        return True
+
     def train_round(self, grid: Grid, server_round: int) -> None:
-        """A parallel round: every sampled client trains the vector of the round's start."""
+        """A parallel round: every sampled client trains the vector of the round's start;
+        with a pending evaluation, the clients that do not train are evaluated in the same
+        exchange and those that do evaluate what they received before training."""
         messages = self.configure_train(server_round, grid)
-        results = self.exchange(grid, messages, self.parse_train)
+        if self.pending is None:
+            results = self.exchange(grid, messages, self.parse_train)
+        else:
+            idle = [k for k in self.connected_clients(grid) if k not in messages]
+            extra = self.messages(idle, protocol.EVALUATE, server_round)
+            parsed = self.exchange(grid, {**messages, **extra}, lambda key, reply: (
+                self.parse_train(key, reply) if key in messages
+                else self.parse_evaluate(key, reply)))  # fmt: skip
+            results = {k: r for k, r in parsed.items() if k in messages}
+            evaluations = {k: r for k, r in parsed.items() if k not in messages}
+            evaluations.update({k: r.evaluation for k, r in results.items() if r.evaluation})
+            self.finish_pending({k: evaluations[k] for k in sorted(evaluations)})
         self.aggregate_train(server_round, results, messages)
+
+    def finish_pending(self, evaluations: Mapping[str, protocol.EvalResult]) -> None:
+        """The previous round's row, now that its evaluation has arrived."""
+        log, self.pending = self.pending, None
+        stats = self.evaluation_stats(evaluations)
+        if stats is not None:
+            log.values.update(stats)
+        self.finish_row(log)
+
+    def finish_row(self, log: RoundLog) -> None:
+        row = log.row()
+        self.history.append(row)
+        self.observers.round_finished(row, self.cfg.rounds)
 
     # --------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, grid: Grid) -> dict[str, Message]:
@@ -350,6 +390,15 @@ class RoundLoop(Strategy):
             c.seed,
         )
 
+    def fuses_evaluation(self, server_round: int, num_rounds: int) -> bool:
+        """Whether this round's evaluation can travel with the next round's train messages:
+        they carry exactly the vectors an evaluate message would (nothing changes in between)."""
+        return (
+            self.cfg.server.fuse_evaluation
+            and server_round < num_rounds
+            and self.parallel_round(server_round + 1)
+        )
+
     def evaluation_due(self, server_round: int, num_rounds: int) -> bool:
         every = self.cfg.server.evaluate_every
         if every == 0:
@@ -384,12 +433,16 @@ class RoundLoop(Strategy):
                 self.discover(grid, self.cfg.server.timeout_s)
                 self.train_round(grid, server_round)
             self.after_train(server_round)
-            if self.evaluation_due(server_round, num_rounds):
-                self.evaluate_round(grid, server_round)
-            row = self.round.row()
-            self.history.append(row)
+            due = self.evaluation_due(server_round, num_rounds)
+            if due and self.fuses_evaluation(server_round, num_rounds):
+                self.round.close()
+                self.pending = self.round  # evaluated by the next round's exchange
+            else:
+                if due:
+                    self.evaluate_round(grid, server_round)
+                self.round.close()
+                self.finish_row(self.round)
             self.completed_round = server_round
-            self.observers.round_finished(row, num_rounds)
             self._checkpoint(server_round, num_rounds)
         self.observers.run_finished(run_summary(self.history))
         return Result()

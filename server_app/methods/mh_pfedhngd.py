@@ -113,6 +113,9 @@ class MHpFedHNGD(HypernetworkRounds):
         }
         return config, self.regenerated if g.teacher == "regenerated" else None
 
+    def parallel_round(self, server_round: int) -> bool:
+        return False  # phase 2's vectors come after phase 1's step: evaluated on their own
+
     def train_round(self, grid: Grid, server_round: int) -> None:
         """Phase 1, then phase 2. Novel clients (after the join) have no phase 1: the global
         model is part of the frozen hypernetwork, and they do not distill."""
