@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from client_app.spec import ClientSpec
 from common.config import DataConfig
-from common.datasets import NORMALIZATION, channel_statistics, load_dataset, to_model_tensors
+from common.datasets import (
+    NORMALIZATION,
+    channel_statistics,
+    load_dataset,
+    source_fingerprint,
+    to_model_tensors,
+)
 from common.partition import (
     client_split,
     default_classes_per_client,
@@ -36,9 +47,41 @@ class ClientData:
 
 def load_client_data(spec: ClientSpec, seed: int, device: str = "cpu") -> ClientData:
     """This client's train/test tensors, on `device` (memoised per process: decoded,
-    normalised and moved once, then used by every round without a DataLoader)."""
-    data = _client_data(spec.data.model_dump_json(), spec.partition_id, spec.num_partitions, seed)
+    normalised and moved once, then used by every round without a DataLoader; with
+    data.cache_partitions also kept on disk, so that a deployed ClientApp, a fresh process
+    per message, reads its tensors instead of decoding and partitioning the source again)."""
+    args = (spec.data.model_dump_json(), spec.partition_id, spec.num_partitions, seed)
+    data = _cached_on_disk(*args) if spec.data.cache_partitions else _client_data(*args)
     return data if torch.device(device).type == "cpu" else _on_device(data, device)
+
+
+PARTITION_CACHE_FORMAT = 1
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_on_disk(
+    data_json: str, partition_id: int, num_partitions: int, seed: int
+) -> ClientData:
+    data = DataConfig.model_validate_json(data_json)
+    key = json.dumps([PARTITION_CACHE_FORMAT, data_json, partition_id, num_partitions, seed,
+                      source_fingerprint(data.source, data.root)])  # fmt: skip
+    path = (
+        Path(data.cache_dir).expanduser()
+        / "partitions"
+        / f"{hashlib.sha256(key.encode()).hexdigest()}.pt"
+    )
+    if path.is_file():
+        try:
+            return ClientData(**torch.load(path, weights_only=True))
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            path.unlink(missing_ok=True)
+    loaded = _client_data(data_json, partition_id, num_partitions, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(handle, "wb") as f:
+        torch.save(dataclasses.asdict(loaded), f)
+    os.replace(tmp, path)
+    return loaded
 
 
 @functools.lru_cache(maxsize=128)
@@ -102,4 +145,5 @@ def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: i
 def forget_loaded_data() -> None:
     """Drop the per-process memo of loaded client data (a sweep moving to other data)."""
     _client_data.cache_clear()
+    _cached_on_disk.cache_clear()
     _on_device.cache_clear()

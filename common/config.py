@@ -9,6 +9,8 @@ app declares. `flwr run . -c 'client.lr=0.005 hypernetwork.schedule="one_by_one"
 from __future__ import annotations
 
 import copy
+import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +50,9 @@ class DataConfig(_Section):
     root: str = "data"
     download: bool = True
     cache_dir: str = "~/.cache/mh-pfedhn"
+    cache_partitions: bool = Field(
+        True, description="keep each client's partition, as tensors, under cache_dir"
+    )
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     partitioner: Literal["noniid1", "noniid2", "iid"] = "noniid1"
     num_clients: int | Literal["auto"] = "auto"
@@ -185,7 +190,15 @@ class ServerConfig(_Section):
         "after twice as many each time (at most 64); 0: never",
     )
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
-    min_nodes: int = Field(2, gt=0)
+    min_nodes: int = Field(
+        2, gt=0, description="nodes to wait for (wait_for_nodes_s) before round 0"
+    )
+    min_clients: int = Field(
+        1,
+        ge=0,
+        description="admitted clients needed to start; fewer stop the run with every "
+        "node's refusal reason",
+    )
     wait_for_nodes_s: float = Field(300.0, ge=0)
     timeout_s: float = Field(3600.0, gt=0)
     evaluate_every: int = Field(1, ge=0)
@@ -443,6 +456,7 @@ OPERATIONAL = (
     "data.root",
     "data.download",
     "data.cache_dir",
+    "data.cache_partitions",
     "client.device",
     "client.state_dir",
     "hypernetwork.device",
@@ -485,6 +499,27 @@ def settings_changed(before: Mapping[str, Any], config: ExperimentConfig) -> lis
         if old != now[key]:
             changed.append(f"{key}: {old!r} -> {now[key]!r}")
     return changed
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as TOML (bool, int, float or string; Flower accepts no others)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"run-config value {value!r} is not a finite number")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    raise TypeError(f"run-config value {value!r} must be a bool, int, float or string")
+
+
+def run_config_toml(run_config: Mapping[str, Any]) -> str:
+    """A flat run config as a TOML file for `flwr run --run-config FILE.toml` (dotted keys
+    are quoted, so they stay flat keys, exactly as `-c 'data.source="..."'` gives them)."""
+    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in run_config.items())
 
 
 def to_yaml(config: ExperimentConfig) -> str:

@@ -83,14 +83,47 @@ def load_dataset(
     ``root`` is torchvision's data folder; ``cache_dir`` (default ``~/.cache/mh-pfedhn``)
     holds decoded image folders. Raises DatasetUnavailableError when the data is absent.
     """
+    kind, location = _parse_source(source)
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser().resolve()
+    if kind in TORCHVISION_NAMES:
+        return _load_memo(kind, str(Path(root).expanduser().resolve()), download, "")
+    return _load_memo(kind, str(_existing(location, "data.source")), False, str(cache))
+
+
+def _parse_source(source: str) -> tuple[str, str]:
+    """(kind, location): a torchvision name with no location, or a path-based form."""
     kind, sep, location = source.strip().partition(":")
     kind = canonical_name(kind)
-    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser().resolve()
     if not sep and kind in TORCHVISION_NAMES:
-        return _load_memo(kind, str(Path(root).expanduser().resolve()), download, "")
+        return kind, ""
     if sep and location and kind in ("imagefolder", "tinyimagenet", "npz"):
-        return _load_memo(kind, str(Path(location).expanduser().resolve()), False, str(cache))
+        return kind, location
     raise ValueError(f"unknown data source {source!r}; valid forms: {SOURCE_FORMS}")
+
+
+def _existing(location: str, setting: str) -> Path:
+    """The path, resolved; a relative one that is not there says where it was looked for."""
+    path = Path(location).expanduser()
+    if not path.is_absolute() and not path.exists():
+        raise DatasetUnavailableError(
+            f"{setting} path {location!r} is relative and does not exist from this process's "
+            f"working directory {Path.cwd()}. In a deployment the ClientApp runs in its "
+            "SuperNode's working directory, not where `flwr run` was started: give an "
+            "absolute path (or set node config data-source for each site)"
+        )
+    return path.resolve()
+
+
+def source_fingerprint(source: str, root: str | Path = "data") -> str:
+    """What identifies the bytes a source reads: its resolved path, size and modification
+    time (a replaced file gives another fingerprint, so caches built from it are not used)."""
+    kind, location = _parse_source(source)
+    path = Path(root if kind in TORCHVISION_NAMES else location).expanduser().resolve()
+    try:
+        stat = path.stat()
+        return f"{kind}:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        return f"{kind}:{path}:missing"
 
 
 def clear_memo() -> None:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from flwr.common.config import parse_config_args
+
+from common.config import toml_value
 from deployment.processes import free_port, kill_tree, wait_for_listen, wait_for_port
 from deployment.topology import TLS, Node, Service, default_nodes, services
 
@@ -211,9 +216,52 @@ class LocalCluster:
         if not wait:
             log = (self.logs / "flwr-run.log").open("ab")
             return subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
-        return subprocess.run(
+        done = subprocess.run(
             cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
         )
+        status = self.run_status(done.stdout + done.stderr)
+        if done.returncode == 0 and status != "finished:completed":
+            # `flwr run --stream` exits 0 whatever became of the run (Flower 1.41)
+            done.returncode = 1
+            done.stderr += f"\nthe run ended as {status!r} (flwr ls)\n"
+        return done
+
+    def run_status(self, flwr_run_output: str) -> str:
+        """The status `flwr ls` reports for the run that `flwr run` printed it started."""
+        found = re.search(r"started run (\d+)", flwr_run_output)
+        if found is None:
+            return "not started"
+        cmd = [str(Path(sys.executable).parent / "flwr"), "ls", CONNECTION,
+               "--run-id", found.group(1), "--format", "json"]  # fmt: skip
+        listed = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True)
+        try:
+            return str(json.loads(listed.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return f"unknown ({listed.stdout.strip()[:200]})"
+
+
+def absolute_data_paths(run_config: str, cwd: Path) -> str:
+    """A --run-config string with relative data paths made absolute from `cwd`, where the
+    user ran the command: Flower runs the ClientApps in other working directories."""
+    if not run_config.strip():
+        return run_config
+    overrides = parse_config_args([run_config])
+    for key in ("data.source", "data.root", "data.cache_dir"):
+        if isinstance(overrides.get(key), str) and overrides[key]:
+            overrides[key] = absolute_data_path(overrides[key], cwd, key == "data.source")
+    return " ".join(f"{key}={toml_value(value)}" for key, value in overrides.items())
+
+
+def absolute_data_path(value: str, cwd: Path, is_source: bool = True) -> str:
+    """`npz:rel.npz` -> `npz:/abs/rel.npz` (torchvision names stay); a plain relative path
+    (data.root) -> absolute."""
+    kind, sep, location = value.partition(":") if is_source else ("", "", value)
+    if is_source and not sep:
+        return value
+    path = Path(location).expanduser()
+    if not path.is_absolute():
+        path = (cwd / path).resolve()
+    return f"{kind}:{path}" if is_source else str(path)
 
 
 def _node_index(name: str, prefix: str) -> int | None:
@@ -235,12 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tls_dir:
         d = args.tls_dir.resolve()
         tls = TLS(str(d / "ca.crt"), str(d / "server.pem"), str(d / "server.key"))
-    nodes = default_nodes(args.clients, args.models.split(","), args.data_source)
+    cwd = Path.cwd()
+    source = absolute_data_path(args.data_source, cwd) if args.data_source else ""
+    nodes = default_nodes(args.clients, args.models.split(","), source)
     started = time.monotonic()
     with LocalCluster(nodes, workdir, tls=tls) as cluster:
         print(f"cluster up: SuperLink {cluster.host}:{cluster.superlink_port}, "
               f"{len(nodes)} SuperNodes, logs in {cluster.logs}", flush=True)  # fmt: skip
-        done = cluster.flwr_run(args.run_config)
+        done = cluster.flwr_run(absolute_data_paths(args.run_config, cwd))
         sys.stdout.write(done.stdout)
         sys.stderr.write(done.stderr)
     print(f"cluster stopped after {time.monotonic() - started:.0f} s", flush=True)

@@ -7,15 +7,11 @@ Used by the experiment runner (`--engine flower`) and by the tests.
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from deployment.local_cluster import flower_environment
 from deployment.processes import free_port, kill_tree, pids_matching
@@ -70,24 +66,3 @@ def flwr_run(env: dict[str, str], run_config: str, federation_config: str, timeo
         timeout=timeout,
         check=False,
     )
-
-
-def toml_value(value: Any) -> str:
-    """A run-config value as TOML (bool, int, float or string; Flower accepts no others)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"run-config value {value!r} is not a finite number")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
-    raise TypeError(f"run-config value {value!r} must be a bool, int, float or string")
-
-
-def run_config_toml(run_config: Mapping[str, Any]) -> str:
-    """A flat run config as a TOML file for `flwr run --run-config FILE.toml` (dotted keys
-    are quoted, so they stay flat keys, exactly as `-c 'data.source="..."'` gives them)."""
-    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in run_config.items())

@@ -42,9 +42,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from client_app.data import forget_loaded_data
-from common.config import ExperimentConfig, resolve_config
+from common.config import ExperimentConfig, resolve_config, run_config_toml
 from deployment.processes import kill_tree
-from experiments.flower import flwr_command, private_flower, run_config_toml
+from experiments.flower import flwr_command, private_flower
 from experiments.report import write_report
 from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan
 from server_app.checkpoint import CHECKPOINT_NAME

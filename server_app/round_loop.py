@@ -46,6 +46,10 @@ from server_app.server_state import (
 logger = logging.getLogger("flwr.mh_pfedhn")
 
 
+class RunAborted(RuntimeError):
+    """The run cannot go on (too few clients admitted); the message says why, per node."""
+
+
 @dataclass
 class ResumePoint:
     """Where a checkpointed run stopped: the last completed round, the metrics rows so far,
@@ -166,6 +170,22 @@ class RoundLoop(Strategy):
         if record is not None:
             logger.info("client %s: K=%d, tau=%d", identity.client_key, record.num_params,
                         record.tau)  # fmt: skip
+
+    def check_admitted(self, grid: Grid) -> None:
+        """Stop, naming every refusal, when fewer than server.min_clients were admitted."""
+        needed = self.cfg.server.min_clients
+        admitted = len(self.directory.node_of)
+        if admitted >= needed:
+            return
+        lines = [f"node {n}: {r.reason}" for n, r in sorted(self.directory.refused.items())]
+        silent = sorted(set(grid.get_node_ids()) - set(self.directory.refused)
+                        - set(self.directory.key_of))  # fmt: skip
+        lines += [f"node {n}: no reply to the query" for n in silent]
+        if not list(grid.get_node_ids()):
+            lines.append("no node is connected")
+        raise RunAborted(
+            f"{admitted} client(s) admitted, server.min_clients={needed}:\n  " + "\n  ".join(lines)
+        )
 
     def connected_clients(self, grid: Grid) -> list[str]:
         """Registered clients whose node is connected."""
@@ -426,6 +446,7 @@ class RoundLoop(Strategy):
         self.observers.run_started(self.cfg, first, num_rounds)
         self.wait_for_nodes(grid)
         self.discover(grid, self.cfg.server.timeout_s)
+        self.check_admitted(grid)
         logger.info("server state: %s", self.state.describe())
         for server_round in range(first, num_rounds + 1):
             self.round = RoundLog(server_round)

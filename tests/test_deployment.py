@@ -224,3 +224,34 @@ def test_compose_tls_overlay_only_swaps_insecure_for_certificates_and_flower_acc
         assert used <= flags, f"{name}: {sorted(used - flags)} not accepted by {program}"
     # the ClientApps' SuperExecs talk to their own SuperNode and stay as compose.yml has them
     assert all(base[n]["command"][0] == "--insecure" for n in base if n.startswith("clientapp"))
+
+
+# ------------------------------------------------------------------ the traps
+def test_relative_data_paths_are_made_absolute_from_where_the_command_runs(tmp_path):
+    from deployment.local_cluster import absolute_data_path, absolute_data_paths
+
+    config = 'data.source="npz:../data/m.npz" rounds=2 data.root="data" client.lr=0.01'
+    got = absolute_data_paths(config, tmp_path / "here")
+    assert f'data.source="npz:{tmp_path}/data/m.npz"' in got
+    assert f'data.root="{tmp_path}/here/data"' in got and "rounds=2" in got
+    assert absolute_data_path("mnist", tmp_path) == "mnist"  # a torchvision name
+    assert absolute_data_path("npz:/abs/m.npz", tmp_path) == "npz:/abs/m.npz"
+
+
+def test_a_relative_path_that_is_not_there_says_from_where_it_was_looked_up(tmp_path):
+    from common.datasets import DatasetUnavailableError, load_dataset
+
+    with pytest.raises(DatasetUnavailableError, match="relative and does not exist .*absolute"):
+        load_dataset("npz:no/such/mnist.npz")
+
+
+@pytest.mark.slow
+def test_a_deployment_where_no_client_can_load_its_data_fails_loudly(tmp_path):
+    """Every SuperNode refuses (its data path does not exist): the run stops with each
+    node's reason and flwr run exits non-zero, instead of running rounds with no client."""
+    nodes = default_nodes(2, ["lenet"], "npz:/nonexistent/mnist.npz")
+    with LocalCluster(nodes, tmp_path) as cluster:
+        done = cluster.flwr_run("rounds=2 server.wait_for_nodes_s=60", timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0 and "finished:failed" in done.stderr, log[-3000:]
+    assert "0 client(s) admitted" in log and log.count("not available") >= 2, log[-3000:]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.config import run_config_toml
 from experiments import runner
-from experiments.flower import run_config_toml
 from experiments.report import BEST_LABEL, write_report
 from experiments.sweep import SweepError, auto_tag, load_sweep, parse_sweep
 from server_app.outputs import read_metrics

@@ -24,6 +24,7 @@ from common.config import ConfigError, resolve_config
 from server_app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from server_app.defences import DeltaNormBound
 from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
+from server_app.round_loop import RunAborted
 from server_app.run import build_strategy, run_experiment
 from server_app.server_state import RegistrationError, bounded_weights
 from simulation.grid import InProcessGrid
@@ -254,10 +255,22 @@ def test_clients_without_data_do_not_stop_the_run(tiny_npz, tmp_path):
 
 def test_mh_pfedhngd_with_no_admitted_client_runs_its_rounds():
     refuse_all = lambda i, msg: protocol.identity_reply(f"c{i}", SIZE)  # noqa: E731 - no proof
-    strategy, grid = setup(app_with(query=refuse_all), method="mh_pfedhngd", rounds=2)
+    overrides = {"method": "mh_pfedhngd", "rounds": 2, "server.min_clients": 0}
+    strategy, grid = setup(app_with(query=refuse_all), **overrides)
     strategy.start(grid)
     assert [r["round"] for r in strategy.history] == [0, 1, 2]
     assert not strategy.state.clients
+
+
+def test_a_run_with_no_admitted_client_stops_naming_every_refusal():
+    def query(i, msg):
+        return protocol.identity_reply(f"c{i}", SIZE) if i else None  # c1, c2: no proof
+
+    strategy, grid = setup(app_with(query=query), **{"server.min_clients": 2})
+    with pytest.raises(RunAborted, match=r"1 client\(s\) admitted, server.min_clients=2") as err:
+        strategy.start(grid)
+    assert "node 1001: client 'c1' sent no client-proof" in str(err.value)
+    assert "node 1002" in str(err.value) and not strategy.history
 
 
 # ------------------------------------------------------------- poisoned state
