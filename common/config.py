@@ -251,6 +251,34 @@ class GeneralizationConfig(_Section):
         return _comma_list(value)
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking (server_app/tracking.py); needs pip install -e ".[tracking]"."""
+
+    backends: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="none, tensorboard, mlflow, or both (comma-separated)"
+    )
+    tensorboard_dir: str = Field("", description="event files; '' = <run directory>/tensorboard")
+    mlflow_uri: str = Field(
+        "", description="MLflow tracking URI; '' = sqlite:///<server.output_root>/mlflow.db"
+    )
+    experiment: str = Field("", description="MLflow experiment; '' = the experiment's name")
+    tags: list[str] = Field(
+        default_factory=list,
+        description="key=value tags (the sweep runner adds experiment, method and seed)",
+    )
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _backends(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        return [] if value in (["none"], "none") else value
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+
 class ExperimentConfig(_Section):
     name: str = "default"
     method: str = Field("mh_pfedhn", description="a name in common/methods.py METHODS")
@@ -269,6 +297,7 @@ class ExperimentConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     global_model: GlobalModelConfig = Field(default_factory=GlobalModelConfig)
     generalization: GeneralizationConfig = Field(default_factory=GeneralizationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("method")
     @classmethod
@@ -470,6 +499,11 @@ OPERATIONAL = (
     "server.run_name",
     "server.checkpoint_every",
     "server.resume",
+    "tracking.backends",
+    "tracking.tensorboard_dir",
+    "tracking.mlflow_uri",
+    "tracking.experiment",
+    "tracking.tags",
 )
 
 

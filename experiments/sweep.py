@@ -53,6 +53,7 @@ RESERVED_KEYS = {
     "seed": "list it under `seeds`",
     "server.output_root": "the runner's --out sets it",
     "server.run_name": "the runner names each run",
+    "tracking.tags": "the runner tags each run with its experiment, method and seed",
 }
 CHECKPOINT_EVERY = 10
 CLIENT_STATE = "client_state"
@@ -224,6 +225,7 @@ class Run:
             "method": self.method,
             "server.output_root": str(Path(output_root).expanduser().resolve()),
             "server.run_name": self.name,
+            "tracking.tags": f"experiment={self.label},method={self.method},seed={self.seed}",
         }
 
     def resolve(self, output_root: str | Path) -> tuple[ExperimentConfig, dict[str, Any]]:

@@ -17,6 +17,7 @@ from server_app.outputs import RunRecorder
 from server_app.round_loop import ResumePoint, RoundLoop
 from server_app.run_plot import PlotWhenFinished
 from server_app.server_state import ServerState
+from server_app.tracking import trackers
 
 logger = logging.getLogger("flwr.mh_pfedhn")
 
@@ -82,7 +83,13 @@ def run_experiment(
     strategy = build_strategy(
         cfg,
         state,
-        observers=[recorder, PlotWhenFinished(recorder.directory), ConsoleProgress(), *observers],
+        observers=[
+            recorder,
+            PlotWhenFinished(recorder.directory),  # before the trackers, which upload the plot
+            ConsoleProgress(),
+            *trackers(cfg, recorder.directory),
+            *observers,
+        ],
         checkpoints=checkpoint_writer(cfg, recorder.directory),
         resume=resume,
     )
