@@ -14,7 +14,7 @@
 #
 # Needs root, docker, debootstrap (and a Debian mirror: DEBIAN_MIRROR), gcc, readelf and nm.
 # Images that exist already are kept (--force rebuilds the stand-ins); a real Flower image of
-# the same name is never replaced. Takes about 3 minutes on 2 cores; work files in /tmp.
+# the same name is never replaced. Takes 3-5 minutes on 2 busy cores; work files in /tmp.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -64,7 +64,7 @@ echo "debootstrap bookworm (minbase + python3-venv) from $MIRROR ..."
 debootstrap --variant=minbase --include=python3-venv bookworm "$root" "$MIRROR" \
     >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/{doc,man,info,locale}
-chroot "$root" python3 -m venv /python/venv
+chroot "$root" python3 -m venv --without-pip /python/venv  # pip: the one copied below
 echo "app:x:49999:49999::/app:/usr/sbin/nologin" >>"$root/etc/passwd"
 echo "app:x:49999:" >>"$root/etc/group"
 mkdir -p "$root/app"
@@ -77,8 +77,8 @@ changes=(
     --change "USER app"
 )
 
-# superlink, supernode: Flower alone
-"$PYTHON" docker/standin/copy_packages.py "$root/python/venv" "flwr==$FLOWER_VERSION"
+# superlink, supernode: Flower alone (and pip)
+"$PYTHON" docker/standin/copy_packages.py "$root/python/venv" "flwr==$FLOWER_VERSION" pip
 tar -C "$root" -c . | docker import "${changes[@]}" - "$BASE" >/dev/null
 for name in "${todo[@]}"; do
     [[ $name == superexec ]] && continue
@@ -94,7 +94,7 @@ if [[ " ${todo[*]} " == *" superexec "* ]]; then
 for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
     if not d.startswith("flwr"): print(d)')
     "$PYTHON" docker/standin/copy_packages.py "$root/python/venv" "${deps[@]}" \
-        --without "flwr==$FLOWER_VERSION"
+        --without "flwr==$FLOWER_VERSION" pip
     "$PYTHON" -m pip download --quiet --no-deps --dest "$root/python/wheels" "setuptools>=77"
     tar -C "$root" -c . | docker import "${changes[@]}" \
         --change "ENV PIP_NO_INDEX=1 PIP_FIND_LINKS=/python/wheels" \

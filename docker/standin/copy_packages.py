@@ -98,10 +98,12 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _copy_script(source: Path, target: Path) -> None:
-    data = source.read_bytes()
-    if data.startswith(b"#!") and b"python" in data.split(b"\n", 1)[0]:
-        data = f"#!{VENV}/bin/python".encode() + b"\n" + data.split(b"\n", 1)[1]
-    target.write_bytes(data)
+    lines = source.read_bytes().split(b"\n")
+    if lines[0] == b"#!/bin/sh" and lines[1].startswith(b"'''exec'"):
+        lines = [b"#!python", *lines[3:]]  # pip's header for a long interpreter path
+    if lines[0].startswith(b"#!") and b"python" in lines[0]:
+        lines[0] = f"#!{VENV}/bin/python".encode()
+    target.write_bytes(b"\n".join(lines))
     target.chmod(0o755)
 
 
