@@ -29,10 +29,14 @@ PLUG_IN = ROOT / "examples" / "plug_in_model"
 
 
 # ----------------------------------------------------------- compose.yml checks
-def compose_services() -> dict[str, dict]:
+def yaml_file(name: str) -> dict:
     import yaml
 
-    return yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
+    return yaml.safe_load((ROOT / "docker" / name).read_text())
+
+
+def compose_services() -> dict[str, dict]:
+    return yaml_file("compose.yml")["services"]
 
 
 def test_compose_file_is_the_generated_topology():
@@ -50,6 +54,8 @@ def accepted_flags(program: str) -> set[str]:
 def test_every_compose_command_uses_flags_the_installed_flower_accepts():
     help_cache: dict[str, set[str]] = {}
     for name, service in compose_services().items():
+        if "command" not in service:
+            continue  # the flwr service: its command is given at `docker-compose run`
         program = (
             service["entrypoint"][0]
             if "entrypoint" in service
@@ -63,11 +69,23 @@ def test_every_compose_command_uses_flags_the_installed_flower_accepts():
         assert used <= flags, f"{name}: {sorted(used - flags)} not accepted by {program}"
 
 
+def test_compose_network_is_internal_and_flwr_runs_inside_it():
+    compose = yaml_file("compose.yml")
+    assert compose["networks"] == {"default": {"internal": True}}
+    assert not any("ports" in s or "networks" in s for s in compose["services"].values())
+    flwr = compose["services"]["flwr"]
+    assert flwr["image"] == APP_IMAGE and flwr["profiles"] == ["cli"]
+    script = flwr["entrypoint"][2]
+    assert 'address = "superlink:9091"' in script and script.endswith('exec flwr "$$@"')
+    assert "FLWR_SECURITY=insecure = true" in flwr["environment"]
+
+
 def test_compose_ports_and_node_configs_are_consistent():
     svc = compose_services()
     link_port = svc["superlink"]["command"][svc["superlink"]["command"].index("--port") + 1]
-    assert svc["superlink"]["ports"] == [f"{link_port}:{link_port}"]
     assert svc["serverapp"]["command"][-1] == f"superlink:{link_port}"
+    database = svc["superlink"]["command"][svc["superlink"]["command"].index("--database") + 1]
+    assert svc["superlink"]["volumes"] == ["superlink-state:/app"] and database.startswith("/app/")
     keys, partitions = set(), set()
     nodes = sorted(n for n in svc if n.startswith("supernode-"))
     for name in nodes:
@@ -183,9 +201,10 @@ def test_a_killed_supernode_comes_back_with_its_own_embeddings(mnist_npz, tmp_pa
 
 # ------------------------------------------------------- compose.tls.yml checks
 def tls_overlay_services() -> dict[str, dict]:
-    import yaml
-
-    return yaml.safe_load((ROOT / "docker" / "compose.tls.yml").read_text())["services"]
+    """The overlay's services but `flwr` (its connection; test_compose_tls_overlay_...)."""
+    services = yaml_file("compose.tls.yml")["services"]
+    del services["flwr"]
+    return services
 
 
 def test_compose_tls_overlay_is_the_generated_one():
@@ -224,6 +243,11 @@ def test_compose_tls_overlay_only_swaps_insecure_for_certificates_and_flower_acc
         assert used <= flags, f"{name}: {sorted(used - flags)} not accepted by {program}"
     # the ClientApps' SuperExecs talk to their own SuperNode and stay as compose.yml has them
     assert all(base[n]["command"][0] == "--insecure" for n in base if n.startswith("clientapp"))
+    # flwr in the network trusts the same CA instead of `insecure = true`
+    assert yaml_file("compose.tls.yml")["services"]["flwr"] == {
+        "environment": ['FLWR_SECURITY=root-certificates = "/certs/ca.crt"'],
+        "volumes": ["./certs/ca.crt:/certs/ca.crt:ro"],
+    }
 
 
 # ------------------------------------------------------------------ the traps
