@@ -9,6 +9,10 @@ and keeps the phase-1 vectors it may distill from.
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -50,24 +54,46 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started, age = time.perf_counter(), process_age()
     session = open_session(context)
+    opened = time.perf_counter()
     if session.method.trains == "own":  # the Local baseline: this client's own model
         model = session.local_model()
         evaluation = session.evaluate_first(msg, model)
         data = session.data
         generator = session.generator("train", protocol.read_round(msg))
+        trained = time.perf_counter()
         loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator)
+        train_s = time.perf_counter() - trained
         session.save_local_model(model)
-        reply = protocol.train_reply(None, len(data.y_train), loss, evaluation=evaluation)
-        return Message(reply, reply_to=msg)
-    job = TrainJob.prepare(session, msg, global_model=False)
-    return job.reply(job.run())
+        content = protocol.train_reply(None, len(data.y_train), loss, evaluation=evaluation)
+    else:
+        job = TrainJob.prepare(session, msg, global_model=False)
+        trained = time.perf_counter()
+        loss = job.run()
+        train_s = time.perf_counter() - trained
+        content = job.reply_content(loss)
+    timings = {"process": age, "session": opened - started, "train": train_s,
+               "handler": time.perf_counter() - started}  # fmt: skip
+    return Message(protocol.with_timings(content, timings), reply_to=msg)
 
 
 @app.train("global")
 def train_global(msg: Message, context: Context) -> Message:
     job = TrainJob.prepare(open_session(context), msg, global_model=True)
     return job.reply(job.run())
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux): in deployment every message starts a new
+    ClientApp process, and this is its start-up and imports."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))  # fmt: skip
+        return max(time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK")), 0.0)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:

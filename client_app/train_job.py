@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from torch import nn
 
 from client_app.session import GLOBAL_BUFFERS, GLOBAL_RECEIVED, GLOBAL_TRAINED, Layout, Session
@@ -69,8 +69,11 @@ class TrainJob:
         return loss
 
     def reply(self, loss: float) -> Message:
+        return Message(self.reply_content(loss), reply_to=self.msg)
+
+    def reply_content(self, loss: float) -> RecordDict:
         """delta = sent - trained (local layers are in neither); keep what the next message
-        needs; answer, top-p compressed if configured."""
+        needs; the answer, top-p compressed if configured."""
         session, server_round = self.session, protocol.read_round(self.msg)
         delta = self.theta - model_to_vector(self.model, self.layout.shared).numpy()
         if self.global_model:
@@ -80,10 +83,9 @@ class TrainJob:
         else:
             session.save_model_state(self.model, self.layout)
         n = len(session.data.y_train)
-        reply = protocol.train_reply(
+        return protocol.train_reply(
             delta, n, loss, top_p=session.upload_top_p(), evaluation=self.evaluation
         )
-        return Message(reply, reply_to=self.msg)
 
 
 def _teacher(session: Session, msg: Message) -> Distillation | None:

@@ -213,6 +213,34 @@ def evaluate_reply(num_examples: int, correct: int, loss_sum: float) -> RecordDi
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 
+TIMINGS = ("process", "session", "train", "handler")  # reply metrics time-<name>, seconds
+
+
+def with_timings(content: RecordDict, timings: Mapping[str, float | None]) -> RecordDict:
+    """A reply that also tells where the client's time went (a deployment breakdown):
+    process: since its process started; session: config and data; train; handler: all."""
+    metrics = content["metrics"]
+    for name, seconds in timings.items():
+        if seconds is not None:
+            metrics[f"time-{name}"] = float(seconds)
+    return content
+
+
+def read_timings(message: Message) -> dict[str, float]:
+    """A reply's time-* metrics; informational, so anything odd is left out, never refused."""
+    if message.has_error() or "metrics" not in message.content:
+        return {}
+    metrics = message.content["metrics"]
+    if not isinstance(metrics, MetricRecord):
+        return {}
+    out = {}
+    for name in TIMINGS:
+        value = metrics.get(f"time-{name}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e6:
+            out[name] = float(value)
+    return out
+
+
 # --------------------------------------------------------------- strict parsing
 # A reply is client-chosen bytes: every parser below raises ReplyError, and nothing else, for
 # anything it cannot use, and checks sizes before it decodes (tests/test_hardening.py).

@@ -119,7 +119,7 @@ class LocalCluster:
 
     def _launch(self, service: Service) -> None:
         log = (self.logs / f"{service.name}.log").open("ab")
-        env = dict(self.env)
+        env = {**self.env, **service.env}
         if service.name.startswith("clientapp-"):
             env.update(self.client_env)
         self.processes[service.name] = subprocess.Popen(

@@ -21,6 +21,9 @@ FLOWER_VERSION = "1.41.0"
 SUPERLINK_PORT = 9091
 SUPERNODE_PORT = 9094
 APP_IMAGE = "mh-pfedhn:latest"
+# How often a SuperExec asks for a new app process to start (Flower's default: 1 s); every
+# exchange waits for it once (README, "Rounds at the speed of the network").
+SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ def services(
                 link,
             ],
             APP_IMAGE,
+            dict(SUPEREXEC_POLL),
         ),
     ]
     for node in nodes:
@@ -160,6 +164,7 @@ def services(
                     f"{host_of(name)}:{port}",
                 ],
                 APP_IMAGE,
+                dict(SUPEREXEC_POLL),
             )
         )
     return out
@@ -173,7 +178,7 @@ def compose_nodes(num_clients: int) -> list[Node]:
 # `flwr` inside the compose network: the connection "compose" in a config.toml it writes
 # first; FLWR_SECURITY is its `insecure = true` or `root-certificates = "..."` line.
 FLWR_CLI = (
-    "printf '[superlink]\\ndefault = \"compose\"\\n[superlink.compose]\\n"
+    'printf \'[superlink]\\ndefault = "compose"\\n[superlink.compose]\\n'
     f'address = "superlink:{SUPERLINK_PORT}"\\n%s\\n\' "$$FLWR_SECURITY" '
     '> "$$FLWR_HOME/config.toml" && exec flwr "$$@"'
 )
@@ -204,6 +209,10 @@ def compose_yaml(num_clients: int) -> str:
         else:
             lines += [f"    image: {service.image}"]
         lines += [f"    command: {_flow_list(args)}"]
+        if service.env:
+            lines += [
+                f"    environment: {_flow_list([f'{k}={v}' for k, v in service.env.items()])}"
+            ]
         lines += ["    restart: unless-stopped"]
         if service.name == "superlink":
             # /app: owned by the image's user (uid 49999), so is the volume mounted there

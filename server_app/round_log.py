@@ -25,6 +25,14 @@ class RoundLog:
     values: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     seconds: float | None = None  # fixed by close(); until then, the time since `started`
+    exchanges: int = 0  # message exchanges with clients (push, then pull until answered)
+    exchange_seconds: float = 0.0  # their wall time, from push to the last reply
+    client_timings: list[dict[str, float]] = field(default_factory=list)  # protocol timings
+
+    def timed_exchange(self, seconds: float, timings: list[dict[str, float]]) -> None:
+        self.exchanges += 1
+        self.exchange_seconds += seconds
+        self.client_timings += [t for t in timings if t]
 
     def reject(self, who: str, reason: str) -> None:
         logger.warning("round %d: rejected reply from %s: %s", self.round, who, reason)
@@ -44,6 +52,15 @@ class RoundLog:
         )
         row["bytes_down"] = self.bytes_down
         row["bytes_up"] = self.bytes_up
+        row["exchanges"] = self.exchanges
+        row["exchange_seconds"] = self.exchange_seconds
+        if self.client_timings:  # mean seconds per reply: where the clients' time went
+            names = sorted({name for t in self.client_timings for name in t})
+            row["client_seconds"] = {
+                n: sum(t[n] for t in self.client_timings if n in t)
+                / sum(n in t for t in self.client_timings)
+                for n in names
+            }
         row.update(values)
         row["rejected"] = self.rejected
         return row
@@ -54,7 +71,9 @@ def pending_state(log: RoundLog | None) -> dict[str, Any] | None:
     if log is None:
         return None
     return {"round": log.round, "seconds": log.seconds, "bytes_down": log.bytes_down,
-            "bytes_up": log.bytes_up, "values": log.values, "rejected": log.rejected}  # fmt: skip
+            "bytes_up": log.bytes_up, "values": log.values, "rejected": log.rejected,
+            "exchanges": log.exchanges, "exchange_seconds": log.exchange_seconds,
+            "client_timings": log.client_timings}  # fmt: skip
 
 
 def pending_from_state(state: dict[str, Any] | None) -> RoundLog | None:

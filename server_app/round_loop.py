@@ -239,8 +239,10 @@ class RoundLoop(Strategy):
         clients that did not answer in time are logged and left out. bytes_up counts what
         accepted replies carried (sparse when top-p)."""
         results: dict[str, Any] = {}
+        timings: list[dict[str, float]] = []
 
         def on_reply(key: str, reply: Message) -> None:
+            timings.append(protocol.read_timings(reply))
             try:
                 results[key] = parse(key, reply)
             except protocol.ReplyError as err:
@@ -253,7 +255,10 @@ class RoundLoop(Strategy):
             self.round.bytes_up += getattr(results[key], "bytes_up", 0)
 
         exchange = Exchange(grid, self.cfg.server.pull_interval_s)
+        started = time.perf_counter()
         _, missing = exchange.run(messages, self.cfg.server.timeout_s, on_reply)
+        if messages:
+            self.round.timed_exchange(time.perf_counter() - started, timings)
         for key in missing:
             self.round.reject(f"{key}{phase}", "no reply before the timeout")
         return {k: results[k] for k in sorted(results)}

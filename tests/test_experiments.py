@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "sweeps" / "smoke.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMING = {"seconds", "server_update_seconds", "server_seconds_per_client_update"}
-TIMING |= {"global_update_seconds"}
+TIMING |= {"global_update_seconds", "exchange_seconds", "client_seconds"}
 
 
 def _write_sweep(path: Path, sweep: dict) -> Path:

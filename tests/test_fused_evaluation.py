@@ -11,7 +11,8 @@ from common.config import resolve_config
 from server_app.run import run_experiment
 from simulation.grid import InProcessGrid
 
-TIMING = {"seconds", "server_update_seconds", "server_seconds_per_client_update"}
+TIMING = {"seconds", "server_update_seconds", "server_seconds_per_client_update",
+          "exchanges", "exchange_seconds", "client_seconds"}  # fmt: skip
 
 
 class Stop(Exception):
