@@ -53,7 +53,8 @@ class LocalCluster:
     (e.g. network-namespace) hosts: `prefix[name]` goes before service `name`'s command (and
     `prefix["flwr"]` before `flwr run`), e.g. ["ip", "netns", "exec", "ns0"]; `hosts[name]` is
     the address the others reach it at and `binds[name]` the address it listens on.
-    `extra_args[name]` is appended to service `name`'s command.
+    `extra_args[name]` is appended to service `name`'s command; `service_env` is set for
+    every service (over its own environment).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class LocalCluster:
         hosts: dict[str, str] | None = None,
         binds: dict[str, str] | None = None,
         extra_args: dict[str, list[str]] | None = None,
+        service_env: dict[str, str] | None = None,
     ) -> None:
         # every site keeps its state (its client secret included) across restarts
         self.nodes = [
@@ -84,6 +86,7 @@ class LocalCluster:
         self.hosts = hosts or {}
         self.binds = binds or {}
         self.extra_args = extra_args or {}
+        self.service_env = service_env or {}  # over every service's own (e.g. poll intervals)
         self.superlink_port = free_port()
         self.node_ports = {n.index: free_port() for n in nodes}
         self.env = flower_environment(workdir / "flwr-home")
@@ -119,7 +122,7 @@ class LocalCluster:
 
     def _launch(self, service: Service) -> None:
         log = (self.logs / f"{service.name}.log").open("ab")
-        env = {**self.env, **service.env}
+        env = {**self.env, **service.env, **self.service_env}
         if service.name.startswith("clientapp-"):
             env.update(self.client_env)
         self.processes[service.name] = subprocess.Popen(

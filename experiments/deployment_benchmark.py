@@ -1,0 +1,169 @@
+"""Deployed rounds against in-process rounds, and where a deployed round's time goes.
+
+    python -m experiments.deployment_benchmark --data npz:../shared/data/mnist.npz \\
+        --clients 3 --models lenet,mlp --rounds 3 --out outputs/deployment_benchmark
+
+Each variant is one real run on the local cluster (SuperLink, SuperNodes and SuperExecs as
+separate processes, deployment/local_cluster.py), then the same experiment in-process:
+- `flower-defaults`: what Flower's own loop gives, i.e. the ServerApp pulling every 3 s as
+  `send_and_receive` does, a separate evaluate exchange each round, SuperExecs polling every
+  1 s, and each ClientApp process partitioning its data again;
+- `fast`: this project's defaults (pull every 0.05 s, the evaluation riding on the next
+  round's train messages, SuperExecs polling every 0.1 s, partitions cached on disk);
+- `fast-one-by-one`: the same with the `one_by_one` schedule (an exchange per client).
+Writes benchmark.json and benchmark.md: seconds per round (median of rounds 1..R) and per
+round the exchanges, their wall time, and per reply the client's process start-up and imports,
+session (config and data), training, and the rest (pickup, polling, transport, the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common.config import resolve_config
+from deployment.local_cluster import LocalCluster, absolute_data_path
+from deployment.topology import default_nodes
+from server_app.outputs import read_metrics
+from simulation.run import run_inprocess
+
+VARIANTS = {
+    "flower-defaults": (
+        {"server.pull_interval_s": 3.0, "server.fuse_evaluation": False,
+         "data.cache_partitions": False},
+        {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
+    ),
+    "fast": ({}, {}),
+    "fast-one-by-one": ({"hypernetwork.schedule": "one_by_one"}, {}),
+}  # fmt: skip
+BASE = {"hypernetwork.schedule": "parallel_sequential"}
+
+
+def settings(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dict:
+    return {
+        "data.source": args.data,
+        "data.fraction": args.fraction,
+        "data.num_clients": args.clients,
+        "data.cache_dir": str(out / "cache"),
+        "clients.models": args.models,
+        "client.epochs": args.epochs,
+        "rounds": args.rounds,
+        "server.min_nodes": args.clients,
+        "server.checkpoint_every": 0,
+        "server.output_root": str(out),
+        "server.run_name": name,
+        **BASE,
+        **extra,
+    }
+
+
+def breakdown(rows: list[dict]) -> dict:
+    """Medians over rounds 1..R of the round's seconds and its parts."""
+    rounds = [r for r in rows if r["round"] > 0]
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
+    def client(name: str) -> float:
+        return median([r.get("client_seconds", {}).get(name, 0.0) for r in rounds])
+
+    out = {
+        "seconds_per_round": median([r["seconds"] for r in rounds]),
+        "exchanges_per_round": median([r.get("exchanges", 0) for r in rounds]),
+        "exchange_seconds": median([r.get("exchange_seconds", 0.0) for r in rounds]),
+        "client_process_start": client("process"),
+        "client_session": client("session"),
+        "client_train": client("train"),
+        "client_handler": client("handler"),
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+    }
+    out["waiting"] = max(
+        out["seconds_per_round"]
+        - out["exchanges_per_round"] * (out["client_process_start"] + out["client_handler"]),
+        0.0,
+    )
+    return out
+
+
+def deployed(args: argparse.Namespace, out: Path, name: str) -> dict:
+    extra, env = VARIANTS[name]
+    config = settings(args, out, name, extra)
+    nodes = default_nodes(args.clients, args.models.split(","))
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    with LocalCluster(nodes, out / f"{name}-cluster", service_env=env) as cluster:
+        started = time.perf_counter()
+        done = cluster.flwr_run(run_config, timeout=3600)
+        total = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: flwr run failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    result = breakdown(read_metrics(out / name / "metrics.jsonl"))
+    result["total_seconds"] = total
+    return result
+
+
+def inprocess(args: argparse.Namespace, out: Path, name: str) -> dict:
+    extra, _ = VARIANTS[name]
+    config = settings(args, out, f"{name}-inprocess", extra)
+    cfg = resolve_config("default", config)
+    run_inprocess(cfg, config)
+    return breakdown(read_metrics(out / f"{name}-inprocess" / "metrics.jsonl"))
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| variant | runtime | s/round | exchanges/round | exchange s | client start+imports "
+        "| client data | client training | client handler | waiting (pickup, polls, server) "
+        "| accuracy (last round) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, by_runtime in results.items():
+        for runtime, r in by_runtime.items():
+            lines.append(
+                f"| {name} | {runtime} | {r['seconds_per_round']:.2f} | "
+                f"{r['exchanges_per_round']:g} | {r['exchange_seconds']:.2f} | "
+                f"{r['client_process_start']:.2f} | {r['client_session']:.2f} | "
+                f"{r['client_train']:.2f} | {r['client_handler']:.2f} | {r['waiting']:.2f} | "
+                f"{r['final_accuracy']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="npz:../shared/data/mnist.npz")
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--models", default="lenet,mlp")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    args.data = absolute_data_path(args.data, Path.cwd())
+    out = (args.out or Path(tempfile.mkdtemp(prefix="deployment-benchmark-"))).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.variants.split(","):
+        results[name] = {
+            "deployed": deployed(args, out, name),
+            "in-process": inprocess(args, out, name),
+        }
+        print(
+            f"{name}: deployed {results[name]['deployed']['seconds_per_round']:.2f} s/round, "
+            f"in-process {results[name]['in-process']['seconds_per_round']:.2f}",
+            flush=True,
+        )
+    record = {"args": {**vars(args), "out": str(out)}, "results": results}
+    (out / "benchmark.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "benchmark.md").write_text(table(results))
+    print(table(results))
+    print(f"written: {out / 'benchmark.md'}, {out / 'benchmark.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
