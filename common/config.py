@@ -135,7 +135,7 @@ class HypernetworkConfig(_Section):
     grad_clip: float = Field(50.0, gt=0)
     schedule: Literal["one_by_one", "parallel_sequential", "parallel_mean", "parallel_residual"] = (
         Field(
-            "parallel_sequential",
+            "one_by_one",
             description="how a round's client updates reach the hypernetwork (SPEC 4): "
             "one_by_one (generate, train, step, client after client: the authors' code); "
             "parallel_sequential (all train the round-start theta, then one Adam step per "
@@ -344,7 +344,7 @@ class ExperimentConfig(_Section):
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "paper": {
-        "hypernetwork": {"embedding_std": 0.002},
+        "hypernetwork": {"embedding_std": 0.002, "schedule": "one_by_one"},
         "client": {"lr": 5e-3, "weight_decay": 5e-4, "epochs": 1},
     },
 }

@@ -64,7 +64,7 @@ class HypernetworkSettings:
     embedding_std: float = 1.0
     lr: float = 2e-4
     grad_clip: float = 50.0
-    schedule: str = PARALLEL_SEQUENTIAL
+    schedule: str = ONE_BY_ONE
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> HypernetworkSettings:
