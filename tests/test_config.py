@@ -47,7 +47,7 @@ def test_spec_defaults():
     h = cfg.hypernetwork
     assert (h.chunk_size, h.embedding_dim, h.hidden_dim, h.hidden_layers) == (3072, 64, 128, 3)
     assert (h.embedding_std, h.lr, h.grad_clip) == (1.0, 2e-4, 50.0)
-    assert h.schedule == "parallel_sequential"
+    assert h.schedule == "one_by_one"
     assert cfg.server.max_params == 50_000_000
     assert cfg.data.train_fraction == 0.75
 

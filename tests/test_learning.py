@@ -51,37 +51,34 @@ def test_generated_parameters_rise_from_chance_to_accurate(mnist_npz, tmp_path):
     assert (tmp_path / "mnist" / "summary.json").is_file()
 
 
-def _wrong_sign(deltas):
-    return {k: -d for k, d in deltas.items()}
+def _wrong_sign(server, key, delta):
+    return [(key, -delta)]
 
 
-def _missing(deltas):
-    return {}
+def _missing(server, key, delta):
+    return []
 
 
-def _misrouted(deltas):
-    """Each delta goes to another client with the same K (the clients' classes differ)."""
-    by_size: dict[int, list[str]] = {}
-    for key in sorted(deltas):
-        by_size.setdefault(len(deltas[key]), []).append(key)
-    out = {}
-    for keys in by_size.values():
-        for src, dst in zip(keys, keys[1:] + keys[:1], strict=True):
-            out[dst] = deltas[src]
-    return out
+def _misrouted(server, key, delta):
+    """The delta goes to another client with the same K (the clients' classes differ)."""
+    same = sorted(k for k, r in server.clients.items() if r.num_params == len(delta))
+    return [(same[(same.index(key) + 1) % len(same)], delta)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sabotage", [_wrong_sign, _missing, _misrouted], ids=lambda f: f.__name__)
 def test_a_broken_update_cannot_reach_the_threshold(sabotage, mnist_npz, tmp_path, monkeypatch):
-    """The threshold above is only meaningful if broken updates stay below it."""
+    """The threshold above is only meaningful if broken updates stay below it (the default
+    schedule, one_by_one, steps client by client)."""
     from server_app.hypernetwork_server import HypernetworkServer
 
-    original = HypernetworkServer.apply_deltas
+    original = HypernetworkServer.step_client
 
-    def broken(self, deltas, server_round, weights=None):
-        return original(self, sabotage(deltas), server_round, weights)
+    def broken(self, key, delta):
+        for target, changed in sabotage(self, key, delta):
+            original(self, target, changed)
+        return 0.0
 
-    monkeypatch.setattr(HypernetworkServer, "apply_deltas", broken)
+    monkeypatch.setattr(HypernetworkServer, "step_client", broken)
     _, rows = mnist_run(mnist_npz, tmp_path)
     assert max(r["accuracy"] for r in rows) < THRESHOLD, [round(r["accuracy"], 3) for r in rows]
