@@ -89,7 +89,12 @@ class ClientDirectory:
         elif key in self.proofs and not proof_matches(identity.proof, self.proofs[key]):
             logger.warning("node %d claims client key %r with another proof: refused as an "
                            "impostor", node, key)  # fmt: skip
-            raise RegistrationError(f"client key {key!r} belongs to another client")
+            raise RegistrationError(
+                f"client key {key!r} belongs to another client (its client-proof differs "
+                "from the first one's); if this is that client restarted, it lost its secret: "
+                "give its SuperNode a state-dir or a client-secret (in simulation: "
+                "client.state_dir, which the sweep runner sets)"
+            )
         if self.bind_node_ids and self.first_node.get(key, node) != node:
             raise RegistrationError(
                 f"client key {key!r} is bound to node {self.first_node[key]} (server.bind_node_ids)"

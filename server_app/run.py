@@ -63,6 +63,12 @@ def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRe
             f"(changed: {'; '.join(changed)})"
         )
     checkpoint_writer(cfg, directory).restore_client_state(checkpoint.round)
+    if not cfg.client.state_dir:
+        logger.warning(
+            "resuming without client.state_dir: simulated clients (no node config state-dir) "
+            "start without their secrets and state, and are refused as new holders of their "
+            "keys; deployed sites keep theirs in their own state-dir"
+        )
     point = ResumePoint(checkpoint.round, checkpoint.history, checkpoint.strategy)
     return checkpoint.server, point, RunRecorder.resume(directory, cfg, checkpoint.history)
 
