@@ -33,10 +33,12 @@ def run_inprocess(
     threads_per_client: int = 1,
     parallel_clients: int = 1,
     observers: Sequence[RunObserver] = (),
+    client_app: Any = client_app,
 ) -> RoundLoop:
     """Clients one after another (`engine: loop`) or trained together per architecture
     (`engine: batched`, `parallel_clients` at a time on the CPU). The ClientApp gets
-    `threads_per_client` torch threads, as Flower's `client-resources-num-cpus` gives it."""
+    `threads_per_client` torch threads, as Flower's `client-resources-num-cpus` gives it;
+    `client_app` is this project's unless given (a scripted or wrapped one, in experiments)."""
     app = ThreadLimitedClientApp(client_app, threads_per_client)
     num_clients = int(cfg.data.num_clients)
     if cfg.engine == "batched":
