@@ -148,6 +148,61 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny_npz, tmp_path, mon
     assert len(_read_csv(tmp_path / "out" / "results.csv")) == 1
 
 
+# --------------------------------------------------- interrupted sweeps continue
+def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, tmp_path):
+    """Every run is killed in round 4 (its checkpoint is round 2's, every 2 rounds); the sweep
+    started again continues each from there, the clients' state (the Local baseline's own
+    models, their secrets) restored as it was: the metrics are those of a sweep that was never
+    stopped, to the last digit; a finished run is skipped."""
+    from server_app.round_loop import RoundLoop
+
+    sweep = {
+        "methods": ["mh_pfedhn", "local"],
+        "experiments": ["default"],
+        "seeds": [0],
+        "overrides": {
+            "data.source": f"npz:{tiny_npz}",
+            "data.cache_dir": str(tmp_path / "cache"),
+            "data.num_clients": 3,
+            "data.partitioner": "iid",
+            "data.classes_per_client": 2,
+            "clients.models": "lenet",
+            "rounds": 5,
+            "server.checkpoint_every": 2,
+        },
+    }
+    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
+    assert [o.status for o in runner.run_sweep(path, tmp_path / "whole", progress=False)] == [
+        "ok", "ok"
+    ]  # fmt: skip
+
+    original = RoundLoop._checkpoint
+
+    def killed(self, server_round, num_rounds):  # round 4 is done and logged, never saved
+        if server_round == 4:
+            raise RuntimeError("killed")
+        return original(self, server_round, num_rounds)
+
+    RoundLoop._checkpoint = killed
+    try:
+        outcomes = runner.run_sweep(path, tmp_path / "split", progress=False)
+    finally:
+        RoundLoop._checkpoint = original
+    assert [o.status for o in outcomes] == ["failed", "failed"]
+    outcomes = runner.run_sweep(path, tmp_path / "split", progress=False)
+    assert [(o.status, o.resumed) for o in outcomes] == [("ok", True), ("ok", True)]
+    for name in ("default-mh_pfedhn-s0", "default-local-s0"):
+        whole, split = (
+            [{k: v for k, v in r.items() if k not in TIMING}
+             for r in read_metrics(tmp_path / d / name / "metrics.jsonl")]
+            for d in ("whole", "split")
+        )  # fmt: skip
+        assert [r["round"] for r in split] == [0, 1, 2, 3, 4, 5]
+        assert split == whole, name
+    again = runner.run_sweep(path, tmp_path / "split", progress=False)
+    assert [o.status for o in again] == ["skipped", "skipped"]
+
+
 # --------------------------------------------------------- engines agree exactly
 @pytest.mark.slow
 def test_flower_and_in_process_runtimes_give_identical_metrics(mnist_npz, tmp_path):
