@@ -1,10 +1,10 @@
 """The divergence that made the project's old default round unusable at the paper's client
-count, kept as a learning test: MNIST, 50 LeNet clients, 20% of the data, 1 epoch.
+count, kept as a learning test: MNIST, 50 LeNet clients, 10% of the data, 1 epoch, 2 rounds.
 
 The default schedule (one_by_one, the authors' round) learns steadily; parallel_sequential,
-the old default (all clients train the round-start theta, then 50 stale steps), blows up: in
-the measurement that found this case it reached loss 626 in round 2 and 1.5e14 in round 8,
-its accuracy falling to chance (README, "Round schedules").
+the old default (all clients train the round-start theta, then 50 stale steps), blows up: on
+this case its test loss reached 1363 in round 2 (with 20% of the data, 626 in round 2 and
+1.5e14 in round 8, the accuracy at chance; README, "Round schedules").
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ CLIENTS = 50
 def run(mnist_npz, tmp_path, schedule: str | None):
     run_cfg = {
         "data.source": f"npz:{mnist_npz}",
-        "data.fraction": 0.2,
+        "data.fraction": 0.1,
         "data.num_clients": CLIENTS,
         "data.cache_dir": str(tmp_path / "cache"),
         "clients.models": "lenet",
         "client.epochs": 1,
-        "rounds": 3,
+        "rounds": 2,
         "server.min_nodes": CLIENTS,
         "server.wait_for_nodes_s": 0,
         "server.checkpoint_every": 0,
@@ -43,7 +43,7 @@ def run(mnist_npz, tmp_path, schedule: str | None):
 def assert_learns_steadily(history):
     accuracy = [r["accuracy"] for r in history]
     losses = [r["loss"] for r in history]
-    assert accuracy[-1] >= 0.7, accuracy
+    assert accuracy[-1] >= 0.6, accuracy
     assert max(losses) <= 3.0, losses
     assert all(b >= a - 0.15 for a, b in zip(accuracy, accuracy[1:], strict=False)), accuracy
 
