@@ -32,8 +32,7 @@ class FedAvgMServer(FedAvgServer):
     ) -> dict[str, Any]:
         if not deltas:
             return {"updates": 0}
-        total = sum(weights[k] for k in deltas)
-        step = sum((weights[k] / total) * deltas[k].astype(np.float64) for k in sorted(deltas))
+        step = self.mean_delta(deltas, weights)
         self.velocity = step if self.velocity is None else BETA * self.velocity + step
         self.weights = (self.weights - self.velocity).astype(np.float32)
         return {"updates": 1}

@@ -49,13 +49,17 @@ class FedAvgServer(ClientRegistry):
     def apply_deltas(
         self, deltas: Mapping[str, np.ndarray], server_round: int, weights=None, sent=None
     ) -> dict[str, Any]:
-        """w <- w - sum_i (m_i / M) delta_i, in key order."""
+        """w <- w - sum_i (m_i / M) delta_i."""
         if not deltas:
             return {"updates": 0}
-        total = sum(weights[k] for k in deltas)
-        step = sum((weights[k] / total) * deltas[k].astype(np.float64) for k in sorted(deltas))
-        self.weights = (self.weights - step).astype(np.float32)
+        self.weights = (self.weights - self.mean_delta(deltas, weights)).astype(np.float32)
         return {"updates": 1}
+
+    @staticmethod
+    def mean_delta(deltas: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+        """sum_i (m_i / M) delta_i in float64, summed in key order (not arrival order)."""
+        total = sum(weights[k] for k in deltas)
+        return sum((weights[k] / total) * deltas[k].astype(np.float64) for k in sorted(deltas))
 
     def describe(self) -> str:
         size = 0 if self.weights is None else self.weights.size
