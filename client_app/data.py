@@ -23,6 +23,7 @@ from common.config import DataConfig
 from common.datasets import (
     NORMALIZATION,
     channel_statistics,
+    clear_memo,
     load_dataset,
     source_fingerprint,
     to_model_tensors,
@@ -143,7 +144,9 @@ def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: i
 
 
 def forget_loaded_data() -> None:
-    """Drop the per-process memo of loaded client data (a sweep moving to other data)."""
+    """Drop the per-process memos of loaded datasets and client data (a sweep moving on to
+    other data: the on-disk caches stay)."""
+    clear_memo()
     _client_data.cache_clear()
     _cached_on_disk.cache_clear()
     _on_device.cache_clear()
