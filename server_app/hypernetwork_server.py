@@ -247,12 +247,15 @@ class HypernetworkServer:
         return groups
 
     def generate(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Current theta_i (float32, CPU) for each key, grouped by head."""
+        """Current theta_i (float32, CPU) for each key, each generated on its own: batched
+        matrix kernels round differently with the batch size, and a client's vector must not
+        depend on which other clients are generated with it (partial participation, a client
+        that drops out, an evaluation riding on a train exchange)."""
         out: dict[str, np.ndarray] = {}
         with torch.no_grad():
-            for group in self._by_tau(keys).values():
-                for key, theta in zip(group, self._generate_group(group), strict=True):
-                    out[key] = theta.detach().to("cpu", torch.float32).numpy()
+            for key in keys:
+                (theta,) = self._generate_group([key])
+                out[key] = theta.detach().to("cpu", torch.float32).numpy()
         return out
 
     # ----------------------------------------------------------------- updates
