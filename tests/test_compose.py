@@ -188,7 +188,10 @@ def _override(data: Path, certs: Path | None) -> dict:
 
 
 def run_config(rounds: int, **extra: str) -> str:
+    """A parallel round (round 3's train vector is round 2's evaluation vector, which the
+    restarted site must receive again; under one_by_one it would also hold earlier steps)."""
     pairs = {
+        "hypernetwork.schedule": '"parallel_sequential"',
         "data.fraction": "0.05",
         "client.epochs": "1",
         "rounds": str(rounds),
