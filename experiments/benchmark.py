@@ -43,6 +43,7 @@ def run_config(args: argparse.Namespace, case: str, engine: str, device: str) ->
         "experiment": "default",
         "method": args.method,
         "engine": engine,
+        "hypernetwork.schedule": args.schedule,
         "seed": args.seed,
         "rounds": args.rounds,
         "data.source": args.data,
@@ -231,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--method", default="mh_pfedhn")
+    parser.add_argument(
+        "--schedule",
+        default="parallel_sequential",
+        help="hypernetwork.schedule: a parallel one, whose rounds the batched engine trains "
+        "together (one_by_one trains one client at a time on every engine)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     cores = os.cpu_count() or 1
     parser.add_argument(

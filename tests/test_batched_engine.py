@@ -51,6 +51,8 @@ def run(
         "server.min_nodes": NUM_CLIENTS,
         "server.wait_for_nodes_s": 0,
         "server.checkpoint_every": 0,
+        # a parallel round, whose clients the batched engine trains together
+        "hypernetwork.schedule": "parallel_sequential",
     }
     cfg = resolve_config("default", run_cfg)
     if engine == "batched":  # vectorize True: the vmap path, which the CPU would otherwise not take
