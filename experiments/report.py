@@ -5,8 +5,9 @@
 Reads every <DIR>/<run>/ that has metrics.jsonl (config.yaml, summary.json and the runner's
 sweep_run.json beside it) and writes, in DIR:
 - `results.csv`: one row per (experiment, method): mean and sample standard deviation over
-  seeds of the final and the best pooled accuracy, the final client-mean accuracy, seconds
-  per round, total seconds and MB sent down and up per run;
+  seeds of the final and the best pooled accuracy, the final client-mean accuracy, the
+  stability of the curve (mean and largest drop of pooled accuracy from one evaluated round to
+  the next), seconds per round, total seconds and MB sent down and up per run;
 - `runs.csv`: the same figures for every run;
 - `results.md`: both tables in Markdown, and the runs that did not finish;
 - `accuracy.png` (every experiment, one panel each) and `accuracy-<experiment>.png`: pooled
@@ -48,6 +49,8 @@ class RunResult:
     best_accuracy: float
     best_round: int
     final_accuracy_client_mean: float
+    mean_drop: float  # mean over consecutive evaluated rounds of max(0, previous - current)
+    largest_drop: float
     seconds_per_round: float  # mean wall clock of the training rounds (round 0 only evaluates)
     total_seconds: float
     mb_down: float
@@ -102,6 +105,8 @@ def load_run(directory: Path) -> RunResult | Incomplete:
     experiment, method, seed = _identity(directory)
     training = [r["seconds"] for r in rows if r.get("round", 0) > 0]
     curve = {int(r["round"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}
+    values = [curve[r] for r in sorted(curve)]
+    drops = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
     return RunResult(
         run=directory.name,
         experiment=experiment,
@@ -113,6 +118,8 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         best_accuracy=_nan_if_none(summary.get("best_accuracy")),
         best_round=int(summary.get("best_round", -1)),
         final_accuracy_client_mean=_nan_if_none(summary.get("final_accuracy_client_mean")),
+        mean_drop=statistics.fmean(drops) if drops else float("nan"),
+        largest_drop=max(drops) if drops else float("nan"),
         seconds_per_round=statistics.fmean(training) if training else float("nan"),
         total_seconds=float(summary.get("total_seconds", float("nan"))),
         mb_down=summary.get("total_bytes_down", float("nan")) / MB,
@@ -143,6 +150,8 @@ SUMMARISED = (
     "final_accuracy",
     "best_accuracy",
     "final_accuracy_client_mean",
+    "mean_drop",
+    "largest_drop",
     "seconds_per_round",
     "total_seconds",
     "mb_down",
@@ -209,13 +218,15 @@ def markdown(
         "",
         "Pooled test accuracy (%) of the generated parameters, mean ± sample standard deviation "
         f"over seeds. Final: {FINAL_LABEL}. Best: {BEST_LABEL}. Seconds per round: mean wall "
-        "clock of a training round; total seconds and MB (10^6 bytes of array payload sent "
+        "clock of a training round. Drops: how far pooled accuracy fell from one evaluated "
+        "round to the next (mean over all consecutive pairs, rises counting 0; and the largest), "
+        "in percentage points. Total seconds and MB (10^6 bytes of array payload sent "
         "down to / up from the clients, as they travelled) are per run, averaged over seeds.",
         "",
         "| experiment | method | seeds | rounds | final acc (%) | best acc (%) "
-        "| final client-mean acc (%) | s / round | total s / run | MB down / run "
-        "| MB up / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| final client-mean acc (%) | mean drop (pts) | largest drop (pts) | s / round "
+        "| total s / run | MB down / run | MB up / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
         client_mean = (row[f"final_accuracy_client_mean_{s}"] for s in ("mean", "std"))
@@ -224,6 +235,8 @@ def markdown(
             f"| {_pct(row['final_accuracy_mean'], row['final_accuracy_std'])} "
             f"| {_pct(row['best_accuracy_mean'], row['best_accuracy_std'])} "
             f"| {_pct(*client_mean)} "
+            f"| {_pct(row['mean_drop_mean'], row['mean_drop_std'])} "
+            f"| {_pct(row['largest_drop_mean'], row['largest_drop_std'])} "
             f"| {_num(row['seconds_per_round_mean'])} | {_num(row['total_seconds_mean'])} "
             f"| {_num(row['mb_down_mean'], 2)} | {_num(row['mb_up_mean'], 2)} |"
         )
@@ -317,6 +330,8 @@ RUN_COLUMNS = [
     "best_accuracy",
     "best_round",
     "final_accuracy_client_mean",
+    "mean_drop",
+    "largest_drop",
     "seconds_per_round",
     "total_seconds",
     "mb_down",
