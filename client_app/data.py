@@ -108,8 +108,12 @@ def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: i
         rng = np.random.default_rng(seed)
         pool = np.sort(rng.choice(len(labels), int(data.fraction * len(labels)), replace=False))
 
-    def auto(value, default):
-        return default() if value == "auto" else value
+    def auto(value, default, partitioner):
+        """The dataset's default, looked up only where the partitioner uses the setting (a
+        dataset without defaults still partitions IID)."""
+        if value != "auto":
+            return value
+        return default() if data.partitioner == partitioner else None
 
     train_idx, test_idx = client_split(
         labels[pool],
@@ -118,10 +122,12 @@ def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: i
         partitioner=data.partitioner,
         seed=seed,
         classes_per_client=auto(
-            data.classes_per_client, lambda: default_classes_per_client(raw.name)
+            data.classes_per_client, lambda: default_classes_per_client(raw.name), "noniid1"
         ),
-        beta=auto(data.dirichlet_beta, lambda: default_dirichlet_beta(raw.name)),
-        min_samples=auto(data.min_samples, lambda: default_min_samples(raw.name, num_partitions)),
+        beta=auto(data.dirichlet_beta, lambda: default_dirichlet_beta(raw.name), "noniid2"),
+        min_samples=auto(
+            data.min_samples, lambda: default_min_samples(raw.name, num_partitions), "noniid2"
+        ),
         train_fraction=data.train_fraction,
     )
 

@@ -51,8 +51,8 @@ class LocalCluster:
 
     By default every process runs here and listens on `host`. To put services on other
     (e.g. network-namespace) hosts: `prefix[name]` goes before service `name`'s command (and
-    `prefix["flwr"]` before `flwr run`), e.g. ["ip", "netns", "exec", "ns0"]; `hosts[name]` is
-    the address the others reach it at and `binds[name]` the address it listens on.
+    `prefix["flwr"]` before `flwr run` and `flwr ls`), e.g. ["ip", "netns", "exec", "ns0"];
+    `hosts[name]` is the address the others reach it at and `binds[name]` the address it listens on.
     `extra_args[name]` is appended to service `name`'s command; `service_env` is set for
     every service (over its own environment).
     """
@@ -234,8 +234,8 @@ class LocalCluster:
         found = re.search(r"started run (\d+)", flwr_run_output)
         if found is None:
             return "not started"
-        cmd = [str(Path(sys.executable).parent / "flwr"), "ls", CONNECTION,
-               "--run-id", found.group(1), "--format", "json"]  # fmt: skip
+        cmd = [*self.prefix.get("flwr", []), str(Path(sys.executable).parent / "flwr"), "ls",
+               CONNECTION, "--run-id", found.group(1), "--format", "json"]  # fmt: skip
         listed = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True)
         try:
             return str(json.loads(listed.stdout)["runs"][0]["status"])

@@ -51,16 +51,16 @@ def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRe
         cfg.hypernetwork.device,
         memory_budget=cfg.server.memory_budget_gb,
     )
-    if checkpoint.round >= cfg.rounds:
-        raise ConfigError(
-            f"{directory} is checkpointed after round {checkpoint.round}; rounds={cfg.rounds} "
-            f"leaves nothing to run: set rounds above {checkpoint.round} to continue it"
-        )
     changed = settings_changed(checkpoint.settings, cfg)
     if changed:
         raise ConfigError(
             f"{directory} was made with other settings; resume with the same ones "
             f"(changed: {'; '.join(changed)})"
+        )
+    if checkpoint.round >= cfg.rounds:
+        raise ConfigError(
+            f"{directory} is checkpointed after round {checkpoint.round}; rounds={cfg.rounds} "
+            f"leaves nothing to run: set rounds above {checkpoint.round} to continue it"
         )
     checkpoint_writer(cfg, directory).restore_client_state(checkpoint.round)
     if not cfg.client.state_dir:

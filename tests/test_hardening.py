@@ -99,11 +99,15 @@ def train_content(arrays: dict, metrics: dict | None = None) -> RecordDict:
     return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
 
 
-def silent_twin_run(**overrides):
-    """The same federation where client c0 registers, then is never heard from again."""
-    strategy, grid = setup(app_with(), **overrides)
-    strategy.discover(grid, 5)
-    grid.disconnected.add(1000)
+def failing_twin_run(**overrides):
+    """The same federation where client c0's training fails (its reply is an error): the
+    hypernetwork must end as if c0 had not answered."""
+
+    def fail(i, msg):
+        if i == 0:
+            raise RuntimeError("c0 fails")
+
+    strategy, grid = setup(app_with(train=fail), **overrides)
     return strategy, grid
 
 
@@ -146,7 +150,7 @@ def test_a_hostile_train_reply_is_refused_and_changes_nothing(attack):
     strategy, grid = setup(
         app_with(train=lambda i, msg: HOSTILE_TRAIN[attack]() if i == 0 else None)
     )
-    twin, twin_grid = silent_twin_run()
+    twin, twin_grid = failing_twin_run()
     strategy.start(grid)
     twin.start(twin_grid)
     row = strategy.history[-1]

@@ -4,6 +4,7 @@ when a run is interrupted after logging a round its checkpoint does not hold."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,13 +28,16 @@ class Stop(Exception):
 
 
 class StoppingGrid(InProcessGrid):
-    stop_at: int | None = None
-    pushes = 0
+    """Stops the run at its first message after `metrics` has logged round `stop_after`."""
+
+    stop_after: int | None = None
+    metrics: Path | None = None
 
     def push_messages(self, messages):
-        StoppingGrid.pushes += 1
-        if StoppingGrid.pushes == StoppingGrid.stop_at:
-            raise Stop
+        if self.stop_after is not None and self.metrics.exists():
+            logged = [json.loads(line)["round"] for line in self.metrics.open()]
+            if self.stop_after in logged:
+                raise Stop
         return super().push_messages(messages)
 
 
@@ -58,7 +62,7 @@ def run(tiny_npz, tmp_path, rounds, **extra):
         **extra,
     }
     cfg = resolve_config("default", run_cfg)
-    StoppingGrid.pushes = 0
+    StoppingGrid.metrics = tmp_path / "out" / "tracked" / "metrics.jsonl"
     return run_experiment(StoppingGrid.simulation(client_app, 3, run_cfg), cfg, "t")
 
 
@@ -91,15 +95,15 @@ def test_every_round_is_logged_once_and_a_resumed_run_adds_only_new_ones(tiny_np
     artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
     assert {"accuracy.png", "summary.json", "config.yaml"} <= artifacts
 
-    # continue to 5 rounds, but stop in round 4 (push 4: the query, round 3's train and
-    # evaluate, round 4's train): round 3 is logged, the checkpoint is still round 2's
-    StoppingGrid.stop_at = 4
+    # continue to 5 rounds, but stop in round 4: round 3 is logged, the checkpoint is still
+    # round 2's
+    StoppingGrid.stop_after = 3
     resume = {"server.resume": str(tmp_path / "out" / "tracked")}
     try:
         with pytest.raises(Stop):
             run(tiny_npz, tmp_path, rounds=5, **resume)
     finally:
-        StoppingGrid.stop_at = None
+        StoppingGrid.stop_after = None
     rows = [json.loads(x) for x in (tmp_path / "out" / "tracked" / "metrics.jsonl").open()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     run(tiny_npz, tmp_path, rounds=5, **resume)
