@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(serve([str(bin_dir / "mlflow"), "ui", "--backend-store-uri",
                                 f"sqlite:///{sweep / 'mlflow.db'}", "--host", "127.0.0.1",
                                 "--port", str(port)], f"http://127.0.0.1:{port}/"))  # fmt: skip
-        screenshot(f"http://127.0.0.1:{port}/#/experiments/1", args.out / "mlflow_runs.png",
-                   chromium)  # fmt: skip
+        # the runs' metric charts (MLflow 3 opens an experiment on its GenAI overview)
+        screenshot(f"http://127.0.0.1:{port}/#/experiments/1/runs?compareRunsMode=CHART",
+                   args.out / "mlflow_runs.png", chromium)  # fmt: skip
     finally:
         kill_tree({p.pid for p in processes})
     print(f"written: {sorted(p.name for p in args.out.glob('*.png'))} in {args.out}")
