@@ -12,7 +12,6 @@ import inspect
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 __all__ = [
@@ -159,10 +158,13 @@ class CifarResNet(nn.Module):
 
 
 def _squeezenet(version: str) -> Callable[..., nn.Module]:
-    factory = getattr(torchvision.models, f"squeezenet{version}")
-
     def build(num_classes: int, in_channels: int, image_size: int = 32) -> nn.Module:
+        # imported here: torchvision's import (with torch._dynamo) takes seconds, and a
+        # deployed ClientApp is a fresh process for every message
+        import torchvision.models
+
         del image_size  # torchvision's classifier pools adaptively
+        factory = getattr(torchvision.models, f"squeezenet{version}")
         model = factory(weights=None, num_classes=num_classes)
         if in_channels != 3:
             # Keep the geometry of torchvision's first conv so only the input width changes.
