@@ -210,10 +210,24 @@ class ServerConfig(_Section):
         "(one exchange per round) where the method allows it; false: its own exchange",
     )
     pull_interval_s: float = Field(
-        0.05, gt=0, description="seconds between pulls for replies (Flower's own loop waits 3 s)"
+        0.05, gt=0, description="seconds before the first pull for replies, and after each "
+        "reply (Flower's own loop waits a fixed 3 s)",
+    )
+    max_pull_interval_s: float = Field(
+        0.5, gt=0, description="while no reply arrives the wait grows 1.5x per pull up to this "
+        "(fewer idle calls to the SuperLink); = pull_interval_s: a fixed wait",
     )
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = never")
     resume: str = Field("", description="a run directory to continue from its checkpoint")
+
+    @model_validator(mode="after")
+    def _pull_waits_ordered(self) -> ServerConfig:
+        if self.max_pull_interval_s < self.pull_interval_s:
+            raise ValueError(
+                f"server.max_pull_interval_s={self.max_pull_interval_s} is below "
+                f"server.pull_interval_s={self.pull_interval_s}: set it at least as large"
+            )
+        return self
 
 
 class GlobalModelConfig(_Section):
@@ -493,6 +507,7 @@ OPERATIONAL = (
     "server.wait_for_nodes_s",
     "server.timeout_s",
     "server.pull_interval_s",
+    "server.max_pull_interval_s",
     "server.fuse_evaluation",
     "server.evaluate_every",
     "server.output_root",

@@ -81,7 +81,11 @@ class LocalCluster:
         self.tls = tls
         self.host = host
         self.extra_node_config = extra_node_config or {}
-        self.client_env = client_env or {}
+        # the sites share this machine: their training threads split its cores (unless
+        # OMP_NUM_THREADS is set), rather than each site oversubscribing all of them
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(nodes)))}
+        self.client_env = {**({} if "OMP_NUM_THREADS" in os.environ else threads),
+                           **(client_env or {})}  # fmt: skip
         self.prefix = prefix or {}
         self.hosts = hosts or {}
         self.binds = binds or {}

@@ -33,7 +33,8 @@ from simulation.run import run_inprocess
 
 VARIANTS = {
     "flower-defaults": (
-        {"server.pull_interval_s": 3.0, "server.fuse_evaluation": False,
+        {"server.pull_interval_s": 3.0, "server.max_pull_interval_s": 3.0,
+         "server.fuse_evaluation": False,
          "data.cache_partitions": False},
         {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
     ),

@@ -140,6 +140,11 @@ class RoundLoop(Strategy):
         if found < needed:
             logger.warning("only %d of %d nodes connected; starting anyway", found, needed)
 
+    @property
+    def pull_intervals(self) -> tuple[float, float]:
+        """The shortest and the longest wait between pulls for replies."""
+        return self.cfg.server.pull_interval_s, self.cfg.server.max_pull_interval_s
+
     def discover(self, grid: Grid, timeout: float) -> None:
         """Query nodes never seen (new or restarted SuperNodes) for their key and K."""
         server_round = self.round.round
@@ -148,7 +153,7 @@ class RoundLoop(Strategy):
             str(n): Message(protocol.instruction(None, 0), dst_node_id=n, message_type="query")
             for n in nodes
         }
-        replies, _ = Exchange(grid, self.cfg.server.pull_interval_s).run(queries, timeout)
+        replies, _ = Exchange(grid, *self.pull_intervals).run(queries, timeout)
         for label, reply in sorted(replies.items(), key=lambda item: int(item[0])):
             node = int(label)
             try:
@@ -254,7 +259,7 @@ class RoundLoop(Strategy):
                 return
             self.round.bytes_up += getattr(results[key], "bytes_up", 0)
 
-        exchange = Exchange(grid, self.cfg.server.pull_interval_s)
+        exchange = Exchange(grid, *self.pull_intervals)
         started = time.perf_counter()
         _, missing = exchange.run(messages, self.cfg.server.timeout_s, on_reply)
         if messages:
