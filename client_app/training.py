@@ -29,6 +29,36 @@ class SGDSettings:
         return cls(**client.model_dump(include=set(cls.__dataclass_fields__)))
 
 
+class MomentumSGD:
+    """torch.optim.SGD's update (momentum, weight decay, no dampening or Nesterov), step for
+    step the same floats (tested), without torch.optim: its first use imports torch._dynamo,
+    2-5 s in every fresh ClientApp process a deployed message starts."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float):
+        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
+            if not self.momentum:
+                p.add_(grad, alpha=-self.lr)
+                continue
+            buf = self.buffers[i]
+            if buf is None:
+                buf = self.buffers[i] = torch.clone(grad).detach()
+            else:
+                buf.mul_(self.momentum).add_(grad)
+            p.add_(buf, alpha=-self.lr)
+
+
 @dataclass(frozen=True)
 class Distillation:
     """MH-pFedHNGD phase 2: learn from the global model's softened predictions too."""
@@ -75,9 +105,7 @@ def train_sgd(
     if distillation is not None:
         distillation.teacher.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
+    optimizer = MomentumSGD(params, settings.lr, settings.momentum, settings.weight_decay)
     device = next(model.parameters()).device
     # summed on the device in float64 (as Python floats would be): no GPU sync per step
     total, batches = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -86,7 +114,7 @@ def train_sgd(
         for start in range(0, len(y), settings.batch_size):
             idx = order[start : start + settings.batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             logits = model(xb)
             if distillation is None:
                 loss = F.cross_entropy(logits, yb)
