@@ -118,7 +118,8 @@ def inprocess(args: argparse.Namespace, out: Path, name: str) -> dict:
 def table(results: dict) -> str:
     lines = [
         "| variant | runtime | s/round | exchanges/round | exchange s | client start+imports "
-        "| client data | client training | client handler | the rest (pickup, polling, transport, server) "
+        "| client data | client training | client handler "
+        "| the rest (pickup, polling, transport, server) "
         "| accuracy (last round) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
