@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the project's offline datasets live."""
+"""Shared test fixtures (where the project's offline datasets live) and the test order."""
 
 from __future__ import annotations
 
@@ -10,6 +10,19 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST = SHARED_DATA / "mnist.npz"
 CIFAR10 = SHARED_DATA / "cifar10"
+
+# The longest files first (minutes each, mostly waiting on Docker and Flower's polling), so
+# that with `-n 2 --dist loadfile` they overlap the rest instead of starting last.
+LONGEST_FIRST = ("test_compose.py", "test_tls_netns.py", "test_deployment.py",
+                 "test_flower_simulation.py", "test_learning.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest stays
 
 
 @pytest.fixture
