@@ -15,6 +15,7 @@ from experiments import runner
 from experiments.report import BEST_LABEL, write_report
 from experiments.sweep import SweepError, auto_tag, load_sweep, parse_sweep
 from server_app.outputs import read_metrics
+from tests.tiny_runs import tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "sweeps" / "smoke.yaml"
@@ -161,11 +162,7 @@ def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, t
         "experiments": ["default"],
         "seeds": [0],
         "overrides": {
-            "data.source": f"npz:{tiny_npz}",
-            "data.cache_dir": str(tmp_path / "cache"),
-            "data.num_clients": 3,
-            "data.partitioner": "iid",
-            "data.classes_per_client": 2,
+            **tiny_data(tiny_npz, tmp_path, 3),
             "clients.models": "lenet",
             "rounds": 5,
             "server.checkpoint_every": 2,

@@ -10,6 +10,7 @@ from client_app.app import app as client_app
 from common.config import resolve_config
 from server_app.run import run_experiment
 from simulation.grid import InProcessGrid
+from tests.tiny_runs import tiny_data
 
 TIMING = {"seconds", "server_update_seconds", "server_seconds_per_client_update",
           "exchanges", "exchange_seconds", "client_seconds"}  # fmt: skip
@@ -33,11 +34,7 @@ class CountingGrid(InProcessGrid):
 def run(tiny_npz, tmp_path, method, fuse, name, rounds=3, **extra):
     run_cfg = {
         "method": method,
-        "data.source": f"npz:{tiny_npz}",
-        "data.cache_dir": str(tmp_path / "cache"),
-        "data.num_clients": 4,
-        "data.partitioner": "iid",
-        "data.classes_per_client": 2,
+        **tiny_data(tiny_npz, tmp_path, 4),
         "clients.models": "lenet" if method == "fedavg" else "lenet,mlp",
         "rounds": rounds,
         "server.min_nodes": 4,

@@ -12,6 +12,7 @@ from common import methods
 from common.config import resolve_config
 from server_app.run import run_experiment
 from simulation.grid import InProcessGrid
+from tests.tiny_runs import tiny_data
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "new_method"
 
@@ -23,11 +24,7 @@ def test_the_worked_example_method_runs_and_learns(tiny_npz, tmp_path, monkeypat
     monkeypatch.setitem(methods.METHODS, fedavgm.METHOD.name, fedavgm.METHOD)
     run_cfg = {
         "method": "fedavgm",
-        "data.source": f"npz:{tiny_npz}",
-        "data.cache_dir": str(tmp_path / "cache"),
-        "data.num_clients": 3,
-        "data.partitioner": "iid",
-        "data.classes_per_client": 2,
+        **tiny_data(tiny_npz, tmp_path, 3),
         "clients.models": "lenet",
         "client.lr": 0.05,
         "rounds": 3,

@@ -11,6 +11,7 @@ from common.config import resolve_config
 from server_app.run import run_experiment
 from server_app.schedules import SCHEDULES
 from simulation.grid import InProcessGrid
+from tests.tiny_runs import tiny_data
 
 CLIENTS = 5
 # timings, and what a last round's own evaluation exchange adds (rows agree on the rest)
@@ -20,11 +21,7 @@ TIMING = {"seconds", "server_update_seconds", "server_seconds_per_client_update"
 
 def run(tiny_npz, tmp_path, schedule, name, rounds, **extra):
     run_cfg = {
-        "data.source": f"npz:{tiny_npz}",
-        "data.cache_dir": str(tmp_path / "cache"),
-        "data.num_clients": CLIENTS,
-        "data.partitioner": "iid",
-        "data.classes_per_client": 2,
+        **tiny_data(tiny_npz, tmp_path, CLIENTS),
         "clients.models": "lenet",
         "clients.local_layers": "none,classifier.5.*",
         "clients.frozen_layers": "none,none,classifier.3.*",

@@ -21,6 +21,7 @@ from common.config import ConfigError, resolve_config  # noqa: E402
 from server_app.run import run_experiment  # noqa: E402
 from server_app.tracking import TRACKING_FILE  # noqa: E402
 from simulation.grid import InProcessGrid  # noqa: E402
+from tests.tiny_runs import tiny_data
 
 
 class Stop(Exception):
@@ -43,11 +44,7 @@ class StoppingGrid(InProcessGrid):
 
 def run(tiny_npz, tmp_path, rounds, **extra):
     run_cfg = {
-        "data.source": f"npz:{tiny_npz}",
-        "data.cache_dir": str(tmp_path / "cache"),
-        "data.num_clients": 3,
-        "data.partitioner": "iid",
-        "data.classes_per_client": 2,
+        **tiny_data(tiny_npz, tmp_path, 3),
         "clients.models": "mlp",
         "rounds": rounds,
         "server.min_nodes": 3,
