@@ -86,7 +86,10 @@ def train_global(msg: Message, context: Context) -> Message:
 
 def process_age() -> float | None:
     """Seconds since this process started (Linux): in deployment every message starts a new
-    ClientApp process, and this is its start-up and imports."""
+    ClientApp process, and this is its start-up and imports. A process forked warm
+    (deployment/warm_clientapp.py) counts from when the SuperExec started it."""
+    if started := os.environ.get("MH_PFEDHN_PROCESS_STARTED"):
+        return max(time.time() - float(started), 0.0)
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()

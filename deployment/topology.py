@@ -21,6 +21,8 @@ FLOWER_VERSION = "1.41.0"
 SUPERLINK_PORT = 9091
 SUPERNODE_PORT = 9094
 APP_IMAGE = "mh-pfedhn:latest"
+# flower-superexec, its ClientApp processes forked warm (deployment/warm_clientapp.py)
+WARM_SUPEREXEC = "mh-pfedhn-superexec"
 # How often a SuperExec asks for a new app process to start (Flower's default: 1 s); every
 # exchange waits for it once (README, "Rounds at the speed of the network").
 SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
@@ -158,7 +160,7 @@ def services(
             Service(
                 f"clientapp-{node.index}",
                 [
-                    "flower-superexec",
+                    WARM_SUPEREXEC,
                     "--insecure",  # the SuperNode's Runtime API is local to the site
                     "--runtime-api-address",
                     f"{host_of(name)}:{port}",

@@ -7,9 +7,11 @@ Each variant is one real run on the local cluster (SuperLink, SuperNodes and Sup
 separate processes, deployment/local_cluster.py), then the same experiment in-process:
 - `flower-defaults`: what Flower's own loop gives, i.e. the ServerApp pulling every 3 s as
   `send_and_receive` does, a separate evaluate exchange each round, SuperExecs polling every
-  1 s, and each ClientApp process partitioning its data again;
+  1 s, and each ClientApp process importing everything and partitioning its data again;
 - `fast`: this project's defaults (pull every 0.05 s, the evaluation riding on the next
-  round's train messages, SuperExecs polling every 0.1 s, partitions cached on disk);
+  round's train messages, SuperExecs polling every 0.1 s, ClientApp processes forked warm,
+  partitions cached on disk);
+- `fast-cold`: the same, but every ClientApp process starts cold (imports torch and Flower);
 - `fast-one-by-one`: the same with the `one_by_one` schedule (an exchange per client).
 Writes benchmark.json and benchmark.md: seconds per round (median of rounds 1..R) and per
 round the exchanges, their wall time, and per reply the client's process start-up and imports,
@@ -28,6 +30,7 @@ from pathlib import Path
 from common.config import resolve_config
 from deployment.local_cluster import LocalCluster, absolute_data_path
 from deployment.topology import default_nodes
+from deployment.warm_clientapp import SWITCH_ENV as COLD
 from server_app.outputs import read_metrics
 from simulation.run import run_inprocess
 
@@ -36,9 +39,10 @@ VARIANTS = {
         {"server.pull_interval_s": 3.0, "server.max_pull_interval_s": 3.0,
          "server.fuse_evaluation": False,
          "data.cache_partitions": False},
-        {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
+        {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0", COLD: "0"},
     ),
     "fast": ({}, {}),
+    "fast-cold": ({}, {COLD: "0"}),
     "fast-one-by-one": ({"hypernetwork.schedule": "one_by_one"}, {}),
 }  # fmt: skip
 BASE = {"hypernetwork.schedule": "parallel_sequential"}
