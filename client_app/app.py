@@ -21,6 +21,7 @@ from client_app.train_job import TrainJob
 from client_app.training import evaluate, train_sgd
 from common import protocol
 from common.param_vector import model_to_vector, vector_size, vector_to_model
+from deployment.warm_clientapp import STARTED_ENV as PROCESS_STARTED_ENV
 
 app = ClientApp()
 
@@ -88,7 +89,7 @@ def process_age() -> float | None:
     """Seconds since this process started (Linux): in deployment every message starts a new
     ClientApp process, and this is its start-up and imports. A process forked warm
     (deployment/warm_clientapp.py) counts from when the SuperExec started it."""
-    if started := os.environ.get("MH_PFEDHN_PROCESS_STARTED"):
+    if started := os.environ.get(PROCESS_STARTED_ENV):
         return max(time.time() - float(started), 0.0)
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])

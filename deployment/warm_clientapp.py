@@ -170,10 +170,10 @@ class WarmServer:
                     conn.send(str(code if code >= 0 else 128 - code).encode())
                 conn.close()
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self) -> None:
         for pid in self.children:
             with suppress(ProcessLookupError):
-                os.kill(pid, sig)
+                os.kill(pid, signal.SIGTERM)
         self.listener.close()
 
 
