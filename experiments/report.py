@@ -91,6 +91,27 @@ def _nan_if_none(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _progress(directory: Path) -> str:
+    """How far an unfinished run got, so that a long run's interim numbers can be quoted."""
+    try:
+        rows = read_metrics(directory / "metrics.jsonl")
+    except (OSError, ValueError):
+        return ""
+    curve = {int(r["round"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}
+    if not curve:
+        return ""
+    try:
+        planned = (yaml.safe_load((directory / "config.yaml").read_text()) or {}).get("rounds")
+    except (OSError, yaml.YAMLError):
+        planned = None
+    last, best = max(curve), max(curve, key=lambda r: (curve[r], -r))
+    of = f" of {planned}" if planned else ""
+    return (
+        f"; evaluated up to round {last}{of}: {_pct(curve[last])}% there, "
+        f"best so far {_pct(curve[best])}% at round {best}"
+    )
+
+
 def load_run(directory: Path) -> RunResult | Incomplete:
     """One run's figures; Incomplete when it has no summary.json (failed or still running)."""
     summary = _read_json(directory / "summary.json")
@@ -100,7 +121,7 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         if error.is_file():
             lines = [line for line in error.read_text().splitlines() if line.strip()]
             reason += f" ({lines[-1]})" if lines else ""
-        return Incomplete(directory.name, reason)
+        return Incomplete(directory.name, reason + _progress(directory))
     rows = read_metrics(directory / "metrics.jsonl")
     experiment, method, seed = _identity(directory)
     training = [r["seconds"] for r in rows if r.get("round", 0) > 0]

@@ -395,6 +395,28 @@ def test_report_regenerates_from_a_folder(tmp_path, capsys):
     assert write_report(tmp_path)["plots"][0].name == "accuracy.png"
 
 
+def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
+    """A long run without summary.json is listed with its last evaluated round and its best so
+    far, against the rounds its config plans; one that never evaluated says only that."""
+    from experiments.report import load_runs
+
+    going, failed = tmp_path / "going", tmp_path / "failed"
+    for run in (going, failed):
+        run.mkdir()
+        (run / "config.yaml").write_text("name: exp\nmethod: mh_pfedhn\nrounds: 150\n")
+    rows = [{"round": i, "accuracy": a} for i, a in enumerate([0.1, 0.6, 0.8, 0.8, 0.7])]
+    (going / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (failed / "metrics.jsonl").write_text("")
+    done, incomplete = load_runs(tmp_path)
+    reasons = {item.run: item.reason for item in incomplete}
+    assert done == []
+    assert reasons == {
+        "failed": "no summary.json",
+        "going": "no summary.json; evaluated up to round 4 of 150: 70.00% there, "
+        "best so far 80.00% at round 2",
+    }
+
+
 def test_runtime_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
     """cores / threads per client, at least 1; OMP_NUM_THREADS overrides the threads."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
