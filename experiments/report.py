@@ -71,15 +71,25 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _config(directory: Path) -> dict[str, Any]:
+    """The run's resolved config.yaml; empty when it is missing or unreadable."""
+    try:
+        return yaml.safe_load((directory / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _curve(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Pooled accuracy by round, over the rounds that were evaluated."""
+    return {int(r["round"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}
+
+
 def _identity(directory: Path) -> tuple[str, str, int]:
     """(experiment, method, seed): from the runner's sweep_run.json, else from config.yaml."""
     info = _read_json(directory / "sweep_run.json")
     if info is not None:
         return str(info["experiment"]), str(info["method"]), int(info["seed"])
-    try:
-        config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
+    config = _config(directory)
     return (
         str(config.get("name", directory.name)),
         str(config.get("method", "?")),
@@ -97,13 +107,10 @@ def _progress(directory: Path) -> str:
         rows = read_metrics(directory / "metrics.jsonl")
     except (OSError, ValueError):
         return ""
-    curve = {int(r["round"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}
+    curve = _curve(rows)
     if not curve:
         return ""
-    try:
-        planned = (yaml.safe_load((directory / "config.yaml").read_text()) or {}).get("rounds")
-    except (OSError, yaml.YAMLError):
-        planned = None
+    planned = _config(directory).get("rounds")
     last, best = max(curve), max(curve, key=lambda r: (curve[r], -r))
     of = f" of {planned}" if planned else ""
     return (
@@ -125,7 +132,7 @@ def load_run(directory: Path) -> RunResult | Incomplete:
     rows = read_metrics(directory / "metrics.jsonl")
     experiment, method, seed = _identity(directory)
     training = [r["seconds"] for r in rows if r.get("round", 0) > 0]
-    curve = {int(r["round"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}
+    curve = _curve(rows)
     values = [curve[r] for r in sorted(curve)]
     drops = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
     return RunResult(
