@@ -5,7 +5,8 @@
 Reads every <DIR>/<run>/ that has metrics.jsonl (config.yaml, summary.json and the runner's
 sweep_run.json beside it) and writes, in DIR:
 - `results.csv`: one row per (experiment, method): mean and sample standard deviation over
-  seeds of the final and the best pooled accuracy, the final client-mean accuracy, the
+  seeds of the final and the best pooled accuracy, the late mean (pooled accuracy averaged over
+  the last third of the rounds), the final client-mean accuracy, the
   stability of the curve (mean and largest drop of pooled accuracy from one evaluated round to
   the next), seconds per round, total seconds and MB sent down and up per run;
 - `runs.csv`: the same figures for every run;
@@ -34,6 +35,7 @@ from server_app.outputs import read_metrics
 
 BEST_LABEL = "best round by pooled test accuracy (authors' protocol)"
 FINAL_LABEL = "last evaluated round"
+LATE_LABEL = "mean over the evaluated rounds after the first two thirds of the run"
 MB = 1e6
 
 
@@ -48,6 +50,7 @@ class RunResult:
     final_round: int
     best_accuracy: float
     best_round: int
+    late_mean_accuracy: float  # one noisy last round cannot swing it, as it can the final
     final_accuracy_client_mean: float
     mean_drop: float  # mean over consecutive evaluated rounds of max(0, previous - current)
     largest_drop: float
@@ -84,6 +87,16 @@ def _curve(rows: list[dict[str, Any]]) -> dict[int, float]:
     return {int(r["round"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}
 
 
+def late_start(rounds: int) -> int:
+    """The first round of the late mean: rounds 101-150 of a 150-round run."""
+    return 2 * rounds // 3 + 1
+
+
+def _late_mean(curve: dict[int, float], rounds: int) -> float:
+    late = [accuracy for r, accuracy in curve.items() if r >= late_start(rounds)]
+    return statistics.fmean(late) if late else float("nan")
+
+
 def _identity(directory: Path) -> tuple[str, str, int]:
     """(experiment, method, seed): from the runner's sweep_run.json, else from config.yaml."""
     info = _read_json(directory / "sweep_run.json")
@@ -113,9 +126,13 @@ def _progress(directory: Path) -> str:
     planned = _config(directory).get("rounds")
     last, best = max(curve), max(curve, key=lambda r: (curve[r], -r))
     of = f" of {planned}" if planned else ""
+    late = ""
+    if planned and last >= late_start(int(planned)):
+        mean = _late_mean(curve, int(planned))
+        late = f", mean of rounds {late_start(int(planned))}-{last} {_pct(mean)}%"
     return (
         f"; evaluated up to round {last}{of}: {_pct(curve[last])}% there, "
-        f"best so far {_pct(curve[best])}% at round {best}"
+        f"best so far {_pct(curve[best])}% at round {best}{late}"
     )
 
 
@@ -135,16 +152,18 @@ def load_run(directory: Path) -> RunResult | Incomplete:
     curve = _curve(rows)
     values = [curve[r] for r in sorted(curve)]
     drops = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
+    rounds = int(summary.get("rounds", 0))
     return RunResult(
         run=directory.name,
         experiment=experiment,
         method=method,
         seed=seed,
-        rounds=int(summary.get("rounds", 0)),
+        rounds=rounds,
         final_accuracy=_nan_if_none(summary.get("final_accuracy")),
         final_round=int(summary.get("final_round", -1)),
         best_accuracy=_nan_if_none(summary.get("best_accuracy")),
         best_round=int(summary.get("best_round", -1)),
+        late_mean_accuracy=_late_mean(curve, rounds),
         final_accuracy_client_mean=_nan_if_none(summary.get("final_accuracy_client_mean")),
         mean_drop=statistics.fmean(drops) if drops else float("nan"),
         largest_drop=max(drops) if drops else float("nan"),
@@ -177,6 +196,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 SUMMARISED = (
     "final_accuracy",
     "best_accuracy",
+    "late_mean_accuracy",
     "final_accuracy_client_mean",
     "mean_drop",
     "largest_drop",
@@ -245,16 +265,17 @@ def markdown(
         f"# Results: {title}",
         "",
         "Pooled test accuracy (%) of the generated parameters, mean ± sample standard deviation "
-        f"over seeds. Final: {FINAL_LABEL}. Best: {BEST_LABEL}. Seconds per round: mean wall "
+        f"over seeds. Final: {FINAL_LABEL}. Best: {BEST_LABEL}. Late mean: {LATE_LABEL} "
+        "(rounds 101-150 of a 150-round run). Seconds per round: mean wall "
         "clock of a training round. Drops: how far pooled accuracy fell from one evaluated "
         "round to the next (mean over all consecutive pairs, rises counting 0; and the largest), "
         "in percentage points. Total seconds and MB (10^6 bytes of array payload sent "
         "down to / up from the clients, as they travelled) are per run, averaged over seeds.",
         "",
         "| experiment | method | seeds | rounds | final acc (%) | best acc (%) "
-        "| final client-mean acc (%) | mean drop (pts) | largest drop (pts) | s / round "
-        "| total s / run | MB down / run | MB up / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| late mean acc (%) | final client-mean acc (%) | mean drop (pts) | largest drop (pts) "
+        "| s / round | total s / run | MB down / run | MB up / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
         client_mean = (row[f"final_accuracy_client_mean_{s}"] for s in ("mean", "std"))
@@ -262,6 +283,7 @@ def markdown(
             f"| {row['experiment']} | {row['method']} | {row['seeds']} | {row['rounds']} "
             f"| {_pct(row['final_accuracy_mean'], row['final_accuracy_std'])} "
             f"| {_pct(row['best_accuracy_mean'], row['best_accuracy_std'])} "
+            f"| {_pct(row['late_mean_accuracy_mean'], row['late_mean_accuracy_std'])} "
             f"| {_pct(*client_mean)} "
             f"| {_pct(row['mean_drop_mean'], row['mean_drop_std'])} "
             f"| {_pct(row['largest_drop_mean'], row['largest_drop_std'])} "
@@ -274,14 +296,15 @@ def markdown(
         "",
         "## Runs",
         "",
-        "| run | seed | final acc (%) | final round | best acc (%) | best round | s / round "
-        "| total s | MB down | MB up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | seed | final acc (%) | final round | best acc (%) | best round "
+        "| late mean acc (%) | s / round | total s | MB down | MB up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in sorted(runs, key=lambda r: (r.experiment, r.method, r.seed)):
         lines.append(
             f"| {run.run} | {run.seed} | {_pct(run.final_accuracy)} | {run.final_round} "
-            f"| {_pct(run.best_accuracy)} | {run.best_round} | {_num(run.seconds_per_round)} "
+            f"| {_pct(run.best_accuracy)} | {run.best_round} | {_pct(run.late_mean_accuracy)} "
+            f"| {_num(run.seconds_per_round)} "
             f"| {_num(run.total_seconds)} | {_num(run.mb_down, 2)} | {_num(run.mb_up, 2)} |"
         )
     if incomplete:
@@ -357,6 +380,7 @@ RUN_COLUMNS = [
     "final_round",
     "best_accuracy",
     "best_round",
+    "late_mean_accuracy",
     "final_accuracy_client_mean",
     "mean_drop",
     "largest_drop",
@@ -398,6 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(args.directory)
     if not directory.is_dir():
         print(f"error: {directory} is not a folder", file=sys.stderr)
+        return 2
+    runs, incomplete = load_runs(directory)
+    if not runs and not incomplete:
+        print(
+            f"error: {directory} holds no run folders (a <run>/metrics.jsonl); "
+            "nothing written, its results.* files are left as they are",
+            file=sys.stderr,
+        )
         return 2
     found = write_report(directory)
     print(

@@ -386,6 +386,7 @@ def test_report_regenerates_from_a_folder(tmp_path, capsys):
     assert (row["experiment"], row["method"], row["seeds"]) == ("exp", "mh_pfedhn", "2")
     assert float(row["final_accuracy_mean"]) == pytest.approx(0.5)
     assert float(row["best_accuracy_mean"]) == pytest.approx(0.55)
+    assert float(row["late_mean_accuracy_mean"]) == pytest.approx(0.5)  # round 2 of 2
     assert float(row["seconds_per_round_mean"]) == pytest.approx(3.5)  # rounds 1 and 2
     assert float(row["mb_down_mean"]) == pytest.approx(2.0)
     assert (
@@ -395,17 +396,31 @@ def test_report_regenerates_from_a_folder(tmp_path, capsys):
     assert write_report(tmp_path)["plots"][0].name == "accuracy.png"
 
 
+def test_report_over_a_folder_without_runs_writes_nothing(tmp_path, capsys):
+    """A mistyped folder must not replace a committed table with an empty one."""
+    from experiments.report import main
+
+    (tmp_path / "results.md").write_text("the table\n")
+    assert main([str(tmp_path)]) == 2
+    assert "no run folders" in capsys.readouterr().err
+    assert (tmp_path / "results.md").read_text() == "the table\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
 def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
     """A long run without summary.json is listed with its last evaluated round and its best so
-    far, against the rounds its config plans; one that never evaluated says only that."""
+    far, against the rounds its config plans, and its late mean once it is in the last third;
+    one that never evaluated says only that."""
     from experiments.report import load_runs
 
-    going, failed = tmp_path / "going", tmp_path / "failed"
-    for run in (going, failed):
+    going, late, failed = tmp_path / "going", tmp_path / "late", tmp_path / "failed"
+    for run, planned in ((going, 150), (late, 8), (failed, 150)):
         run.mkdir()
-        (run / "config.yaml").write_text("name: exp\nmethod: mh_pfedhn\nrounds: 150\n")
-    rows = [{"round": i, "accuracy": a} for i, a in enumerate([0.1, 0.6, 0.8, 0.8, 0.7])]
-    (going / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "config.yaml").write_text(f"name: exp\nmethod: mh_pfedhn\nrounds: {planned}\n")
+    accuracies = [0.1, 0.6, 0.8, 0.8, 0.7, 0.5, 0.6, 0.8]
+    for run, count in ((going, 5), (late, len(accuracies))):
+        rows = [{"round": i, "accuracy": a} for i, a in enumerate(accuracies[:count])]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (failed / "metrics.jsonl").write_text("")
     done, incomplete = load_runs(tmp_path)
     reasons = {item.run: item.reason for item in incomplete}
@@ -414,6 +429,8 @@ def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
         "failed": "no summary.json",
         "going": "no summary.json; evaluated up to round 4 of 150: 70.00% there, "
         "best so far 80.00% at round 2",
+        "late": "no summary.json; evaluated up to round 7 of 8: 80.00% there, "
+        "best so far 80.00% at round 2, mean of rounds 6-7 70.00%",
     }
 
 
