@@ -12,7 +12,8 @@ sweep_run.json beside it) and writes, in DIR:
 - `runs.csv`: the same figures for every run;
 - `results.md`: both tables in Markdown, and the runs that did not finish;
 - `accuracy.png` (every experiment, one panel each) and `accuracy-<experiment>.png`: pooled
-  accuracy against round, one line per method (mean over seeds, min-max band).
+  accuracy against round, one line per method (mean over seeds, min-max band); for a run of
+  30 rounds or more, the second also zooms on the late mean's rounds.
 Accuracies are fractions (0..1) in the CSV files and percentages in Markdown.
 """
 
@@ -37,6 +38,7 @@ BEST_LABEL = "best round by pooled test accuracy (authors' protocol)"
 FINAL_LABEL = "last evaluated round"
 LATE_LABEL = "mean over the evaluated rounds after the first two thirds of the run"
 MB = 1e6
+ZOOM_FROM_ROUNDS = 30  # runs this long get a second panel on the late rounds
 
 
 @dataclass
@@ -327,11 +329,11 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
     if not by_experiment:
         return []
 
-    def draw(ax, experiment: str) -> None:
+    def draw(ax, experiment: str, first: int = 0) -> None:
         seeds = 0
         for method, members in by_experiment[experiment].items():
             seeds = max(seeds, len(members))
-            rounds = sorted({r for m in members for r in m.curve})
+            rounds = sorted({r for m in members for r in m.curve if r >= first})
             values = [[100 * m.curve[r] for m in members if r in m.curve] for r in rounds]
             mean = [statistics.fmean(v) for v in values]
             (line,) = ax.plot(rounds, mean, marker="o", markersize=3, label=method)
@@ -339,7 +341,8 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
                 rounds, [min(v) for v in values], [max(v) for v in values],
                 color=line.get_color(), alpha=0.2, linewidth=0,
             )  # fmt: skip
-        ax.set_title(f"{experiment} (mean of {seeds} seed{'s' * (seeds != 1)}, min-max band)")
+        title = f"{experiment} (mean of {seeds} seed{'s' * (seeds != 1)}, min-max band)"
+        ax.set_title(title if first == 0 else f"rounds {first}+ (the late mean's window)")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("pooled test accuracy (%)")
@@ -348,7 +351,12 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
 
     written = []
     for experiment in by_experiment:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        planned = max(m.rounds for ms in by_experiment[experiment].values() for m in ms)
+        if planned >= ZOOM_FROM_ROUNDS:  # a long run's plateau is lost on a 0-100 axis
+            fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4))
+            draw(zoom, experiment, first=late_start(planned))
+        else:
+            fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax, experiment)
         fig.tight_layout()
         path = directory / f"accuracy-{experiment}.png"

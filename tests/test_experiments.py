@@ -396,6 +396,29 @@ def test_report_regenerates_from_a_folder(tmp_path, capsys):
     assert write_report(tmp_path)["plots"][0].name == "accuracy.png"
 
 
+def test_a_long_runs_plot_zooms_on_its_late_rounds(tmp_path):
+    """Past 30 rounds the per-experiment plot gets a second panel on the late mean's rounds."""
+    import matplotlib.image
+
+    from experiments.report import RunResult, late_start, plot
+
+    def run(rounds: int, experiment: str) -> RunResult:
+        curve = {r: 0.9 - 0.01 * (r % 3) for r in range(rounds + 1)}
+        nan = float("nan")
+        return RunResult(
+            f"{experiment}-s0", experiment, "mh_pfedhn", 0, rounds, 0.9, rounds, 0.9, 0,
+            0.9, 0.9, 0.0, 0.0, nan, nan, nan, nan, curve,
+        )  # fmt: skip
+
+    plot([run(150, "long"), run(8, "short")], tmp_path)
+    width = {
+        n: matplotlib.image.imread(tmp_path / f"accuracy-{n}.png").shape[1]
+        for n in ("long", "short")
+    }
+    assert width["long"] == 2 * width["short"]
+    assert late_start(150) == 101 and late_start(20) == 14
+
+
 def test_report_over_a_folder_without_runs_writes_nothing(tmp_path, capsys):
     """A mistyped folder must not replace a committed table with an empty one."""
     from experiments.report import main
