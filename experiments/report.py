@@ -129,9 +129,8 @@ def _progress(directory: Path) -> str:
     last, best = max(curve), max(curve, key=lambda r: (curve[r], -r))
     of = f" of {planned}" if planned else ""
     late = ""
-    if planned and last >= late_start(int(planned)):
-        mean = _late_mean(curve, int(planned))
-        late = f", mean of rounds {late_start(int(planned))}-{last} {_pct(mean)}%"
+    if planned and last >= (first := late_start(int(planned))):
+        late = f", mean of rounds {first}-{last} {_pct(_late_mean(curve, int(planned)))}%"
     return (
         f"; evaluated up to round {last}{of}: {_pct(curve[last])}% there, "
         f"best so far {_pct(curve[best])}% at round {best}{late}"
@@ -409,16 +408,21 @@ RESULT_COLUMNS = [
 
 
 def write_report(directory: str | Path) -> dict[str, Any]:
-    """Write results.csv, runs.csv, results.md and the plots; returns what it found."""
+    """Write results.csv, runs.csv, results.md and the plots; returns what it found.
+
+    A folder without run folders gets nothing written ("written" False), so that a mistyped
+    path cannot replace a committed table with an empty one."""
     directory = Path(directory)
     runs, incomplete = load_runs(directory)
+    if not runs and not incomplete:
+        return {"table": [], "runs": [], "incomplete": [], "plots": [], "written": False}
     table = aggregate(runs)
     write_csv(directory / "results.csv", table, RESULT_COLUMNS)
     run_rows = [{k: v for k, v in asdict(r).items() if k != "curve"} for r in runs]
     write_csv(directory / "runs.csv", run_rows, RUN_COLUMNS)
     (directory / "results.md").write_text(markdown(table, runs, incomplete, directory.name))
     plots = plot(runs, directory)
-    return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots}
+    return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots, "written": True}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,15 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     if not directory.is_dir():
         print(f"error: {directory} is not a folder", file=sys.stderr)
         return 2
-    runs, incomplete = load_runs(directory)
-    if not runs and not incomplete:
+    found = write_report(directory)
+    if not found["written"]:
         print(
             f"error: {directory} holds no run folders (a <run>/metrics.jsonl); "
             "nothing written, its results.* files are left as they are",
             file=sys.stderr,
         )
         return 2
-    found = write_report(directory)
     print(
         f"{len(found['runs'])} runs ({len(found['incomplete'])} without results) -> "
         f"{directory / 'results.md'}, results.csv, runs.csv, accuracy.png"
