@@ -410,19 +410,19 @@ RESULT_COLUMNS = [
 def write_report(directory: str | Path) -> dict[str, Any]:
     """Write results.csv, runs.csv, results.md and the plots; returns what it found.
 
-    A folder without run folders gets nothing written ("written" False), so that a mistyped
-    path cannot replace a committed table with an empty one."""
+    A folder without run folders gets nothing written (empty "runs" and "incomplete"), so that
+    a mistyped path cannot replace a committed table with an empty one."""
     directory = Path(directory)
     runs, incomplete = load_runs(directory)
     if not runs and not incomplete:
-        return {"table": [], "runs": [], "incomplete": [], "plots": [], "written": False}
+        return {"table": [], "runs": [], "incomplete": [], "plots": []}
     table = aggregate(runs)
     write_csv(directory / "results.csv", table, RESULT_COLUMNS)
     run_rows = [{k: v for k, v in asdict(r).items() if k != "curve"} for r in runs]
     write_csv(directory / "runs.csv", run_rows, RUN_COLUMNS)
     (directory / "results.md").write_text(markdown(table, runs, incomplete, directory.name))
     plots = plot(runs, directory)
-    return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots, "written": True}
+    return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {directory} is not a folder", file=sys.stderr)
         return 2
     found = write_report(directory)
-    if not found["written"]:
+    if not found["runs"] and not found["incomplete"]:
         print(
             f"error: {directory} holds no run folders (a <run>/metrics.jsonl); "
             "nothing written, its results.* files are left as they are",
