@@ -210,11 +210,15 @@ class ServerConfig(_Section):
         "(one exchange per round) where the method allows it; false: its own exchange",
     )
     pull_interval_s: float = Field(
-        0.05, gt=0, description="seconds before the first pull for replies, and after each "
+        0.05,
+        gt=0,
+        description="seconds before the first pull for replies, and after each "
         "reply (Flower's own loop waits a fixed 3 s)",
     )
     max_pull_interval_s: float = Field(
-        0.5, gt=0, description="while no reply arrives the wait grows 1.5x per pull up to this "
+        0.5,
+        gt=0,
+        description="while no reply arrives the wait grows 1.5x per pull up to this "
         "(fewer idle calls to the SuperLink); = pull_interval_s: a fixed wait",
     )
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = never")

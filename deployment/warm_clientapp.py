@@ -42,7 +42,7 @@ SWITCH_ENV = "MH_PFEDHN_WARM_CLIENTAPP"
 
 # The `flwr-clientapp` the SuperExec finds first. Only the standard library, started with -S
 # (no site-packages): it costs ~30 ms, not the seconds of a cold import.
-SHIM = '''#!{python} -S
+SHIM = """#!{python} -S
 import json, os, signal, socket, sys, time
 started = time.time()
 try:
@@ -60,7 +60,7 @@ for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, lambda number, frame: os.kill(child, number))
 status = conn.recv(64)
 sys.exit(int(status) if status else 1)
-'''
+"""
 
 
 def write_shim(directory: Path, real: str) -> Path:

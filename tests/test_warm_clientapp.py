@@ -68,9 +68,7 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_the_child_gets_the_callers_argv_environment_directory_streams_and_status(
-    warm, tmp_path
-):
+def test_the_child_gets_the_callers_argv_environment_directory_streams_and_status(warm, tmp_path):
     server, shim, env = warm
     before = time.time()
     out = subprocess.run(
