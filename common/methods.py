@@ -100,7 +100,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "pfedhn",
-            "baseline: pFedHN, one linear head per parameter tensor (one architecture)",
+            "baseline: pFedHN, one linear head per parameter tensor, a set per architecture",
             "server_app.methods.pfedhn:PFedHN",
             "server_app.methods.pfedhn:PFedHNServer",
             reports=(protocol.TENSOR_SIZES,),

@@ -66,6 +66,7 @@ CLIENT_PROOF = (
 MAX_KEY_LENGTH = 128
 MIN_PROOF_LENGTH, MAX_PROOF_LENGTH = 16, 256
 MAX_VECTOR = 2**31 - 1  # no vector of more entries is ever accepted
+MAX_TENSORS = 10_000  # parameter tensors a model may report (pFedHN makes a head for each)
 
 
 class ReplyError(ValueError):
@@ -330,9 +331,13 @@ def parse_identity(message: Message) -> Identity:
         initial = _finite(_decode(arrays, INITIAL, (np.float32,), MAX_VECTOR), "initial")
     sizes = config.get(TENSOR_SIZES)
     if sizes is not None and (
-        not isinstance(sizes, list) or not all(type(n) is int and n > 0 for n in sizes)
+        not isinstance(sizes, list)
+        or len(sizes) > MAX_TENSORS
+        or not all(type(n) is int and n > 0 for n in sizes)
     ):
-        raise ReplyError(f"{TENSOR_SIZES!r} must be a list of positive integers")
+        raise ReplyError(
+            f"{TENSOR_SIZES!r} must be a list of at most {MAX_TENSORS} positive integers"
+        )
     role = config.get(ROLE, "training")
     if role not in ROLES:
         raise ReplyError(f"unknown role {str(role)[:40]!r}; expected one of {ROLES}")

@@ -51,10 +51,10 @@ def test_pfedhn_has_one_head_per_tensor_and_generates_a_loadable_model():
     model = build_model("lenet", num_classes=10, in_channels=3)
     sizes = [p.numel() for p in model.parameters()]
     server = PFedHNServer(SETTINGS, seed=0)
-    server.set_tensor_sizes(sizes)
-    server.register("a", sum(sizes))
-    server.register("b", sum(sizes))
-    heads = server.hnet.heads[PFedHNServer.HEAD].heads
+    for key in ("a", "b"):
+        server.set_tensor_sizes(key, sizes)
+        server.register(key, sum(sizes))
+    heads = server.heads_of("a").heads
     assert (
         [h.out_features for h in heads]
         == sizes
@@ -67,8 +67,80 @@ def test_pfedhn_has_one_head_per_tensor_and_generates_a_loadable_model():
     before_b = server.embedding("b").detach().clone()
     server.apply_deltas({"a": np.ones(234006, np.float32)}, 1)
     assert torch.equal(server.embedding("b"), before_b)
-    with pytest.raises(RegistrationError):
-        server.set_tensor_sizes(sizes[:-1])
+    with pytest.raises(RegistrationError, match="other tensor sizes"):
+        server.set_tensor_sizes("a", sizes[:-1])
+
+
+def _pfedhn_client(server, key, arch):
+    model = build_model(arch, num_classes=10, in_channels=3)
+    sizes = [p.numel() for p in model.parameters()]
+    server.set_tensor_sizes(key, sizes)
+    server.register(key, sum(sizes))
+    return model
+
+
+def test_pfedhn_gives_each_architecture_its_own_heads_on_one_feature_extractor():
+    """The paper's heterogeneous pFedHN (section 4.3: "adding multiple heads")."""
+    server = PFedHNServer(SETTINGS, seed=0)
+    models = {key: _pfedhn_client(server, key, arch) for key, arch in
+              [("a", "lenet"), ("b", "mlp"), ("c", "lenet"), ("d", "mlp")]}  # fmt: skip
+    assert len(server.architectures) == 2 and server.heads_of("a") is server.heads_of("c")
+    assert server.heads_of("a") is not server.heads_of("b")
+    theta = server.generate(list(models))
+    for key, model in models.items():
+        vector_to_model(model, theta[key])
+        assert torch.isfinite(model(torch.zeros(1, 3, 32, 32))).all()
+    mlp_heads = {n: p.detach().clone() for n, p in server.heads_of("b").named_parameters()}
+    extractor = [p.detach().clone() for p in server.hnet.feature_extractor.parameters()]
+    server.step_client("a", np.ones(theta["a"].size, np.float32))
+    # a LeNet client's step moves the shared extractor, never the MLP's heads
+    assert all(torch.equal(p, mlp_heads[n]) for n, p in server.heads_of("b").named_parameters())
+    assert any(not torch.equal(p, q) for p, q in
+               zip(server.hnet.feature_extractor.parameters(), extractor, strict=True))  # fmt: skip
+    with pytest.raises(RegistrationError, match="does not match"):
+        server.set_tensor_sizes("e", [5, 5])
+        server.register("e", 11)
+    assert "e" not in server.sizes_of and "e" not in server.clients  # refused, nothing kept
+    assert len(server.architectures) == 2
+
+
+def test_pfedhn_with_several_architectures_resumes_bit_for_bit(tmp_path):
+    """Heads are made as their first client registers, interleaved with the embeddings; the
+    checkpoint must rebuild the optimizer's parameter groups in that order."""
+    from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    def fresh():
+        server = PFedHNServer(SETTINGS, seed=0)
+        for key, arch in [("a", "lenet"), ("b", "lenet"), ("c", "mlp"), ("d", "lenet")]:
+            _pfedhn_client(server, key, arch)
+        return server
+
+    def steps(server, rounds):
+        for r in rounds:
+            for key in ("a", "c", "d"):
+                theta = server.generate([key])[key]
+                server.step_client(key, np.sin(np.arange(theta.size, dtype=np.float32) * r))
+
+    whole = fresh()
+    steps(whole, [1, 2])
+    split = fresh()
+    steps(split, [1])
+    save_checkpoint(tmp_path / "pfedhn.pt", Checkpoint(split, 1, []))
+    resumed = load_checkpoint(tmp_path / "pfedhn.pt", PFedHNServer).server
+    steps(resumed, [2])
+    assert resumed.architectures == whole.architectures
+    for key in "abcd":
+        assert np.array_equal(resumed.generate([key])[key], whole.generate([key])[key])
+
+
+def test_a_single_architecture_pfedhn_checkpoint_still_loads():
+    server = PFedHNServer(SETTINGS, seed=0)
+    server.set_tensor_sizes("a", [6, 2])
+    server.register("a", 8)
+    state = server.state_dict()
+    state["tensor_sizes"] = list(state.pop("sizes_of")["a"])  # as the old version wrote it
+    loaded = PFedHNServer.from_state_dict(state)
+    assert np.array_equal(loaded.generate(["a"])["a"], server.generate(["a"])["a"])
 
 
 def tiny_run(method, tiny_npz, tmp_path, rounds=2, models="lenet"):
@@ -131,6 +203,13 @@ def test_pfedhn_runs_with_personalised_vectors(tiny_npz, tmp_path):
     assert strategy.history[-1]["clients_trained"] == 3
 
 
+def test_pfedhn_runs_with_heterogeneous_clients(tiny_npz, tmp_path):
+    strategy, _ = tiny_run("pfedhn", tiny_npz, tmp_path, models="lenet,mlp")
+    assert not strategy.directory.refused and len(strategy.state.architectures) == 2
+    assert strategy.history[-1]["clients_trained"] == 3
+    assert strategy.history[-1]["accuracy"] > strategy.history[0]["accuracy"]
+
+
 @pytest.mark.parametrize(
     ("method", "kind"),
     [("local", "LocalServer"), ("fedavg", "FedAvgServer"), ("pfedhn", "PFedHNServer")],
@@ -145,7 +224,7 @@ def test_baseline_states_survive_a_checkpoint(tmp_path):
     fedavg = FedAvgServer(seed=0, max_params=10**6)
     fedavg.admit("a", 4, np.arange(4, dtype=np.float32))
     pfedhn = PFedHNServer(SETTINGS, seed=0)
-    pfedhn.set_tensor_sizes([6, 2])
+    pfedhn.set_tensor_sizes("a", [6, 2])
     pfedhn.register("a", 8)
     pfedhn.apply_deltas({"a": np.ones(8, np.float32)}, 1)
     for server in (fedavg, pfedhn):

@@ -173,6 +173,9 @@ HOSTILE_QUERY = {
             )
         }
     ),  # fmt: skip
+    "more tensor sizes than any model has": lambda: protocol.identity_reply(
+        "c0", SIZE, tensor_sizes=[1] * (protocol.MAX_TENSORS + 1), proof=proof_of("c0")
+    ),
     "arrays a ConfigRecord": lambda: RecordDict(
         {
             "config": ConfigRecord(

@@ -1,7 +1,9 @@
 """The pFedHN baseline (Shamsian et al., 2021): one embedding per client, the same feature
-extractor as MH-pFedHN, and one linear head per parameter tensor of the (single) target
-architecture, whose tensor sizes clients report. It runs on the same server machinery
-(VJP, clipping, Adam, the round schedules), so only the generator differs."""
+extractor as MH-pFedHN, and one linear head per parameter tensor of the client's architecture,
+whose tensor sizes clients report. Clients of different architectures get a set of heads each
+(the paper's "adding multiple heads", section 4.3), all on the one shared feature extractor.
+It runs on the same server machinery (VJP, clipping, Adam, the round schedules), so only the
+generator differs."""
 
 from __future__ import annotations
 
@@ -29,34 +31,55 @@ class PerTensorHeads(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=-1)
 
 
-class PFedHNServer(HypernetworkServer):
-    HEAD = "pertensor"
+def head_name(index: int) -> str:
+    """The first architecture's heads keep the name of the single-architecture version, so
+    its checkpoints still load."""
+    return "pertensor" if index == 0 else f"pertensor{index}"
 
+
+class PFedHNServer(HypernetworkServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.tensor_sizes: list[int] | None = None
+        self.architectures: list[tuple[int, ...]] = []  # tensor sizes, in order of arrival
+        self.sizes_of: dict[str, tuple[int, ...]] = {}  # client key -> its tensor sizes
 
-    def set_tensor_sizes(self, sizes: Sequence[int] | None) -> None:
+    def set_tensor_sizes(self, key: str, sizes: Sequence[int] | None) -> None:
+        """Note the tensor sizes `key` reports (its heads are made when it registers). A key
+        keeps its architecture: other sizes later are refused."""
         if not sizes or not all(isinstance(n, int) and n > 0 for n in sizes):
             raise RegistrationError("pFedHN needs the client's parameter tensor sizes")
-        sizes = [int(n) for n in sizes]
-        if self.tensor_sizes is None:
-            self.check_budget(sum(sizes) * (self.settings.hidden_dim + 1), "pFedHN's heads")
-            self.tensor_sizes = sizes
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                heads = PerTensorHeads(self.settings.hidden_dim, sizes).to(self.device)
-            self.hnet.heads[self.HEAD] = heads
-            self.optimizer.add_param_group({"params": list(heads.parameters())})
-        elif sizes != self.tensor_sizes:
-            raise RegistrationError("pFedHN has one head per tensor: all clients must share them")
+        signature = tuple(int(n) for n in sizes)
+        if key in self.clients and self.sizes_of[key] != signature:
+            raise RegistrationError(
+                f"client {key!r} reported other tensor sizes than when it registered"
+            )
+        self.sizes_of[key] = signature
+
+    def heads_of(self, key: str) -> PerTensorHeads:
+        return self.hnet.heads[head_name(self.architectures.index(self.sizes_of[key]))]
 
     def _register(self, key: str, num_params: object) -> ClientRecord:
-        k = self.registry.check(key, num_params)
-        if self.tensor_sizes is None or k != sum(self.tensor_sizes):
-            raise RegistrationError(f"K={k} does not match the tensor sizes reported")
-        if key in self.clients:
-            return self.clients[key]
+        """As MH-pFedHN's: a new architecture's heads are made right before the embeddings of
+        its first client, so a checkpoint replaying the registrations rebuilds the optimizer's
+        parameter groups in the same order."""
+        try:
+            k = self.registry.check(key, num_params)
+            signature = self.sizes_of.get(key)
+            if signature is None:
+                raise RegistrationError(f"client {key!r} has not reported its tensor sizes")
+            if k != sum(signature):
+                raise RegistrationError(f"K={k} does not match the tensor sizes reported")
+            if key in self.clients:
+                return self.clients[key]
+            if signature not in self.architectures:
+                weights = sum(signature) * (self.settings.hidden_dim + 1)
+                self.check_budget(weights, "pFedHN's heads")
+        except RegistrationError:
+            if key not in self.clients:  # a refused client leaves nothing behind
+                self.sizes_of.pop(key, None)
+            raise
+        if signature not in self.architectures:
+            self._add_heads(signature)
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "embedding", key))
         init = torch.randn(1, self.settings.embedding_dim, generator=generator)
         name = f"client{len(self.clients)}"
@@ -65,26 +88,45 @@ class PFedHNServer(HypernetworkServer):
         self.clients[key] = ClientRecord(key, k, 1, name)
         return self.clients[key]
 
+    def _add_heads(self, signature: tuple[int, ...]) -> None:
+        index = len(self.architectures)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed if index == 0 else stable_seed(self.seed, "heads", index))
+            heads = PerTensorHeads(self.settings.hidden_dim, signature).to(self.device)
+        self.hnet.heads[head_name(index)] = heads
+        self.optimizer.add_param_group({"params": list(heads.parameters())})
+        self.architectures.append(signature)
+
     def _generate_group(self, keys: Sequence[str]) -> list[torch.Tensor]:
-        stacked = torch.stack([self.embedding(k) for k in keys])  # (n, 1, e)
-        flat = self.hnet.heads[self.HEAD](self.hnet.feature_extractor(stacked))[:, 0]
-        return [flat[i] for i in range(len(keys))]
+        features = self.hnet.feature_extractor(torch.stack([self.embedding(k) for k in keys]))
+        return [self.heads_of(k)(features[i])[0] for i, k in enumerate(keys)]
 
     def _involved_parameters(self, keys: Sequence[str]) -> list[nn.Parameter]:
         params = list(self.hnet.feature_extractor.parameters())
-        params += list(self.hnet.heads[self.HEAD].parameters())
+        for index in sorted({self.architectures.index(self.sizes_of[k]) for k in keys}):
+            params += list(self.hnet.heads[head_name(index)].parameters())
         return params + [self.embedding(k) for k in keys]
 
+    def describe(self) -> str:
+        return (
+            f"{len(self.clients)} clients, {len(self.architectures)} architectures (a head per "
+            f"tensor), {self.num_parameters() / 1e6:.1f}M parameters on {self.device}"
+        )
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "tensor_sizes": self.tensor_sizes}
+        sizes_of = {k: list(self.sizes_of[k]) for k in self.clients}
+        return {**super().state_dict(), "sizes_of": sizes_of}
 
     def _restore_structure(self, state: dict) -> None:
-        self.set_tensor_sizes(state["tensor_sizes"])
+        if "sizes_of" in state:
+            self.sizes_of = {k: tuple(v) for k, v in state["sizes_of"].items()}
+        else:  # a checkpoint of the single-architecture version
+            self.sizes_of = {k: tuple(state["tensor_sizes"]) for k, _ in state["clients"]}
 
 
 class PFedHN(HypernetworkRounds):
     state: PFedHNServer
 
     def register(self, identity: protocol.Identity) -> ClientRecord:
-        self.state.set_tensor_sizes(identity.tensor_sizes)
+        self.state.set_tensor_sizes(identity.client_key, identity.tensor_sizes)
         return super().register(identity)
