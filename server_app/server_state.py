@@ -47,9 +47,6 @@ class ServerState(Protocol):
     def register(self, key: str, num_params: object) -> ClientRecord:
         """Accept a client's K (idempotent for the same K) or raise RegistrationError."""
 
-    def unregister(self, key: str) -> None:
-        """Forget a client registered in a step that then failed (nothing else changes)."""
-
     def record(self, key: str) -> ClientRecord: ...
 
     def generate(self, keys: Sequence[str]) -> Mapping[str, np.ndarray | None]:
@@ -124,9 +121,6 @@ class ClientRegistry:
                 "a client key cannot change its model size (use a new key for a new model)"
             )
         return k
-
-    def unregister(self, key: str) -> None:
-        self.clients.pop(key, None)
 
     def record(self, key: str) -> ClientRecord:
         try:
