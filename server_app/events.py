@@ -60,10 +60,31 @@ class Observers(RunObserver):
 
 
 class ConsoleProgress(RunObserver):
-    """One line per round: `[round 3/20] accuracy 0.7421 (client mean 0.7310) | ...`."""
+    """One line per round: `[round 3/20] accuracy 0.7421 (client mean 0.7310) | ...`, and one
+    at the end with the final and best rounds and where the outputs are."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
 
     def round_finished(self, row: dict[str, Any], num_rounds: int) -> None:
         logger.info("%s", progress_line(row, num_rounds))
+
+    def run_finished(self, summary: dict[str, Any]) -> None:
+        logger.info("%s", closing_line(summary, self.directory))
+
+
+def closing_line(summary: dict[str, Any], directory: Path | None = None) -> str:
+    text = f"done after round {summary['rounds']}"
+    if "final_accuracy" in summary:
+        text += (
+            f" | final accuracy {summary['final_accuracy']:.4f} (round {summary['final_round']})"
+            f" | best {summary['best_accuracy']:.4f} (round {summary['best_round']})"
+        )
+    text += (
+        f" | {summary['total_seconds']:.1f} s | down {summary['total_bytes_down'] / 1e6:.2f} MB"
+        f" up {summary['total_bytes_up'] / 1e6:.2f} MB"
+    )
+    return text if directory is None else f"{text} | outputs: {directory}"
 
 
 def progress_line(row: dict[str, Any], num_rounds: int) -> str:

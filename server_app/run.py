@@ -92,7 +92,7 @@ def run_experiment(
         observers=[
             recorder,
             PlotWhenFinished(recorder.directory),  # before the trackers, which upload the plot
-            ConsoleProgress(),
+            ConsoleProgress(recorder.directory),
             *trackers(cfg, recorder.directory),
             *observers,
         ],

@@ -44,6 +44,7 @@ def test_flwr_run_simulation_with_mixed_architectures(method, mnist_npz, tmp_pat
     assert 0.0 <= rows[-1]["accuracy"] <= 1.0
     assert rows[-1]["accuracy"] > rows[0]["accuracy"]
     assert "[round 2/2]" in log
+    assert f"done after round 2 | final accuracy {rows[-1]['accuracy']:.4f} (round 2)" in log
     if method == "mh_pfedhngd":  # both phases ran in every round
         assert rows[-1]["global_clients_trained"] == 4
         assert 0.0 <= rows[-1]["global_accuracy"] <= 1.0

@@ -201,6 +201,21 @@ def test_metrics_are_pooled_and_per_client():
     assert row["bytes_up"] == 3 * 4 * 40
 
 
+def test_the_console_closes_a_run_with_its_final_and_best_rounds(caplog, tmp_path):
+    from server_app.events import ConsoleProgress, Observers
+    from server_app.round_log import run_summary
+
+    strategy, grid = run({i: "good" for i in range(3)})
+    strategy.observers = Observers([ConsoleProgress(tmp_path / "run")])
+    with caplog.at_level("INFO", logger="flwr.mh_pfedhn"):
+        strategy.start(grid)
+    summary = run_summary(strategy.history)
+    last = caplog.records[-1].getMessage()
+    assert last.startswith("done after round 1 | final accuracy 0.6000 (round 1) | best ")
+    assert f"(round {summary['best_round']})" in last and last.endswith(f"outputs: {tmp_path}/run")
+    assert f"down {summary['total_bytes_down'] / 1e6:.2f} MB" in last
+
+
 def test_a_node_that_joins_later_is_queried_and_trained():
     strategy, grid = run({i: "good" for i in range(3)}, rounds=2)
     grid.disconnected.add(1002)
