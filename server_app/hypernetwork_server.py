@@ -214,8 +214,15 @@ class HypernetworkServer:
                 torch.manual_seed(stable_seed(self.seed, "head", tau))
                 head = self.hnet.add_head(tau)
             self.optimizer.add_param_group({"params": list(head.parameters())})
+        record = ClientRecord(key, k, tau, self._add_embedding(key, tau))
+        self.clients[key] = record
+        return record
+
+    def _add_embedding(self, key: str, rows: int) -> str:
+        """A new client's embedding vectors, seeded by its key, in a parameter group of their
+        own (after a freeze, with the novel clients' lr); returns their name."""
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "embedding", key))
-        init = torch.randn(tau, self.settings.embedding_dim, generator=generator)
+        init = torch.randn(rows, self.settings.embedding_dim, generator=generator)
         embedding = nn.Parameter((init * self.settings.embedding_std).to(self.device))
         name = f"client{len(self.clients)}"
         self.embeddings[name] = embedding
@@ -223,9 +230,7 @@ class HypernetworkServer:
         if self.frozen.extractor and self.frozen.embedding_lr is not None:
             group["lr"] = self.frozen.embedding_lr
         self.optimizer.add_param_group(group)
-        record = ClientRecord(key=key, num_params=k, tau=tau, embedding_name=name)
-        self.clients[key] = record
-        return record
+        return name
 
     def record(self, key: str) -> ClientRecord:
         return self.registry.record(key)

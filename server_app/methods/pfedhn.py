@@ -80,12 +80,7 @@ class PFedHNServer(HypernetworkServer):
             raise
         if signature not in self.architectures:
             self._add_heads(signature)
-        generator = torch.Generator().manual_seed(stable_seed(self.seed, "embedding", key))
-        init = torch.randn(1, self.settings.embedding_dim, generator=generator)
-        name = f"client{len(self.clients)}"
-        self.embeddings[name] = nn.Parameter((init * self.settings.embedding_std).to(self.device))
-        self.optimizer.add_param_group({"params": [self.embeddings[name]]})
-        self.clients[key] = ClientRecord(key, k, 1, name)
+        self.clients[key] = ClientRecord(key, k, 1, self._add_embedding(key, 1))
         return self.clients[key]
 
     def _add_heads(self, signature: tuple[int, ...]) -> None:
