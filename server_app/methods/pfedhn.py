@@ -17,6 +17,7 @@ from common import protocol
 from common.seeding import stable_seed
 from server_app.hypernetwork_rounds import HypernetworkRounds
 from server_app.hypernetwork_server import HypernetworkServer
+from server_app.round_loop import logger
 from server_app.server_state import ClientRecord, RegistrationError
 
 
@@ -125,3 +126,11 @@ class PFedHN(HypernetworkRounds):
     def register(self, identity: protocol.Identity) -> ClientRecord:
         self.state.set_tensor_sizes(identity.client_key, identity.tensor_sizes)
         return super().register(identity)
+
+    def log_admission(self, identity: protocol.Identity, record: ClientRecord | None) -> None:
+        if record is None:
+            return
+        key = identity.client_key
+        architecture = self.state.architectures.index(self.state.sizes_of[key])
+        logger.info("client %s: K=%d, architecture %d (%d tensors)", key, record.num_params,
+                    architecture, len(self.state.sizes_of[key]))  # fmt: skip
