@@ -21,7 +21,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+# How long a Flower process may take to start listening. Healthy starts take seconds; on a
+# 2-core machine busy building Docker images, a SuperLink's cold start once took over 30 s.
+START_TIMEOUT_S = 120.0
+
+
+def wait_for_port(host: str, port: int, timeout: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -47,7 +52,7 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
-def wait_for_listen(pid: int, port: int, timeout: float = 30.0) -> None:
+def wait_for_listen(pid: int, port: int, timeout: float = START_TIMEOUT_S) -> None:
     """Wait until `port` listens in process `pid`'s network namespace, which can differ from
     ours (a process started with `ip netns exec`); fail early if the process has died."""
     deadline = time.monotonic() + timeout
