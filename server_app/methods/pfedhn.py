@@ -56,8 +56,12 @@ class PFedHNServer(HypernetworkServer):
             )
         self.sizes_of[key] = signature
 
+    def architecture(self, key: str) -> int:
+        """The index of `key`'s architecture (in order of first registration)."""
+        return self.architectures.index(self.sizes_of[key])
+
     def heads_of(self, key: str) -> PerTensorHeads:
-        return self.hnet.heads[head_name(self.architectures.index(self.sizes_of[key]))]
+        return self.hnet.heads[head_name(self.architecture(key))]
 
     def _register(self, key: str, num_params: object) -> ClientRecord:
         """As MH-pFedHN's: a new architecture's heads are made right before the embeddings of
@@ -99,7 +103,7 @@ class PFedHNServer(HypernetworkServer):
 
     def _involved_parameters(self, keys: Sequence[str]) -> list[nn.Parameter]:
         params = list(self.hnet.feature_extractor.parameters())
-        for index in sorted({self.architectures.index(self.sizes_of[k]) for k in keys}):
+        for index in sorted({self.architecture(k) for k in keys}):
             params += list(self.hnet.heads[head_name(index)].parameters())
         return params + [self.embedding(k) for k in keys]
 
@@ -131,6 +135,5 @@ class PFedHN(HypernetworkRounds):
         if record is None:
             return
         key = identity.client_key
-        architecture = self.state.architectures.index(self.state.sizes_of[key])
         logger.info("client %s: K=%d, architecture %d (%d tensors)", key, record.num_params,
-                    architecture, len(self.state.sizes_of[key]))  # fmt: skip
+                    self.state.architecture(key), len(self.state.sizes_of[key]))  # fmt: skip
