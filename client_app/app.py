@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.session import open_session
 from client_app.train_job import TrainJob
-from client_app.training import evaluate, train_sgd
+from client_app.training import train_sgd
 from common import protocol
 from common.param_vector import model_to_vector, vector_size, vector_to_model
 from deployment.warm_clientapp import STARTED_ENV as PROCESS_STARTED_ENV
@@ -110,9 +110,7 @@ def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
         theta = protocol.read_theta(msg)
         session.note_received(msg, theta)
         vector_to_model(model, theta, None if layout is None else layout.shared)
-    correct, loss_sum = evaluate(model, session.data.x_test, session.data.y_test)
-    reply = protocol.evaluate_reply(len(session.data.y_test), correct, loss_sum)
-    return Message(reply, reply_to=msg)
+    return Message(protocol.evaluate_reply(session.evaluate(model)), reply_to=msg)
 
 
 @app.evaluate()

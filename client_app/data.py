@@ -33,7 +33,9 @@ from common.partition import (
     default_classes_per_client,
     default_dirichlet_beta,
     default_min_samples,
+    split_validation,
 )
+from common.seeding import stable_seed
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class ClientData:
     y_test: torch.Tensor
     num_classes: int
     in_channels: int
+    x_val: torch.Tensor  # held out of the training data for model selection (may be empty)
+    y_val: torch.Tensor
 
 
 def load_client_data(spec: ClientSpec, seed: int, device: str = "cpu") -> ClientData:
@@ -56,7 +60,7 @@ def load_client_data(spec: ClientSpec, seed: int, device: str = "cpu") -> Client
     return data if torch.device(device).type == "cpu" else _on_device(data, device)
 
 
-PARTITION_CACHE_FORMAT = 1
+PARTITION_CACHE_FORMAT = 2
 
 
 @functools.lru_cache(maxsize=128)
@@ -93,20 +97,31 @@ def _on_device(data: ClientData, device: str) -> ClientData:
         y_train=data.y_train.to(device),
         x_test=data.x_test.to(device),
         y_test=data.y_test.to(device),
+        x_val=data.x_val.to(device),
+        y_val=data.y_val.to(device),
     )
 
 
-@functools.lru_cache(maxsize=128)
-def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: int) -> ClientData:
-    data = DataConfig.model_validate_json(data_json)
-    raw = load_dataset(
-        data.source, root=data.root, download=data.download, cache_dir=data.cache_dir
-    )
-    labels = raw.labels
-    pool = np.arange(len(labels))
-    if data.fraction < 1.0:
-        rng = np.random.default_rng(seed)
-        pool = np.sort(rng.choice(len(labels), int(data.fraction * len(labels)), replace=False))
+def sample_pool(fraction: float, size: int, seed: int) -> np.ndarray:
+    """The sorted indices of the source examples in use (data.fraction of them, seeded)."""
+    if fraction >= 1.0:
+        return np.arange(size)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(size, int(fraction * size), replace=False))
+
+
+def client_indices(
+    data: DataConfig,
+    labels: np.ndarray,
+    dataset_name: str,
+    partition_id: int,
+    num_partitions: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) indices into `labels` of this client's data: its partition,
+    split into train and test, then the validation share held out of train (seeded per
+    client; empty with val_fraction 0). The three are disjoint."""  # fmt: skip
+    pool = sample_pool(data.fraction, len(labels), seed)
 
     def auto(value, default, partitioner):
         """The dataset's default, looked up only where the partitioner uses the setting (a
@@ -122,31 +137,49 @@ def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: i
         partitioner=data.partitioner,
         seed=seed,
         classes_per_client=auto(
-            data.classes_per_client, lambda: default_classes_per_client(raw.name), "noniid1"
+            data.classes_per_client, lambda: default_classes_per_client(dataset_name), "noniid1"
         ),
-        beta=auto(data.dirichlet_beta, lambda: default_dirichlet_beta(raw.name), "noniid2"),
+        beta=auto(data.dirichlet_beta, lambda: default_dirichlet_beta(dataset_name), "noniid2"),
         min_samples=auto(
-            data.min_samples, lambda: default_min_samples(raw.name, num_partitions), "noniid2"
+            data.min_samples, lambda: default_min_samples(dataset_name, num_partitions), "noniid2"
         ),
         train_fraction=data.train_fraction,
     )
+    train_idx, val_idx = split_validation(
+        train_idx, data.val_fraction, stable_seed(seed, "validation", partition_id)
+    )
+    return pool[train_idx], pool[val_idx], pool[test_idx]
 
+
+@functools.lru_cache(maxsize=128)
+def _client_data(data_json: str, partition_id: int, num_partitions: int, seed: int) -> ClientData:
+    data = DataConfig.model_validate_json(data_json)
+    raw = load_dataset(
+        data.source, root=data.root, download=data.download, cache_dir=data.cache_dir
+    )
+    train_idx, val_idx, test_idx = client_indices(
+        data, raw.labels, raw.name, partition_id, num_partitions, seed
+    )
     normalize = data.normalize
     if normalize == "auto" and raw.name not in NORMALIZATION:
-        normalize = channel_statistics(raw.images[pool])
+        normalize = channel_statistics(
+            raw.images[sample_pool(data.fraction, len(raw.labels), seed)]
+        )
 
     def tensors(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_model_tensors(
-            raw.images[pool[idx]],
+            raw.images[idx],
             normalize=normalize,
             dataset_name=raw.name,
             image_size=data.image_size,
         )
-        return x, torch.as_tensor(labels[pool[idx]], dtype=torch.long)
+        return x, torch.as_tensor(raw.labels[idx], dtype=torch.long)
 
     x_train, y_train = tensors(train_idx)
     x_test, y_test = tensors(test_idx)
-    return ClientData(x_train, y_train, x_test, y_test, raw.num_classes, raw.images.shape[-1])
+    x_val, y_val = tensors(val_idx)
+    return ClientData(x_train, y_train, x_test, y_test, raw.num_classes, raw.images.shape[-1],
+                      x_val, y_val)  # fmt: skip
 
 
 def forget_loaded_data() -> None:

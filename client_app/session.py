@@ -166,8 +166,17 @@ class Session:
         (the server's evaluation of the previous round, in the same exchange)."""
         if not protocol.read_config(msg).get(protocol.EVALUATE_FIRST, False):
             return None
-        correct, loss_sum = evaluate(model, self.data.x_test, self.data.y_test)
-        return protocol.EvalResult(len(self.data.y_test), correct, loss_sum)
+        return self.evaluate(model)
+
+    def evaluate(self, model: nn.Module) -> protocol.EvalResult:
+        """The model on the test split, and on the validation split when there is one."""
+        data = self.data
+        validation = None
+        if len(data.y_val):
+            correct, loss_sum = evaluate(model, data.x_val, data.y_val)
+            validation = protocol.EvalResult(len(data.y_val), correct, loss_sum)
+        correct, loss_sum = evaluate(model, data.x_test, data.y_test)
+        return protocol.EvalResult(len(data.y_test), correct, loss_sum, validation)
 
     def proof(self) -> str:
         """This client's secret (protocol `client-proof`): node config `client-secret`, or

@@ -60,6 +60,14 @@ class DataConfig(_Section):
     dirichlet_beta: float | Literal["auto"] = "auto"
     min_samples: int | Literal["auto"] = "auto"
     train_fraction: float = Field(0.75, gt=0.0, lt=1.0)
+    val_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of each client's training data held out as a validation split "
+        "(seeded per client), evaluated beside the test split so that a round can be "
+        "selected without looking at test data; 0: no validation split",
+    )
     normalize: str = "auto"
     image_size: int = Field(32, gt=0)
 

@@ -153,6 +153,21 @@ def split_train_test(
     return np.sort(shuffled[:n_train]), np.sort(shuffled[n_train:])
 
 
+def split_validation(
+    indices: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``floor(val_fraction * n)`` of a client's training indices for model selection
+    (both parts sorted); 0 keeps every index for training, in its order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    indices = np.asarray(indices)
+    n_val = math.floor(val_fraction * len(indices))
+    if n_val == 0:
+        return indices, indices[:0]
+    shuffled = np.random.default_rng(seed).permutation(indices)
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
+
+
 def client_seed(seed: int, client_id: int) -> int:
     """Seed for one client's own randomness, derived from (seed, client_id) only."""
     return int(np.random.SeedSequence([seed, client_id]).generate_state(1)[0])

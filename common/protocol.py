@@ -18,9 +18,12 @@ This is all a client implementation has to honour (see README "Plugging in your 
                                 (top-p upload: the n largest |delta| entries, indices ascending)
                         metrics {"num-examples": int, "train-loss": float
                                  [, "eval-num-examples", "eval-correct", "eval-loss-sum":
-                                 theta on the test split before training, when "evaluate"]}
+                                 theta on the test split before training, when "evaluate";
+                                 "eval-val-...": on the validation split, if it has one]}
 - evaluate      in      arrays  {"theta": float32[K]}, config {"server-round": int}
-                reply   metrics {"num-examples": int, "correct": int, "loss-sum": float}
+                reply   metrics {"num-examples": int, "correct": int, "loss-sum": float
+                                 [, "val-num-examples", "val-correct", "val-loss-sum": the
+                                    same on the client's validation split, if it has one]}
 - train.global, evaluate.global: as train and evaluate, for the public global model (K_g)
 - train, evaluate without "arrays" (Local baseline): the client trains / evaluates the model it
   keeps itself; the train reply then carries metrics only
@@ -59,6 +62,7 @@ NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 EVALUATE_FIRST = "evaluate"  # train config: evaluate the received vector before training
 EVAL_PREFIX = "eval-"  # ...and report it with these metrics (eval-num-examples, ...)
+VAL_PREFIX = "val-"  # the same on the validation split (val-num-examples, ...), if it has one
 CLIENT_PROOF = (
     "client-proof"  # a secret the client keeps; binds its key (server_app/client_directory.py)
 )
@@ -89,6 +93,7 @@ class EvalResult:
     num_examples: int
     correct: int
     loss_sum: float
+    validation: EvalResult | None = None  # the same model on the client's validation split
 
 
 @dataclass(frozen=True)
@@ -202,16 +207,18 @@ def train_reply(
 
 
 def _evaluation_metrics(evaluation: EvalResult, prefix: str = "") -> dict:
-    return {
+    metrics = {
         f"{prefix}{NUM_EXAMPLES}": evaluation.num_examples,
         f"{prefix}correct": evaluation.correct,
         f"{prefix}loss-sum": evaluation.loss_sum,
     }
+    if evaluation.validation is not None:
+        metrics.update(_evaluation_metrics(evaluation.validation, f"{prefix}{VAL_PREFIX}"))
+    return metrics
 
 
-def evaluate_reply(num_examples: int, correct: int, loss_sum: float) -> RecordDict:
-    metrics = _evaluation_metrics(EvalResult(num_examples, correct, loss_sum))
-    return RecordDict({"metrics": MetricRecord(metrics)})
+def evaluate_reply(evaluation: EvalResult) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord(_evaluation_metrics(evaluation))})
 
 
 TIMINGS = ("process", "session", "train", "handler")  # reply metrics time-<name>, seconds
@@ -431,13 +438,16 @@ def parse_local_train_reply(message: Message) -> TrainResult:
     )
 
 
-def _evaluation(metrics, prefix: str = "") -> EvalResult:
+def _evaluation(metrics, prefix: str = "", validation: bool = True) -> EvalResult:
     n = _count(metrics, f"{prefix}{NUM_EXAMPLES}")
     correct = _count(metrics, f"{prefix}correct")
     loss_sum = float(_field(metrics, f"{prefix}loss-sum", (int, float)))
     if correct > n or not np.isfinite(loss_sum) or loss_sum < 0:
         raise ReplyError(f"inconsistent evaluation: correct={correct}, n={n}, loss-sum={loss_sum}")
-    return EvalResult(num_examples=n, correct=correct, loss_sum=loss_sum)
+    held_out = None
+    if validation and f"{prefix}{VAL_PREFIX}{NUM_EXAMPLES}" in metrics:
+        held_out = _evaluation(metrics, f"{prefix}{VAL_PREFIX}", validation=False)
+    return EvalResult(num_examples=n, correct=correct, loss_sum=loss_sum, validation=held_out)
 
 
 def parse_evaluate_reply(message: Message) -> EvalResult:

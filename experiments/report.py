@@ -33,8 +33,13 @@ from typing import Any
 import yaml
 
 from server_app.outputs import read_metrics
+from server_app.round_log import select_by_validation
 
 BEST_LABEL = "best round by pooled test accuracy (authors' protocol)"
+SELECTED_LABEL = (
+    "test accuracy at the round of best pooled validation accuracy (a held-out "
+    "part of each client's training data; n/a without data.val_fraction)"
+)
 FINAL_LABEL = "last evaluated round"
 LATE_LABEL = "mean over the evaluated rounds after the first two thirds of the run"
 MB = 1e6
@@ -52,6 +57,8 @@ class RunResult:
     final_round: int
     best_accuracy: float
     best_round: int
+    selected_accuracy: float  # at the round chosen on validation data (nan without any)
+    selected_round: int
     late_mean_accuracy: float  # one noisy last round cannot swing it, as it can the final
     final_accuracy_client_mean: float
     mean_drop: float  # mean over consecutive evaluated rounds of max(0, previous - current)
@@ -154,6 +161,7 @@ def load_run(directory: Path) -> RunResult | Incomplete:
     values = [curve[r] for r in sorted(curve)]
     drops = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
     rounds = int(summary.get("rounds", 0))
+    selected = select_by_validation(rows) or {"accuracy": float("nan"), "round": -1}
     return RunResult(
         run=directory.name,
         experiment=experiment,
@@ -164,6 +172,8 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         final_round=int(summary.get("final_round", -1)),
         best_accuracy=_nan_if_none(summary.get("best_accuracy")),
         best_round=int(summary.get("best_round", -1)),
+        selected_accuracy=float(selected["accuracy"]),
+        selected_round=int(selected["round"]),
         late_mean_accuracy=_late_mean(curve, rounds),
         final_accuracy_client_mean=_nan_if_none(summary.get("final_accuracy_client_mean")),
         mean_drop=statistics.fmean(drops) if drops else float("nan"),
@@ -188,7 +198,9 @@ def load_runs(directory: str | Path) -> tuple[list[RunResult], list[Incomplete]]
 
 # --------------------------------------------------------------- aggregate
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1); the deviation is nan for one value."""
+    """Mean and sample standard deviation (n - 1); the deviation is nan for one value.
+    Missing values (nan: e.g. no validation split) are left out; none at all gives nan."""
+    values = [v for v in values if not math.isnan(v)]
     mean = statistics.fmean(values) if values else float("nan")
     std = statistics.stdev(values) if len(values) > 1 else float("nan")
     return mean, std
@@ -197,6 +209,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 SUMMARISED = (
     "final_accuracy",
     "best_accuracy",
+    "selected_accuracy",
     "late_mean_accuracy",
     "final_accuracy_client_mean",
     "mean_drop",
@@ -230,6 +243,7 @@ def aggregate(runs: Iterable[RunResult]) -> list[dict[str, Any]]:
         for name in SUMMARISED:
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in members])
         row["best_selected_by"] = BEST_LABEL
+        row["selected_by"] = SELECTED_LABEL
         table.append(row)
     return table
 
@@ -255,6 +269,10 @@ def _pct(mean: float, std: float = float("nan")) -> str:
     return f"{100 * mean:.2f}" + ("" if math.isnan(std) else f" ± {100 * std:.2f}")
 
 
+def _round(number: int) -> str:
+    return "n/a" if number < 0 else str(number)
+
+
 def _num(mean: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:,.{digits}f}"
 
@@ -266,7 +284,8 @@ def markdown(
         f"# Results: {title}",
         "",
         "Pooled test accuracy (%) of the generated parameters, mean ± sample standard deviation "
-        f"over seeds. Final: {FINAL_LABEL}. Best: {BEST_LABEL}. Late mean: {LATE_LABEL} "
+        f"over seeds. Final: {FINAL_LABEL}. Best: {BEST_LABEL}. Val-selected: "
+        f"{SELECTED_LABEL}. Late mean: {LATE_LABEL} "
         "(rounds 101-150 of a 150-round run). Seconds per round: mean wall "
         "clock of a training round. Drops: how far pooled accuracy fell from one evaluated "
         "round to the next (mean over all consecutive pairs, rises counting 0; and the largest), "
@@ -274,9 +293,10 @@ def markdown(
         "down to / up from the clients, as they travelled) are per run, averaged over seeds.",
         "",
         "| experiment | method | seeds | rounds | final acc (%) | best acc (%) "
-        "| late mean acc (%) | final client-mean acc (%) | mean drop (pts) | largest drop (pts) "
+        "| val-selected acc (%) | late mean acc (%) | final client-mean acc (%) "
+        "| mean drop (pts) | largest drop (pts) "
         "| s / round | total s / run | MB down / run | MB up / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
         client_mean = (row[f"final_accuracy_client_mean_{s}"] for s in ("mean", "std"))
@@ -284,6 +304,7 @@ def markdown(
             f"| {row['experiment']} | {row['method']} | {row['seeds']} | {row['rounds']} "
             f"| {_pct(row['final_accuracy_mean'], row['final_accuracy_std'])} "
             f"| {_pct(row['best_accuracy_mean'], row['best_accuracy_std'])} "
+            f"| {_pct(row['selected_accuracy_mean'], row['selected_accuracy_std'])} "
             f"| {_pct(row['late_mean_accuracy_mean'], row['late_mean_accuracy_std'])} "
             f"| {_pct(*client_mean)} "
             f"| {_pct(row['mean_drop_mean'], row['mean_drop_std'])} "
@@ -298,13 +319,16 @@ def markdown(
         "## Runs",
         "",
         "| run | seed | final acc (%) | final round | best acc (%) | best round "
+        "| val-selected acc (%) | selected round "
         "| late mean acc (%) | s / round | total s | MB down | MB up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in sorted(runs, key=lambda r: (r.experiment, r.method, r.seed)):
         lines.append(
             f"| {run.run} | {run.seed} | {_pct(run.final_accuracy)} | {run.final_round} "
-            f"| {_pct(run.best_accuracy)} | {run.best_round} | {_pct(run.late_mean_accuracy)} "
+            f"| {_pct(run.best_accuracy)} | {run.best_round} "
+            f"| {_pct(run.selected_accuracy)} | {_round(run.selected_round)} "
+            f"| {_pct(run.late_mean_accuracy)} "
             f"| {_num(run.seconds_per_round)} "
             f"| {_num(run.total_seconds)} | {_num(run.mb_down, 2)} | {_num(run.mb_up, 2)} |"
         )
@@ -387,6 +411,8 @@ RUN_COLUMNS = [
     "final_round",
     "best_accuracy",
     "best_round",
+    "selected_accuracy",
+    "selected_round",
     "late_mean_accuracy",
     "final_accuracy_client_mean",
     "mean_drop",
@@ -404,6 +430,7 @@ RESULT_COLUMNS = [
     "rounds",
     *(f"{name}_{stat}" for name in SUMMARISED for stat in ("mean", "std")),
     "best_selected_by",
+    "selected_by",
 ]
 
 

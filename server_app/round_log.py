@@ -100,4 +100,23 @@ def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
             best_round=best["round"],
             best_selected_by="highest pooled test accuracy over rounds (as the authors' code)",
         )
+    selected = select_by_validation(history)
+    if selected is not None:
+        summary.update(
+            selected_accuracy=selected["accuracy"],
+            selected_round=selected["round"],
+            selected_val_accuracy=selected["val_accuracy"],
+            selected_by="highest pooled validation accuracy (earliest of equals); test "
+            "accuracy reported there",
+        )
     return summary
+
+
+def select_by_validation(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluated round of highest pooled validation accuracy (the earliest of equals),
+    or None when the run has no validation split."""
+    rows = [r for r in history
+            if r.get("val_accuracy") is not None and r.get("accuracy") is not None]  # fmt: skip
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (r["val_accuracy"], -r["round"]))

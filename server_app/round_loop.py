@@ -387,13 +387,19 @@ class RoundLoop(Strategy):
         per_client = {  # a client with no test samples has no accuracy of its own
             k: r.correct / r.num_examples for k, r in sorted(results.items()) if r.num_examples
         }
-        return {
+        stats = {
             "accuracy": sum(r.correct for r in results.values()) / total,
             "accuracy_client_mean": float(np.mean(list(per_client.values()))),
             "loss": sum(r.loss_sum for r in results.values()) / total,
             "clients_evaluated": len(results),
             "client_accuracy": per_client,
         }
+        held_out = [r.validation for r in results.values() if r.validation is not None]
+        val_total = sum(v.num_examples for v in held_out)
+        if val_total:  # pooled over the clients that hold a validation split
+            stats["val_accuracy"] = sum(v.correct for v in held_out) / val_total
+            stats["val_loss"] = sum(v.loss_sum for v in held_out) / val_total
+        return stats
 
     def aggregate_evaluate(
         self, server_round: int, results: Mapping[str, protocol.EvalResult]

@@ -137,7 +137,9 @@ def fuzzed_app(draws, attacked_types: set[str]) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg, context):
-        return answer(msg, context, lambda i, m: protocol.evaluate_reply(10, 3 + i, 4.0))
+        return answer(
+            msg, context, lambda i, m: protocol.evaluate_reply(protocol.EvalResult(10, 3 + i, 4.0))
+        )
 
     @app.evaluate("global")
     def evaluate_global(msg, context):

@@ -66,7 +66,7 @@ def app_with(train=None, query=None, evaluate=None) -> ClientApp:
     def _evaluate(msg, context):
         content = evaluate(who(context), msg) if evaluate else None
         if content is None:
-            content = protocol.evaluate_reply(10, 6, 3.0)
+            content = protocol.evaluate_reply(protocol.EvalResult(10, 6, 3.0))
         return Message(content, reply_to=msg)
 
     return app
@@ -231,7 +231,7 @@ def test_a_hostile_query_reply_is_refused(attack, method):
 
 
 def test_an_evaluation_with_no_examples_is_pooled_not_divided_by():
-    empty = protocol.evaluate_reply(0, 0, 0.0)
+    empty = protocol.evaluate_reply(protocol.EvalResult(0, 0, 0.0))
     strategy, grid = setup(app_with(evaluate=lambda i, msg: empty if i == 0 else None))
     strategy.start(grid)
     row = strategy.history[0]

@@ -57,7 +57,7 @@ def pulling_app(received: list) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg, context):
-        return Message(protocol.evaluate_reply(10, 5, 1.0), reply_to=msg)
+        return Message(protocol.evaluate_reply(protocol.EvalResult(10, 5, 1.0)), reply_to=msg)
 
     return app
 

@@ -79,7 +79,10 @@ def scripted_app(behaviour_of: dict[int, str], size_of: dict[int, object]) -> Cl
 
     @app.evaluate()
     def evaluate(msg, context):
-        return Message(protocol.evaluate_reply(10, 5 + who(context) % 3, 2.0), reply_to=msg)
+        return Message(
+            protocol.evaluate_reply(protocol.EvalResult(10, 5 + who(context) % 3, 2.0)),
+            reply_to=msg,
+        )
 
     return app
 
