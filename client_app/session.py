@@ -172,10 +172,11 @@ class Session:
         """The model on the test split, and on the validation split when there is one."""
         data = self.data
         validation = None
+        layout = self.cfg.client.memory_format
         if len(data.y_val):
-            correct, loss_sum = evaluate(model, data.x_val, data.y_val)
+            correct, loss_sum = evaluate(model, data.x_val, data.y_val, memory_format=layout)
             validation = protocol.EvalResult(len(data.y_val), correct, loss_sum)
-        correct, loss_sum = evaluate(model, data.x_test, data.y_test)
+        correct, loss_sum = evaluate(model, data.x_test, data.y_test, memory_format=layout)
         return protocol.EvalResult(len(data.y_test), correct, loss_sum, validation)
 
     def proof(self) -> str:

@@ -23,10 +23,34 @@ class SGDSettings:
     batch_size: int = 64
     epochs: int = 2
     grad_clip: float = 50.0
+    memory_format: str = "contiguous"  # or channels_last, or auto (memory_format_for)
 
     @classmethod
     def from_config(cls, client: ClientTrainConfig) -> SGDSettings:
         return cls(**client.model_dump(include=set(cls.__dataclass_fields__)))
+
+
+def memory_format_for(model: nn.Module, setting: str) -> torch.memory_format | None:
+    """The memory format a model trains and evaluates in (None: as it is).
+
+    auto: channels-last for convolutional models on the CPU, where it measured 1.4-2.4x
+    faster per step here (LeNet 2.4x, ResNet18 1.4x, one thread); contiguous elsewhere (not
+    measured on GPUs). Either way the parameters keep their values and the vector its order
+    (`model_to_vector` flattens logically); only float rounding may differ.
+    """
+    if setting == "contiguous":
+        return None
+    if setting == "channels_last":
+        return torch.channels_last
+    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return torch.channels_last if convolutional and on_cpu else None
+
+
+def _batch(x: torch.Tensor, device: torch.device, layout: torch.memory_format | None):
+    if layout is None or x.dim() != 4:
+        return x.to(device)
+    return x.to(device).contiguous(memory_format=layout)
 
 
 class MomentumSGD:
@@ -101,9 +125,14 @@ def train_sgd(
 
     Cross-entropy, or the distillation loss when a teacher is given.
     """
+    layout = memory_format_for(model, settings.memory_format)
+    if layout is not None:
+        model.to(memory_format=layout)  # in place: the parameters keep their identity
     model.train()
     if distillation is not None:
         distillation.teacher.eval()
+        if layout is not None:
+            distillation.teacher.to(memory_format=layout)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = MomentumSGD(params, settings.lr, settings.momentum, settings.weight_decay)
     device = next(model.parameters()).device
@@ -113,7 +142,7 @@ def train_sgd(
         order = torch.randperm(len(y), generator=generator)
         for start in range(0, len(y), settings.batch_size):
             idx = order[start : start + settings.batch_size]
-            xb, yb = x[idx].to(device), y[idx].to(device)
+            xb, yb = _batch(x[idx], device, layout), y[idx].to(device)
             optimizer.zero_grad()
             logits = model(xb)
             if distillation is None:
@@ -134,15 +163,23 @@ def train_sgd(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 512,
+    memory_format: str = "contiguous",
 ) -> tuple[int, float]:
     """(correct, summed cross-entropy) over the given split, in eval mode."""
+    layout = memory_format_for(model, memory_format)
+    if layout is not None:
+        model.to(memory_format=layout)
     model.eval()
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(y), batch_size):
-        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+        xb = _batch(x[start : start + batch_size], device, layout)
+        yb = y[start : start + batch_size].to(device)
         logits = model(xb)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(dim=1) == yb).sum()

@@ -43,3 +43,36 @@ def test_training_a_client_model_does_not_import_dynamo():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("architecture", ["lenet", "resnet10"])
+def test_channels_last_and_contiguous_training_agree_up_to_float_rounding(architecture):
+    """The memory format changes how convolutions sum, not what they compute: the same
+    forward pass and the same SGD step agree up to float rounding. (Over several steps a
+    ResNet amplifies rounding chaotically, the same whichever layout: contiguous float32
+    itself drifts ~1e-3 from float64 in three steps; so one step is compared.)"""
+    from client_app.training import SGDSettings, evaluate, memory_format_for, train_sgd
+    from common.models import build_model
+    from common.param_vector import model_to_vector
+
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    out = {}
+    for layout in ("contiguous", "channels_last"):
+        torch.manual_seed(1)
+        model = build_model(architecture, num_classes=10, in_channels=3, image_size=32)
+        start = model_to_vector(model)
+        correct, loss_sum = evaluate(model, x, y, memory_format=layout)
+        settings = SGDSettings(lr=0.01, epochs=1, batch_size=48, memory_format=layout)
+        loss = train_sgd(model, x, y, settings, torch.Generator().manual_seed(2))
+        out[layout] = (start, model_to_vector(model), loss, correct, loss_sum)
+    (start, plain, loss, correct, loss_sum), (_, fast, fast_loss, fast_correct, fast_sum) = (
+        out["contiguous"], out["channels_last"])  # fmt: skip
+    step = (plain - start).abs().max().item()
+    assert (fast - plain).abs().max().item() <= 1e-2 * step  # of an update of ~1e-2
+    assert fast_loss == pytest.approx(loss, rel=1e-5) and fast_sum == pytest.approx(
+        loss_sum, rel=1e-5
+    )
+    assert abs(fast_correct - correct) <= 1
+    mlp = build_model("mlp", num_classes=10, in_channels=1, image_size=28)
+    assert memory_format_for(mlp, "auto") is None  # no convolution: left as it is
