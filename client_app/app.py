@@ -1,123 +1,50 @@
-"""The ClientApp: report K, train the received vector, evaluate the received vector.
+"""The ClientApp: every message goes to the client side of the run's method.
 
-What a client reports and trains is its method's entry in common/methods.py: the Local
-baseline (`trains="own"`) trains and evaluates the model it keeps itself; every other method
-trains the vector it receives and answers with "sent minus trained". For MH-pFedHNG(D) the
-client also trains and evaluates the public global model (`train.global`, `evaluate.global`)
-and keeps the phase-1 vectors it may distill from.
+Which method, and so which client class (`client_app/method.py`, or its own in
+`client_app/methods/`), comes from the run's configuration; this module knows no method by
+name. Flower routes a message by its type, so a handler is registered for query, train and
+evaluate and for every extra type a registered method answers (e.g. `train.global`).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
+from functools import cache
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client_app.method import ClientMethod
+from client_app.process import process_age
 from client_app.session import open_session
-from client_app.train_job import TrainJob
-from client_app.training import train_sgd
 from common import protocol
-from common.param_vector import model_to_vector, vector_size, vector_to_model
-from deployment.warm_clientapp import STARTED_ENV as PROCESS_STARTED_ENV
+from common.methods import METHODS, get_method
 
 app = ClientApp()
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """K of the vector part (and what the chosen method needs besides: K_g, tensor sizes,
-    initial vector), and the role when novel."""
-    session = open_session(context)
-    model = session.model()
-    layout = session.layout(model)
-    reports = session.method.reports
-    global_size = sizes = initial = None
-    if protocol.GLOBAL_NUM_PARAMS in reports:
-        global_size = vector_size(session.model(global_model=True))
-    if protocol.TENSOR_SIZES in reports:
-        sizes = [p.numel() for p in model.parameters() if p.requires_grad]
-    if protocol.INITIAL in reports:
-        initial = model_to_vector(model).numpy()
-    reply = protocol.identity_reply(
-        session.spec.key,
-        vector_size(model, layout.shared),
-        global_size,
-        sizes,
-        initial,
-        role=session.spec.role,
-        proof=session.proof(),
-    )
-    return Message(reply, reply_to=msg)
+@cache
+def client_method(name: str) -> ClientMethod:
+    """The client side of a method (one instance per process: it holds no state)."""
+    return get_method(name).client_class()()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def handle(msg: Message, context: Context) -> Message:
     started, age = time.perf_counter(), process_age()
     session = open_session(context)
     opened = time.perf_counter()
-    if session.method.trains == "own":  # the Local baseline: this client's own model
-        model = session.local_model()
-        evaluation = session.evaluate_first(msg, model)
-        data = session.data
-        generator = session.generator("train", protocol.read_round(msg))
-        trained = time.perf_counter()
-        loss = train_sgd(model, data.x_train, data.y_train, session.settings(), generator)
-        train_s = time.perf_counter() - trained
-        session.save_local_model(model)
-        content = protocol.train_reply(None, len(data.y_train), loss, evaluation=evaluation)
-    else:
-        job = TrainJob.prepare(session, msg, global_model=False)
-        trained = time.perf_counter()
-        loss = job.run()
-        train_s = time.perf_counter() - trained
-        content = job.reply_content(loss)
-    timings = {"process": age, "session": opened - started, "train": train_s,
-               "handler": time.perf_counter() - started}  # fmt: skip
-    return Message(protocol.with_timings(content, timings), reply_to=msg)
+    content = client_method(session.cfg.method).handle(session, msg)
+    if msg.metadata.message_type == protocol.TRAIN:  # where a deployed round's time goes
+        handled = time.perf_counter()
+        timings = {"process": age, "session": opened - started, "train": handled - opened,
+                   "handler": handled - started}  # fmt: skip
+        content = protocol.with_timings(content, timings)
+    return Message(content, reply_to=msg)
 
 
-@app.train("global")
-def train_global(msg: Message, context: Context) -> Message:
-    job = TrainJob.prepare(open_session(context), msg, global_model=True)
-    return job.reply(job.run())
-
-
-def process_age() -> float | None:
-    """Seconds since this process started (Linux): in deployment every message starts a new
-    ClientApp process, and this is its start-up and imports. A process forked warm
-    (deployment/warm_clientapp.py) counts from when the SuperExec started it."""
-    if started := os.environ.get(PROCESS_STARTED_ENV):
-        return max(time.time() - float(started), 0.0)
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))  # fmt: skip
-        return max(time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK")), 0.0)
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _evaluate(msg: Message, context: Context, global_model: bool) -> Message:
-    session = open_session(context)
-    if session.method.trains == "own":  # the Local baseline: this client's own model
-        model = session.local_model()
-    else:
-        model = session.model(global_model)
-        layout = None if global_model else session.layout(model)
-        theta = protocol.read_theta(msg)
-        session.note_received(msg, theta)
-        vector_to_model(model, theta, None if layout is None else layout.shared)
-    return Message(protocol.evaluate_reply(session.evaluate(model)), reply_to=msg)
-
-
-@app.evaluate()
-def evaluate_theta(msg: Message, context: Context) -> Message:
-    return _evaluate(msg, context, global_model=False)
-
-
-@app.evaluate("global")
-def evaluate_global(msg: Message, context: Context) -> Message:
-    return _evaluate(msg, context, global_model=True)
+app.query()(handle)
+app.train()(handle)
+app.evaluate()(handle)
+for _type in sorted({t for m in METHODS.values() for t in m.client_class().actions}):
+    _category, _, _action = _type.partition(".")
+    getattr(app, _category)(_action)(handle)

@@ -27,15 +27,11 @@ from client_app.store import ClientStore
 from client_app.training import SGDSettings, evaluate
 from common import protocol
 from common.config import ExperimentConfig, config_from_run_config
-from common.methods import Method
 from common.models import build_model
 from common.param_vector import matching_parameter_names
 from common.seeding import stable_seed
 
 BUFFERS = "buffers"
-GLOBAL_BUFFERS = "global-buffers"
-GLOBAL_RECEIVED = "global-received"  # the w_g of phase 1 (teacher "round_start")
-GLOBAL_TRAINED = "global-trained"  # this client's phase-1-trained copy ("phase1_trained")
 LOCAL_MODEL = "local-model"  # the Local baseline's own model (parameters and buffers)
 LOCAL_LAYERS = "local-layers"  # layers this client never sends (paper C.9)
 VECTOR = "vector"
@@ -59,14 +55,16 @@ class Session:
     context: Context
     store: ClientStore
 
-    def model(self, global_model: bool = False) -> nn.Module:
-        """This client's model (or the global one) with its saved BatchNorm statistics
-        (and, for its own model, the local layers it keeps).
+    def model(self) -> nn.Module:
+        """This client's model with its saved BatchNorm statistics and local layers."""
+        return self.build_model(self.spec.model_name, (BUFFERS, LOCAL_LAYERS))
+
+    def build_model(self, name: str, slots: tuple[str, ...] = ()) -> nn.Module:
+        """A model of the zoo for this client's data, with what it keeps in `slots` loaded.
 
         Built from a seed that depends on the architecture only, so clients of one
         architecture start alike (FedAvg's initial model, the Local baseline's start).
         """
-        name = self.cfg.global_model.architecture if global_model else self.spec.model_name
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed(self.cfg.seed, "init", name))
             model = build_model(
@@ -76,7 +74,7 @@ class Session:
                 image_size=self.spec.data.image_size,
             )
         model = model.to(torch.device(self.cfg.client.device))
-        for slot in (GLOBAL_BUFFERS,) if global_model else (BUFFERS, LOCAL_LAYERS):
+        for slot in slots:
             self._load(model, slot)
         return model
 
@@ -98,7 +96,7 @@ class Session:
         return Layout(shared, local, frozen)
 
     def save_buffers(self, model: nn.Module, slot: str = BUFFERS) -> None:
-        """BatchNorm statistics for the next message (GLOBAL_BUFFERS: the global model's)."""
+        """BatchNorm statistics for the next message (in `slot`: a method may keep several)."""
         buffers = {name: b.detach().cpu().numpy() for name, b in model.named_buffers()}
         if buffers:
             self.store.put(slot, buffers)
@@ -156,10 +154,6 @@ class Session:
 
     def upload_top_p(self) -> float | None:
         return self.cfg.client.upload_top_p if self.cfg.client.upload == "top_p" else None
-
-    @property
-    def method(self) -> Method:
-        return self.cfg.method_spec
 
     def evaluate_first(self, msg: Message, model: nn.Module) -> protocol.EvalResult | None:
         """The model as received, on the test split, when the train message asks for it

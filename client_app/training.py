@@ -1,4 +1,4 @@
-"""Local training and evaluation of a client model, in plain PyTorch (SPEC section 5).
+"""Local training and evaluation of a client model, in plain PyTorch (docs/concepts/training.md).
 
 Data are tensors already in memory; batches are drawn from a seeded permutation instead of a
 DataLoader, so a client's data order depends only on (seed, round, client) and costs nothing.
@@ -83,13 +83,36 @@ class MomentumSGD:
             p.add_(buf, alpha=-self.lr)
 
 
+class Objective:
+    """What a client minimises on a batch, beyond plain cross-entropy (None in `train_sgd`):
+    a method's extra loss terms (distillation, a proximal term) live in one of these."""
+
+    def setup(self, memory_format: torch.memory_format | None) -> None:
+        """Before the first batch (e.g. put a teacher model in eval mode)."""
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Distillation:
+class Distillation(Objective):
     """MH-pFedHNGD phase 2: learn from the global model's softened predictions too."""
 
     teacher: nn.Module
     weight: float  # a
     temperature: float  # T
+
+    def setup(self, memory_format: torch.memory_format | None) -> None:
+        self.teacher.eval()
+        if memory_format is not None:
+            self.teacher.to(memory_format=memory_format)
+
+    def __call__(self, model, x, logits, y) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return distillation_loss(logits, teacher_logits, y, self.weight, self.temperature)
 
 
 def distillation_loss(
@@ -99,7 +122,8 @@ def distillation_loss(
     weight: float,
     temperature: float,
 ) -> torch.Tensor:
-    """(1 - a) CE + a T^2 KL(softmax(t/T) || softmax(s/T)), batch mean (SPEC section 8).
+    """(1 - a) CE + a T^2 KL(softmax(t/T) || softmax(s/T)), batch mean (paper eq. 8, with
+    a = 1 - lambda).
 
     Both distributions stay in log space, so extreme logits give finite values.
     """
@@ -119,20 +143,18 @@ def train_sgd(
     y: torch.Tensor,
     settings: SGDSettings,
     generator: torch.Generator,
-    distillation: Distillation | None = None,
+    objective: Objective | None = None,
 ) -> float:
     """Epochs of SGD with per-step gradient clipping; mean batch loss.
 
-    Cross-entropy, or the distillation loss when a teacher is given.
+    Cross-entropy, or the method's `objective` when it has one.
     """
     layout = memory_format_for(model, settings.memory_format)
     if layout is not None:
         model.to(memory_format=layout)  # in place: the parameters keep their identity
     model.train()
-    if distillation is not None:
-        distillation.teacher.eval()
-        if layout is not None:
-            distillation.teacher.to(memory_format=layout)
+    if objective is not None:
+        objective.setup(layout)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = MomentumSGD(params, settings.lr, settings.momentum, settings.weight_decay)
     device = next(model.parameters()).device
@@ -145,14 +167,10 @@ def train_sgd(
             xb, yb = _batch(x[idx], device, layout), y[idx].to(device)
             optimizer.zero_grad()
             logits = model(xb)
-            if distillation is None:
+            if objective is None:
                 loss = F.cross_entropy(logits, yb)
             else:
-                with torch.no_grad():
-                    teacher_logits = distillation.teacher(xb)
-                loss = distillation_loss(
-                    logits, teacher_logits, yb, distillation.weight, distillation.temperature
-                )
+                loss = objective(model, xb, logits, yb)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()

@@ -1,14 +1,20 @@
-"""Experiment configuration: YAML files in configs/, a preset, then Flower run-config overrides.
+"""Experiment configuration: YAML files in configs/, a preset, then Flower run-config overrides
+(docs/configuration.md, generated from this schema).
 
 Resolution order (later wins): schema defaults < experiment YAML < preset < run config.
-Every leaf of the schema is also a key of `[tool.flwr.app.config]` in pyproject.toml with the
-value "" (meaning "keep the YAML's value"), because Flower only accepts overrides for keys the
-app declares. `flwr run . -c 'client.lr=0.005 hypernetwork.schedule="one_by_one"'` then works.
+A method may declare its own settings (a pydantic model named in its registry entry,
+common/methods.py); they live in a section named after the method (or the model's `section`),
+e.g. `fedavgm.momentum`, and are validated with the rest.
+Every leaf setting is also a key of `[tool.flwr.app.config]` in pyproject.toml with the value
+"" (meaning "keep the YAML's value"), because Flower only accepts overrides for keys the app
+declares; `python -m common.config --sync-pyproject` writes that list from the schema, and a
+test fails when it is stale. `flwr run . -c 'client.lr=0.005 fedavgm.momentum=0.5'` then works.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -147,15 +153,13 @@ class HypernetworkConfig(_Section):
     embedding_std: float = Field(1.0, gt=0)
     lr: float = Field(2e-4, gt=0)
     grad_clip: float = Field(50.0, gt=0)
-    schedule: Literal["one_by_one", "parallel_sequential", "parallel_mean", "parallel_residual"] = (
-        Field(
-            "one_by_one",
-            description="how a round's client updates reach the hypernetwork (SPEC 4): "
-            "one_by_one (generate, train, step, client after client: the authors' code); "
-            "parallel_sequential (all train the round-start theta, then one Adam step per "
-            "delta in a seeded order); parallel_mean (one step on the mean VJP); "
-            "parallel_residual (one step per client on theta_i(now) - trained_i)",
-        )
+    schedule: Literal["one_by_one", "parallel_sequential", "parallel_mean"] = Field(
+        "one_by_one",
+        description="how a round's client updates reach the hypernetwork "
+        "(docs/concepts/schedules.md): one_by_one (generate, train, step, client after "
+        "client: the authors' code); parallel_sequential (all train the round-start theta, "
+        "then one Adam step per delta in a seeded order); parallel_mean (one step on the "
+        "mean VJP)",
     )
     device: str = "auto"
 
@@ -248,16 +252,6 @@ class ServerConfig(_Section):
         return self
 
 
-class GlobalModelConfig(_Section):
-    """MH-pFedHNGD's public global model and its distillation (SPEC section 8, paper 3.3)."""
-
-    architecture: str = "lenet"
-    distill_weight: float = Field(0.01, ge=0.0, le=1.0, description="a in (1-a) CE + a T^2 KL")
-    temperature: float = Field(15.0, gt=0.0, description="T")
-    teacher: Literal["round_start", "regenerated", "phase1_trained"] = "round_start"
-    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients in phase 1")
-
-
 class GeneralizationConfig(_Section):
     """Novel clients (paper 4.4): they join after round `join_round`; from then on the
     hypernetwork is frozen and only their embeddings (and heads for new taus) train."""
@@ -311,7 +305,38 @@ class TrackingConfig(_Section):
         return _comma_list(value)
 
 
+@functools.cache
+def method_sections() -> dict[str, type[BaseModel]]:
+    """Every method's settings model by the name of its section (`fedavgm`, `global_model`)."""
+    sections: dict[str, type[BaseModel]] = {}
+    for method in METHODS.values():
+        settings = method.settings_class()
+        if settings is not None:
+            sections[getattr(settings, "section", method.name)] = settings
+    return sections
+
+
+def section_of(method: str) -> str | None:
+    settings = get_method(method).settings_class()
+    return None if settings is None else getattr(settings, "section", method)
+
+
+def _problems(err: ValidationError, prefix: str = "") -> str:
+    """A validation error as 'key: message; ...', every key in full dotted form."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(map(str, e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        out.append(f"{prefix}{loc}: {msg}" if loc or prefix else msg)
+    return "; ".join(out)
+
+
 class ExperimentConfig(_Section):
+    """The experiment. Besides the sections below, a method's own settings are a section of
+    their own (`method_sections`), validated by that method's model."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = "default"
     method: str = Field("mh_pfedhn", description="a name in common/methods.py METHODS")
     preset: Literal["none", "paper"] = "none"
@@ -327,7 +352,6 @@ class ExperimentConfig(_Section):
     client: ClientTrainConfig = Field(default_factory=ClientTrainConfig)
     hypernetwork: HypernetworkConfig = Field(default_factory=HypernetworkConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
-    global_model: GlobalModelConfig = Field(default_factory=GlobalModelConfig)
     generalization: GeneralizationConfig = Field(default_factory=GeneralizationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -336,6 +360,31 @@ class ExperimentConfig(_Section):
     def _known_method(cls, value: str) -> str:
         get_method(value)  # raises, listing the methods
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_sections(cls, data: Any) -> Any:
+        """Validate every method section given (with its method's model), add the active
+        method's with its defaults, and refuse any other unknown key."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        sections = method_sections()
+        unknown = sorted(set(data) - set(cls.model_fields) - set(sections))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} (sections: "
+                             f"{sorted([*cls.model_fields, *sections])})")  # fmt: skip
+        for name, model in sections.items():
+            if name in data and not isinstance(data[name], model):
+                try:
+                    data[name] = model.model_validate(data[name] or {})
+                except ValidationError as err:
+                    raise ValueError(_problems(err, f"{name}.")) from None
+        method = data.get("method", cls.model_fields["method"].default)
+        section = section_of(method) if method in METHODS else None
+        if section is not None and section not in data:
+            data[section] = sections[section]()
+        return data
 
     @model_validator(mode="after")
     def _generalization_fits(self) -> ExperimentConfig:
@@ -367,9 +416,10 @@ class ExperimentConfig(_Section):
         return get_method(self.method)
 
     @property
-    def distills(self) -> bool:
-        """MH-pFedHNG is MH-pFedHNGD without distillation (a = 0)."""
-        return self.method_spec.distills and self.global_model.distill_weight > 0
+    def method_settings(self) -> Any:
+        """The active method's own settings (a model of its settings class), or None."""
+        section = section_of(self.method)
+        return None if section is None else getattr(self, section)
 
 
 # The authors' code (DangDang1895/MH-pFL) where it differs from the paper's text (SPEC 4, 5).
@@ -406,8 +456,14 @@ def _refuse_renamed(keys: set[str], origin: str) -> None:
         raise ConfigError(f"{origin}: {renames}")
 
 
-def leaf_keys(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[str]:
-    """Dotted names of every leaf setting, in schema order (the run-config keys)."""
+def leaf_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf setting, in schema order, the methods' sections last (the
+    run-config keys)."""
+    if model is None:
+        keys = leaf_keys(ExperimentConfig)
+        for name, section in method_sections().items():
+            keys += leaf_keys(section, f"{name}.")
+        return keys
     keys = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
@@ -480,8 +536,7 @@ def _validate(raw: Mapping[str, Any], origin: str) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid configuration ({origin}): {problems}") from None
+        raise ConfigError(f"invalid configuration ({origin}): {_problems(err)}") from None
 
 
 def resolve_config(
@@ -560,6 +615,8 @@ def settings_changed(before: Mapping[str, Any], config: ExperimentConfig) -> lis
     'key: old -> new'; keys unknown to `before` count only if they are not at their default."""
     now = defining_settings(config)
     defaults = defining_settings(ExperimentConfig())
+    for name, section in method_sections().items():
+        defaults.update({f"{name}.{k}": v for k, v in section().model_dump(mode="json").items()})
     changed = []
     for key in sorted(now):
         old = before.get(key, defaults[key])
@@ -591,3 +648,52 @@ def run_config_toml(run_config: Mapping[str, Any]) -> str:
 
 def to_yaml(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------- the run-config key list
+PYPROJECT = PROJECT_ROOT / "pyproject.toml"
+_BEGIN = "# --- run-config keys: written by `python -m common.config --sync-pyproject` ---"
+_END = "# --- end of run-config keys ---"
+
+
+def pyproject_keys_block() -> str:
+    """The run-config keys Flower must know, one `"key" = ""` line each, from the schema."""
+    lines = [_BEGIN, f'{EXPERIMENT_KEY} = "default"']
+    lines += [f'"{key}" = ""' for key in leaf_keys()]
+    return "\n".join([*lines, _END])
+
+
+def synced_pyproject(text: str) -> str:
+    """pyproject.toml's text with its run-config key block written from the schema."""
+    begin, end = text.find(_BEGIN), text.find(_END)
+    if begin < 0 or end < begin:
+        raise ConfigError(f"{PYPROJECT.name} has no run-config key block ({_BEGIN!r} ... {_END!r})")
+    return text[:begin] + pyproject_keys_block() + text[end + len(_END) :]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m common.config",
+        description="Check or write pyproject.toml's run-config keys (one per setting of the "
+        "schema and of every registered method), which Flower needs to accept -c overrides.",
+    )
+    parser.add_argument("--sync-pyproject", action="store_true", help="write them")
+    args = parser.parse_args(argv)
+    text = PYPROJECT.read_text()
+    synced = synced_pyproject(text)
+    if synced == text:
+        print(f"{PYPROJECT.name}: the run-config keys are up to date")
+        return 0
+    if args.sync_pyproject:
+        PYPROJECT.write_text(synced)
+        print(f"{PYPROJECT.name}: run-config keys written ({len(leaf_keys())} settings)")
+        return 0
+    print(f"{PYPROJECT.name}: the run-config keys are stale; run python -m common.config "
+          "--sync-pyproject")  # fmt: skip
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,116 +1,134 @@
-"""Every federated method of this project, declared once.
+"""Every federated method of this project, declared once: the registry.
 
-The config accepts exactly these names, the ServerApp builds a method's server state and
-Strategy from its entry, and the ClientApp reads from it what to report and what to train.
-Adding a method: write its Strategy (and server state, if it needs a new one) in one module
-under `server_app/methods/`, then add one `Method(...)` entry to `METHODS` below
-(README, "Adding a method").
+A method is a Strategy on the server (`server_app/methods/<name>.py`), a client side (the
+shared `client_app.method:ClientMethod`, which trains the vector it receives, or its own
+class in `client_app/methods/<name>.py`), optionally a settings model (a pydantic model in
+either module), and one `Method` entry below. The config accepts exactly these names, the
+ServerApp builds the Strategy, the ClientApp the client side, and the configuration checks the
+method's settings; nothing else names a method (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import Any
 
-from common import protocol
-
-#: What a client may report besides its key and K (protocol.identity_reply).
-REPORTABLE = (protocol.GLOBAL_NUM_PARAMS, protocol.TENSOR_SIZES, protocol.INITIAL)
+VECTOR_CLIENT = "client_app.method:ClientMethod"
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str
-    strategy: str  # "module:Class" of its Strategy
-    state: str  # "module:Class" of its server state
-    reports: tuple[str, ...] = ()  # entries of REPORTABLE the client adds to its query reply
-    trains: Literal["received", "own"] = "received"  # the vector it receives, or its own model
-    global_model: bool = False  # a public global model trained in a first phase (train.global)
-    distills: bool = False  # phase-2 clients distill from the global model
-    novel_clients: bool = False  # supports the generalization phase (paper 4.4)
+    paper: str  # where it comes from
+    server: str  # "module:Class" of its Strategy
+    client: str = VECTOR_CLIENT  # "module:Class" of its client side
+    settings: str | None = None  # "module:Class" of its settings (a pydantic model)
+    heterogeneous: bool = True  # clients may have different architectures
+    novel_clients: bool = False  # has the generalization phase (paper 4.4)
     schedules: bool = False  # follows hypernetwork.schedule (else every round is parallel)
 
-    def __post_init__(self) -> None:
-        unknown = set(self.reports) - set(REPORTABLE)
-        if unknown:
-            raise ValueError(f"{self.name}: cannot report {sorted(unknown)}; see REPORTABLE")
-        if self.distills and not self.global_model:
-            raise ValueError(f"{self.name}: distillation needs a global model")
-
     def strategy_class(self) -> type:
-        return _load(self.strategy)
+        return _load(self.server)
 
-    def state_class(self) -> type:
-        return _load(self.state)
+    def client_class(self) -> type:
+        return _load(self.client)
+
+    def settings_class(self) -> type | None:
+        return None if self.settings is None else _load(self.settings)
 
 
-def _load(path: str) -> type:
+@cache
+def _load(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-_HN_STATE = "server_app.hypernetwork_server:HypernetworkServer"
+_HN = "server_app.methods"
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
             "mh_pfedhn",
-            "multi-head hypernetwork, one embedding set per client (paper Algorithm 1)",
-            "server_app.methods.mh_pfedhn:MHpFedHN",
-            _HN_STATE,
+            "multi-head hypernetwork, one embedding set per client (Algorithm 1)",
+            "MH-pFedHN paper, section 3.2",
+            f"{_HN}.mh_pfedhn:MHpFedHN",
             novel_clients=True,
             schedules=True,
         ),
         Method(
             "mh_pfedhngd",
             "MH-pFedHN plus a public global model, distilled into the clients (Algorithm 2)",
-            "server_app.methods.mh_pfedhngd:MHpFedHNGD",
-            _HN_STATE,
-            reports=(protocol.GLOBAL_NUM_PARAMS,),
-            global_model=True,
-            distills=True,
+            "MH-pFedHN paper, section 3.3",
+            f"{_HN}.mh_pfedhngd:MHpFedHNGD",
+            "client_app.methods.mh_pfedhngd:GlobalModelClient",
+            f"{_HN}.mh_pfedhngd:GlobalModelSettings",
             novel_clients=True,
             schedules=True,
         ),
         Method(
-            "mh_pfedhng",
-            "MH-pFedHNGD without distillation (the paper's ablation)",
-            "server_app.methods.mh_pfedhngd:MHpFedHNGD",
-            _HN_STATE,
-            reports=(protocol.GLOBAL_NUM_PARAMS,),
-            global_model=True,
+            "mh_pfedhngd_no_distill",
+            "MH-pFedHNGD without distillation (the paper's ablation MH-pFedHNG)",
+            "MH-pFedHN paper, section 4.5",
+            f"{_HN}.mh_pfedhngd:MHpFedHNGDNoDistill",
+            "client_app.methods.mh_pfedhngd:GlobalModelClient",
+            f"{_HN}.mh_pfedhngd:GlobalModelSettings",
             novel_clients=True,
             schedules=True,
         ),
         Method(
             "local",
             "baseline: every client trains its own model; no parameters travel",
-            "server_app.methods.local:Local",
-            "server_app.methods.local:LocalServer",
-            trains="own",
+            "MH-pFedHN paper, section 4.1",
+            f"{_HN}.local:Local",
+            "client_app.methods.local:LocalClient",
         ),
         Method(
             "fedavg",
-            "baseline: one global model, w <- w - sum_i (m_i/M) delta_i (one architecture)",
-            "server_app.methods.fedavg:FedAvg",
-            "server_app.methods.fedavg:FedAvgServer",
-            reports=(protocol.INITIAL,),
+            "baseline: one global model, w <- w - sum_i (m_i/M) delta_i",
+            "McMahan et al., AISTATS 2017",
+            f"{_HN}.fedavg:FedAvg",
+            "client_app.methods.fedavg:InitialVectorClient",
+            heterogeneous=False,
+        ),
+        Method(
+            "fedavgm",
+            "FedAvg with server momentum: v <- beta v + mean delta, w <- w - v",
+            "Hsu et al., arXiv 1909.06335, 2019",
+            f"{_HN}.fedavgm:FedAvgM",
+            "client_app.methods.fedavg:InitialVectorClient",
+            f"{_HN}.fedavgm:FedAvgMSettings",
+            heterogeneous=False,
+        ),
+        Method(
+            "fedprox",
+            "FedAvg whose clients add a proximal term mu/2 ||w - w_received||^2",
+            "Li et al., MLSys 2020",
+            f"{_HN}.fedavg:FedAvg",
+            "client_app.methods.fedprox:FedProxClient",
+            "client_app.methods.fedprox:FedProxSettings",
+            heterogeneous=False,
         ),
         Method(
             "pfedhn",
             "baseline: pFedHN, one linear head per parameter tensor, a set per architecture",
-            "server_app.methods.pfedhn:PFedHN",
-            "server_app.methods.pfedhn:PFedHNServer",
-            reports=(protocol.TENSOR_SIZES,),
+            "Shamsian et al., ICML 2021",
+            f"{_HN}.pfedhn:PFedHN",
+            "client_app.methods.pfedhn:TensorSizesClient",
             schedules=True,
         ),
     )
 }
 
+#: Former method names, with what to use instead.
+RENAMED_METHODS = {"mh_pfedhng": "mh_pfedhngd_no_distill"}
+
 
 def get_method(name: str) -> Method:
+    if name in RENAMED_METHODS:
+        raise ValueError(f"method {name!r} is now called {RENAMED_METHODS[name]!r}")
     try:
         return METHODS[name]
     except KeyError:

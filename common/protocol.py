@@ -34,8 +34,10 @@ Parsing is strict so that a malformed reply is refused before it can touch serve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -81,11 +83,9 @@ class ReplyError(ValueError):
 class Identity:
     client_key: str
     num_params: object  # validated by the server (it may be anything a client sends)
-    global_num_params: object = None
-    tensor_sizes: list | None = None
-    initial: np.ndarray | None = field(default=None, repr=False)
     role: str = "training"
     proof: str | None = field(default=None, repr=False)  # never printed
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)  # the method's fields
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ class TrainResult:
     train_loss: float
     bytes_up: int = 0  # payload bytes of the arrays as they travelled (none for Local)
     evaluation: EvalResult | None = None  # of the received vector, before training
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)  # the method's fields
 
 
 # ------------------------------------------------------------------ server -> client
@@ -148,24 +149,26 @@ def read_teacher(message: Message) -> np.ndarray:
 def identity_reply(
     client_key: str,
     num_params: int,
-    global_num_params: int | None = None,
-    tensor_sizes: list[int] | None = None,
-    initial: np.ndarray | None = None,
     role: str = "training",
     proof: str | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> RecordDict:
+    """A query reply: key, K, and the fields the client's method reports (`extras`: scalars
+    and int lists go into the config record, numpy arrays into the arrays record)."""
     identity: dict = {CLIENT_KEY: client_key, NUM_PARAMS: num_params}
     if proof is not None:
         identity[CLIENT_PROOF] = proof
     if role != "training":
         identity[ROLE] = role
-    if global_num_params is not None:
-        identity[GLOBAL_NUM_PARAMS] = global_num_params
-    if tensor_sizes is not None:
-        identity[TENSOR_SIZES] = tensor_sizes
+    arrays = {}
+    for name, value in (extras or {}).items():
+        if isinstance(value, np.ndarray):
+            arrays[name] = _array(value)
+        else:
+            identity[name] = value
     content = RecordDict({"config": ConfigRecord(identity)})
-    if initial is not None:
-        content["arrays"] = ArrayRecord({INITIAL: _array(initial)})
+    if arrays:
+        content["arrays"] = ArrayRecord(arrays)
     return content
 
 
@@ -188,21 +191,29 @@ def train_reply(
     train_loss: float,
     top_p: float | None = None,
     evaluation: EvalResult | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> RecordDict:
     """delta None: the Local baseline, which sends no parameters. top_p: send only the top-p
     share of the delta by absolute value, as indices and values (paper C.7). evaluation: the
-    received vector on the client's test split, asked for with config `evaluate`."""
+    received vector on the client's test split, asked for with config `evaluate`. extras:
+    the fields the client's method returns (numbers into the metrics, arrays as arrays)."""
     metrics = {NUM_EXAMPLES: num_examples, "train-loss": train_loss}
     if evaluation is not None:
         metrics.update(_evaluation_metrics(evaluation, EVAL_PREFIX))
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    arrays = {}
     if delta is not None and top_p is None:
-        content["arrays"] = ArrayRecord({DELTA: _array(delta)})
+        arrays[DELTA] = _array(delta)
     elif delta is not None:
         indices, values = top_p_entries(np.asarray(delta, np.float32), top_p)
-        content["arrays"] = ArrayRecord(
-            {DELTA_INDICES: Array(indices), DELTA_VALUES: _array(values)}
-        )
+        arrays.update({DELTA_INDICES: Array(indices), DELTA_VALUES: _array(values)})
+    for name, value in (extras or {}).items():
+        if isinstance(value, np.ndarray):
+            arrays[name] = _array(value)
+        else:
+            metrics[name] = value
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays:
+        content["arrays"] = ArrayRecord(arrays)
     return content
 
 
@@ -281,7 +292,12 @@ def _optional_arrays(message: Message) -> ArrayRecord | None:
 
 
 def _decode(
-    arrays: ArrayRecord, name: str, dtypes: tuple[type, ...], max_size: int, shape=None
+    arrays: ArrayRecord,
+    name: str,
+    dtypes: tuple[type, ...],
+    max_size: int,
+    shape=None,
+    any_shape: bool = False,
 ) -> np.ndarray:
     """One array, strictly: its declared serialisation, dtype and size are checked before
     it is decoded (so a claim of 10^12 entries costs nothing), the decoded array must match
@@ -296,7 +312,11 @@ def _decode(
         raise ReplyError(f"{name!r} declares an unusable dtype or shape ({err})") from None
     if dtype not in [np.dtype(d) for d in dtypes]:
         raise ReplyError(f"{name!r} has dtype {dtype}, expected {'/'.join(map(str, dtypes))}")
-    if len(declared) != 1 or not 0 <= declared[0] <= max_size:
+    if any_shape:
+        if not 1 <= len(declared) <= 4 or min(declared) < 0 or math.prod(declared) > max_size:
+            raise ReplyError(f"{name!r} has shape {declared}, expected at most {max_size} "
+                             "entries in 1-4 dimensions")  # fmt: skip
+    elif len(declared) != 1 or not 0 <= declared[0] <= max_size:
         raise ReplyError(f"{name!r} has shape {declared}, expected at most ({max_size},)")
     if shape is not None and declared != shape:
         raise ReplyError(f"{name!r} has shape {declared}, expected {shape}")
@@ -327,24 +347,13 @@ def check_client_key(key: object) -> str:
     return key
 
 
-def parse_identity(message: Message) -> Identity:
+def parse_identity(message: Message, fields: Sequence[Field] = ()) -> Identity:
+    """A query reply, strictly; `fields` are what the client's method reports besides its key
+    and K (each validated by its declaration)."""
     config = _record(message, "config", ConfigRecord)
     key = check_client_key(_field(config, CLIENT_KEY, (str,)))
     if NUM_PARAMS not in config:
         raise ReplyError(f"reply lacks {NUM_PARAMS!r}")
-    initial = None
-    arrays = _optional_arrays(message)
-    if arrays is not None and INITIAL in arrays:
-        initial = _finite(_decode(arrays, INITIAL, (np.float32,), MAX_VECTOR), "initial")
-    sizes = config.get(TENSOR_SIZES)
-    if sizes is not None and (
-        not isinstance(sizes, list)
-        or len(sizes) > MAX_TENSORS
-        or not all(type(n) is int and n > 0 for n in sizes)
-    ):
-        raise ReplyError(
-            f"{TENSOR_SIZES!r} must be a list of at most {MAX_TENSORS} positive integers"
-        )
     role = config.get(ROLE, "training")
     if role not in ROLES:
         raise ReplyError(f"unknown role {str(role)[:40]!r}; expected one of {ROLES}")
@@ -355,15 +364,8 @@ def parse_identity(message: Message) -> Identity:
         raise ReplyError(
             f"{CLIENT_PROOF!r} must be a string of {MIN_PROOF_LENGTH}-{MAX_PROOF_LENGTH} characters"
         )
-    return Identity(
-        key,
-        config[NUM_PARAMS],
-        config.get(GLOBAL_NUM_PARAMS),
-        sizes,
-        initial,
-        role,
-        proof,
-    )
+    extras = read_fields(fields, config, _optional_arrays(message))
+    return Identity(key, config[NUM_PARAMS], role, proof, extras)
 
 
 def _count(metrics, name: str) -> int:
@@ -397,10 +399,13 @@ def _sparse_delta(arrays: ArrayRecord, expected_params: int) -> tuple[np.ndarray
 
 
 def parse_train_reply(
-    message: Message, expected_params: int, max_abs: float = float("inf")
+    message: Message,
+    expected_params: int,
+    max_abs: float = float("inf"),
+    fields: Sequence[Field] = (),
 ) -> TrainResult:
     """A dense or top-p delta, checked before it can reach the server state; an entry above
-    `max_abs` in absolute value refuses it."""
+    `max_abs` in absolute value refuses it. `fields`: what the method returns besides."""
     arrays = _record(message, "arrays", ArrayRecord)
     metrics = _record(message, "metrics", MetricRecord)
     num_examples = _count(metrics, NUM_EXAMPLES)
@@ -417,7 +422,10 @@ def parse_train_reply(
     if largest > max_abs:
         raise ReplyError(f"delta has an entry of {largest:.3g} (at most {max_abs:g} accepted: "
                          "server.max_delta_abs)")  # fmt: skip
-    return TrainResult(delta, num_examples, loss, bytes_up, _fused_evaluation(metrics))
+    extras = read_fields(fields, metrics, arrays)
+    extra_bytes = sum(v.nbytes for v in extras.values() if isinstance(v, np.ndarray))
+    return TrainResult(delta, num_examples, loss, bytes_up + extra_bytes,
+                       _fused_evaluation(metrics), extras)  # fmt: skip
 
 
 def _fused_evaluation(metrics) -> EvalResult | None:
@@ -427,15 +435,23 @@ def _fused_evaluation(metrics) -> EvalResult | None:
     return _evaluation(metrics, EVAL_PREFIX)
 
 
-def parse_local_train_reply(message: Message) -> TrainResult:
-    """A Local-baseline reply: metrics only, and it must carry no parameters."""
+def parse_fused_evaluation(message: Message) -> EvalResult | None:
+    """The evaluation a train reply carries (config `evaluate`), if any, strictly."""
+    return _fused_evaluation(_record(message, "metrics", MetricRecord))
+
+
+def parse_local_train_reply(message: Message, fields: Sequence[Field] = ()) -> TrainResult:
+    """A reply that carries no parameters (the Local baseline): metrics only, and the arrays
+    its method's `fields` declare, if any."""
     metrics = _record(message, "metrics", MetricRecord)
-    if "arrays" in message.content:
-        raise ReplyError("a Local client must not send parameters")
+    arrays = _optional_arrays(message)
+    allowed = {f.name for f in fields}
+    if arrays is not None and set(arrays) - allowed:
+        raise ReplyError("this method's clients send no parameters")
     num_examples = _count(metrics, NUM_EXAMPLES)
-    return TrainResult(
-        np.empty(0, np.float32), num_examples, _loss(metrics), 0, _fused_evaluation(metrics)
-    )
+    extras = read_fields(fields, metrics, arrays)
+    return TrainResult(np.empty(0, np.float32), num_examples, _loss(metrics), 0,
+                       _fused_evaluation(metrics), extras)  # fmt: skip
 
 
 def _evaluation(metrics, prefix: str = "", validation: bool = True) -> EvalResult:
@@ -452,3 +468,133 @@ def _evaluation(metrics, prefix: str = "", validation: bool = True) -> EvalResul
 
 def parse_evaluate_reply(message: Message) -> EvalResult:
     return _evaluation(_record(message, "metrics", MetricRecord))
+
+
+# ------------------------------------------------------------ method fields
+# What a method's clients report (query reply) or return (train reply) besides the common
+# fields: each method declares its fields with their types and bounds (on its client class,
+# client_app/method.py), and these declarations validate them strictly, so that hardening
+# and fuzzing cover every method without parsing code of its own.
+
+
+@dataclass(frozen=True)
+class Field:
+    """One named value in a reply; `required` ones must be present."""
+
+    name: str
+    required: bool = True
+
+    def read(self, scalars, arrays: ArrayRecord | None) -> Any:
+        raise NotImplementedError
+
+    def hostile(self) -> list[Any]:
+        """Values a hostile client might send that must be refused (tests/test_fuzz.py)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Count(Field):
+    """A positive integer up to `maximum` (a parameter count, a class count)."""
+
+    minimum: int = 1
+    maximum: int = MAX_VECTOR
+
+    def read(self, scalars, arrays: ArrayRecord | None) -> int:
+        value = _field(scalars, self.name, (int,))
+        if not self.minimum <= value <= self.maximum:
+            raise ReplyError(f"{self.name!r} must lie in [{self.minimum}, {self.maximum}], "
+                             f"got {value}")  # fmt: skip
+        return int(value)
+
+    def hostile(self) -> list[Any]:
+        return [self.minimum - 1, self.maximum + 1, 1.5, "7", True, float("nan")]
+
+
+@dataclass(frozen=True)
+class Number(Field):
+    """A finite float within [minimum, maximum]."""
+
+    minimum: float = -float("inf")
+    maximum: float = float("inf")
+
+    def read(self, scalars, arrays: ArrayRecord | None) -> float:
+        value = float(_field(scalars, self.name, (int, float)))
+        if not np.isfinite(value) or not self.minimum <= value <= self.maximum:
+            raise ReplyError(f"{self.name!r} must be finite and in [{self.minimum}, "
+                             f"{self.maximum}], got {value!r}")  # fmt: skip
+        return value
+
+    def hostile(self) -> list[Any]:
+        return [float("nan"), float("inf"), "1.0", True]
+
+
+@dataclass(frozen=True)
+class Sizes(Field):
+    """A list of at most `max_length` integers, each in [1, MAX_VECTOR] (tensor sizes)."""
+
+    max_length: int = MAX_TENSORS
+
+    def read(self, scalars, arrays: ArrayRecord | None) -> list[int]:
+        value = scalars[self.name]
+        if (
+            not isinstance(value, list)
+            or not value
+            or len(value) > self.max_length
+            or not all(type(n) is int and 0 < n <= MAX_VECTOR for n in value)
+        ):
+            raise ReplyError(f"{self.name!r} must be a list of 1 to {self.max_length} positive "
+                             "integers")  # fmt: skip
+        return list(value)
+
+    def hostile(self) -> list[Any]:
+        return [[], [0], [-3], [1.5], [1] * (self.max_length + 1), "3,4", 7]
+
+
+@dataclass(frozen=True)
+class Floats(Field):
+    """A float32 array of at most `max_size` finite entries, each at most `max_abs` in
+    absolute value; `shape`, if given, is checked exactly (a -1 entry: any length there)."""
+
+    max_size: int = MAX_VECTOR
+    max_abs: float = float("inf")
+    shape: tuple[int, ...] | None = None
+
+    def read(self, scalars, arrays: ArrayRecord | None) -> np.ndarray:
+        if arrays is None or self.name not in arrays:
+            raise ReplyError(f"reply lacks the {self.name!r} array")
+        values = _decode(arrays, self.name, (np.float32,), self.max_size, any_shape=True)
+        _finite(values, self.name)
+        if self.shape is not None and not _shape_fits(values.shape, self.shape):
+            raise ReplyError(f"{self.name!r} has shape {values.shape}, expected {self.shape}")
+        largest = float(np.abs(values).max()) if values.size else 0.0
+        if largest > self.max_abs:
+            raise ReplyError(f"{self.name!r} has an entry of {largest:.3g} (at most "
+                             f"{self.max_abs:g})")  # fmt: skip
+        return values
+
+    def hostile(self) -> list[Any]:
+        bad = [np.full(3, np.nan, np.float32), np.zeros(3, np.float64)]
+        if np.isfinite(self.max_abs):
+            bad.append(np.full(3, 2 * self.max_abs, np.float32))
+        return bad
+
+
+def _shape_fits(shape: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
+    """-1 in `wanted` takes any length."""
+    if len(shape) != len(wanted):
+        return False
+    return all(w in (-1, n) for w, n in zip(wanted, shape, strict=True))
+
+
+def read_fields(fields: Sequence[Field], scalars, arrays: ArrayRecord | None) -> dict[str, Any]:
+    """The declared fields of a reply; a missing required one, or any malformed one, is a
+    ReplyError (optional ones that are absent are left out)."""
+    out = {}
+    for spec in fields:
+        present = spec.name in scalars or (arrays is not None and spec.name in arrays)
+        if not present:
+            if spec.required:
+                raise ReplyError(f"reply lacks {spec.name!r}")
+            continue
+        out[spec.name] = spec.read(scalars, arrays)
+    return out

@@ -34,10 +34,11 @@ from contextlib import suppress
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from client_app.process import STARTED_ENV  # when the SuperExec's process started (epoch s)
+
 PRELOAD = ("numpy", "torch", "yaml", "pydantic", "flwr.clientapp", "flwr.supernode.cli",
            "flwr.supernode.runtime.run_clientapp")  # fmt: skip
 SOCKET_ENV = "MH_PFEDHN_WARM_SOCKET"
-STARTED_ENV = "MH_PFEDHN_PROCESS_STARTED"  # when the SuperExec's process started (epoch s)
 SWITCH_ENV = "MH_PFEDHN_WARM_CLIENTAPP"
 
 # The `flwr-clientapp` the SuperExec finds first. Only the standard library, started with -S

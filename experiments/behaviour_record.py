@@ -28,18 +28,26 @@ TIMING_KEYS = ("seconds", "exchange_seconds", "client_seconds", "server_update_s
 SCHEDULES = ("one_by_one", "parallel_mean")
 
 
+RENAMED = {"mh_pfedhng": "mh_pfedhngd_no_distill"}  # recordings keep the name they had
+
+
 def cases() -> list[tuple[str, str, dict]]:
     out = []
     for name, method in METHODS.items():
-        models = "lenet" if name == "fedavg" else "lenet,mlp"
+        models = "lenet,mlp" if method.heterogeneous else "lenet"
         schedules = SCHEDULES if method.schedules else (SCHEDULES[0],)
         for schedule in schedules:
             out.append((name, schedule, {"clients.models": models}))
     # partial participation (the idle client is evaluated in the train exchange), and
     # MH-pFedHNGD with half the clients in phase 1 and the regenerated teacher
     out.append(("mh_pfedhn", "parallel_mean", {"server.fraction_train": 0.67}))
-    out.append(("mh_pfedhngd", "one_by_one", {"global_model.fraction": 0.5,
-                                              "global_model.teacher": "regenerated"}))
+    out.append(
+        (
+            "mh_pfedhngd",
+            "one_by_one",
+            {"global_model.fraction": 0.5, "global_model.teacher": "regenerated"},
+        )
+    )
     return out
 
 
@@ -78,9 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out and not args.compare:
         parser.error("give --out or --compare")
     recording = {}
+    renamed = {new: old for old, new in RENAMED.items()}
     for method, schedule, extra in cases():
-        key = "/".join([method, schedule, *(f"{k}={v}" for k, v in extra.items()
-                                            if k != "clients.models")])
+        key = "/".join(
+            [
+                renamed.get(method, method),
+                schedule,
+                *(f"{k}={v}" for k, v in extra.items() if k != "clients.models"),
+            ]
+        )
         recording[key] = record_case(method, schedule, extra, args.data)
         print(key, [r.get("accuracy") for r in recording[key]], flush=True)
     if args.out:
@@ -88,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         before = json.loads(args.compare.read_text())
         now = json.loads(json.dumps(recording, sort_keys=True))
-        differ = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        differ = [k for k in sorted(before) if before[k] != now.get(k)]
         for key in differ:
             print(f"DIFFERS: {key}")
-        print(f"{len(now) - len(differ)} of {len(now)} recordings identical")
+        new = sorted(set(now) - set(before))
+        print(f"{len(before) - len(differ)} of {len(before)} recordings identical"
+              + (f"; not recorded before: {new}" if new else ""))  # fmt: skip
         return 1 if differ else 0
     return 0
 

@@ -12,7 +12,6 @@ from typing import Any
 from common import protocol
 from common.config import GeneralizationConfig
 from server_app.hypernetwork_server import HypernetworkServer
-from server_app.round_log import RoundLog
 from server_app.server_state import ClientRecord, RegistrationError, validate_num_params
 
 logger = logging.getLogger("flwr.mh_pfedhn")
@@ -35,7 +34,7 @@ class NovelClients:
     def role(self, key: str) -> str | None:
         return self.roles.get(key)
 
-    def admit(
+    def admit_or_hold(
         self,
         identity: protocol.Identity,
         server_round: int,
@@ -62,22 +61,25 @@ class NovelClients:
         self.roles[key] = role
         return record
 
-    def join(self, log: RoundLog, register: Callable[[protocol.Identity], ClientRecord]) -> None:
+    def join(self, register: Callable[[protocol.Identity], ClientRecord]) -> dict[str, str]:
         """The end of training: freeze the hypernetwork, then register the novel clients
-        (their embeddings, and heads for taus never seen, are created trainable)."""
+        (their embeddings, and heads never seen, are created trainable); returns the ones
+        whose registration was refused, with why."""
         self.state.freeze(self.embedding_lr)
+        refused = {}
         for key, identity in sorted(self.waiting.items()):
             try:
                 record = register(identity)
             except RegistrationError as err:
-                log.reject(key, str(err))
+                refused[key] = str(err)
                 continue
-            new_head = record.tau not in self.state.frozen.heads
+            new_head = record.head not in self.state.frozen.heads
             logger.info("novel client %s joins: K=%d, tau=%d%s", key, record.num_params,
                         record.tau, " (new head)" if new_head else "")  # fmt: skip
         self.waiting.clear()
         logger.info("hypernetwork frozen after round %d: %s", self.join_round,
                     self.state.describe())  # fmt: skip
+        return refused
 
     def state_dict(self) -> dict[str, Any]:
         return {"roles": dict(self.roles)}

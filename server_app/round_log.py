@@ -1,4 +1,5 @@
-"""What a round measured (a line of metrics.jsonl) and the run's summary (SPEC section 7)."""
+"""What a round measured (a line of metrics.jsonl) and the run's summary
+(docs/concepts/metrics.md)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,19 @@ class RoundLog:
     exchange_seconds: float = 0.0  # their wall time, from push to the last reply
     client_timings: list[dict[str, float]] = field(default_factory=list)  # protocol timings
 
-    def timed_exchange(self, seconds: float, timings: list[dict[str, float]]) -> None:
-        self.exchanges += 1
-        self.exchange_seconds += seconds
-        self.client_timings += [t for t in timings if t]
-
-    def reject(self, who: str, reason: str) -> None:
-        logger.warning("round %d: rejected reply from %s: %s", self.round, who, reason)
-        self.rejected.append({"client": who, "reason": reason})
+    def absorb(self, values: dict[str, Any], exchanges: list[Any]) -> None:
+        """A part of the round's work: its metrics (bytes_up counts into the round's total)
+        and its exchanges (server_app/round_loop.Exchanged) with what they cost."""
+        values = dict(values)
+        self.bytes_up += values.pop("bytes_up", 0)
+        self.values.update(values)
+        for exchange in exchanges:
+            if not exchange.sent:
+                continue
+            self.exchanges += 1
+            self.exchange_seconds += exchange.seconds
+            self.bytes_down += exchange.bytes_down
+            self.client_timings += exchange.timings
 
     def close(self) -> None:
         """The round's work is done (its evaluation may still arrive with the next round)."""
@@ -81,7 +87,7 @@ def pending_from_state(state: dict[str, Any] | None) -> RoundLog | None:
 
 
 def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final and best pooled accuracy, each labelled with its round (SPEC section 7)."""
+    """Final and best pooled accuracy, each labelled with its round (docs/concepts/metrics.md)."""
     evaluated = [r for r in history if r.get("accuracy") is not None]
     summary: dict[str, Any] = {
         "rounds": max((r["round"] for r in history), default=0),

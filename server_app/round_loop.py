@@ -1,29 +1,36 @@
-"""The round loop every method shares: a Flower Strategy with its own `start`.
+"""The round loop every method shares: a Flower `Strategy` (docs/concepts/round.md).
 
-Flower's stock strategies send one global model to everyone; here every node gets its own
-vector, so the loop is ours, built from the usual configure/aggregate pieces. Each round:
-query nodes not seen before (their key and K), train the sampled clients, then send every
-known client its vector for evaluation on its own test split. A method is a subclass that
-changes only what differs: who is admitted (`admit`), what a message carries
-(`instruction_extras`), how a round trains (`train_round`) and what the replies do
-(`aggregate_train`). Replies that are malformed are logged and dropped; they never reach the
-server state.
+Flower's contract holds: `configure_train(server_round, arrays, config, grid)` returns the
+train messages, `aggregate_train(server_round, replies)` turns replies into (arrays, metrics),
+likewise for evaluation, and `start(grid, initial_arrays, num_rounds, timeout, ...)` runs the
+rounds and returns a filled `Result`. What Flower's stock loop lacks is ours: every node gets
+its own vector; nodes are queried for their key and K before they train; a round is split
+into cohorts by the round schedule (`one_by_one`: one client at a time, each trained from the
+hypernetwork as the one before left it); a round's evaluation can travel with the next
+round's train messages; rounds are checkpointed. `configure_train` trains every registered
+client on the nodes of the grid it is given: the loop hands it a view of the grid with the
+cohort's nodes only.
 
-`configure_*` return one Message per client key; `parse_*` check one reply (raising
-protocol.ReplyError to refuse it); `aggregate_*` take the parsed results of the round.
+A method is a subclass that overrides what differs, each hook with its arguments and its
+results: `admit`/`register` (who joins), `configure_*` (what a message carries),
+`parse_train` and `apply_train` (what a reply is, how results change the server state),
+`train_round` (a round with phases of its own). Replies that are malformed are refused with
+a reason (logged and kept in the round's metrics row); they never reach the server state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -36,14 +43,18 @@ from server_app.defences import DeltaNormBound
 from server_app.events import Observers, RunObserver
 from server_app.exchange import Exchange
 from server_app.round_log import RoundLog, pending_from_state, pending_state, run_summary
+from server_app.schedules import Parallel, schedule_named
 from server_app.server_state import (
     ClientRecord,
+    ClientRegistry,
     RegistrationError,
     ServerState,
     bounded_weights,
 )
 
 logger = logging.getLogger("flwr.mh_pfedhn")
+rejections = logging.getLogger("flwr.mh_pfedhn.rejected")
+PER_CLIENT = "/"  # MetricRecord keys "client_accuracy/<key>": a per-client value
 
 
 class RunAborted(RuntimeError):
@@ -60,37 +71,147 @@ class ResumePoint:
     strategy: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Exchanged:
+    """One exchange: the replies that arrived (by client key), what it cost."""
+
+    replies: dict[str, Message]
+    sent: int = 0  # messages
+    seconds: float = 0.0
+    bytes_down: int = 0
+    timings: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class RoundOutcome:
+    """A round's training: its metrics, its exchanges, and the evaluation of the previous
+    round that travelled with it (if asked)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    exchanges: list[Exchanged] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+
+
+def reject(server_round: int, who: str, reason: str) -> None:
+    """Refuse a reply: logged, and kept in the round's row by the loop (`collecting`)."""
+    rejections.warning("round %d: rejected reply from %s: %s", server_round, who, reason,
+                       extra={"client": who, "reason": reason})  # fmt: skip
+
+
+class _Collector(logging.Handler):
+    def __init__(self, log: RoundLog) -> None:
+        super().__init__(logging.WARNING)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "client"):
+            self.log.rejected.append({"client": record.client, "reason": record.reason})
+
+
+@contextlib.contextmanager
+def collecting(log: RoundLog) -> Iterator[None]:
+    """Refusals logged while the block runs go into `log`'s row."""
+    handler = _Collector(log)
+    rejections.addHandler(handler)
+    try:
+        yield
+    finally:
+        rejections.removeHandler(handler)
+
+
+def as_metrics(values: Mapping[str, Any]) -> MetricRecord:
+    """A metrics dict as Flower's MetricRecord: per-client dicts become `name/key` entries,
+    None values are left out."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{name}{PER_CLIENT}{k}": v for k, v in value.items()})
+        elif value is not None:
+            flat[name] = value
+    return MetricRecord(flat)
+
+
+def from_metrics(record: MetricRecord | None) -> dict[str, Any]:
+    """The inverse of `as_metrics`."""
+    out: dict[str, Any] = {}
+    for name, value in (record or {}).items():
+        head, slash, key = name.partition(PER_CLIENT)
+        if slash:
+            out.setdefault(head, {})[key] = value
+        else:
+            out[name] = value
+    return out
+
+
+class NodesView(Grid):
+    """A grid that shows only some of its nodes (a round's cohort); messages go through."""
+
+    def __init__(self, grid: Grid, nodes: Iterable[int]) -> None:
+        self.grid = grid
+        self.nodes = set(nodes)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self.grid.get_node_ids() if n in self.nodes]
+
+    def set_run(self, run_id: int) -> None:
+        self.grid.set_run(run_id)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
 class RoundLoop(Strategy):
+    state_class: ClassVar[type[ServerState]] = ClientRegistry  # what the server keeps
+
     def __init__(
         self,
         state: ServerState,
         cfg: ExperimentConfig,
         *,
-        observers: list[RunObserver] | tuple[RunObserver, ...] = (),
+        observers: Sequence[RunObserver] = (),
         checkpoints: CheckpointWriter | None = None,
         resume: ResumePoint | None = None,
     ) -> None:
         self.state = state
         self.cfg = cfg
         self.method = cfg.method_spec
+        self.wire = self.method.client_class()  # the fields its clients' replies add
         self.observers = Observers(observers)
         self.checkpoints = checkpoints
+        self.resume = resume or ResumePoint()
         self.directory = ClientDirectory(
             require_proof=cfg.server.require_client_proof,
             bind_node_ids=cfg.server.bind_node_ids,
             requery_rounds=cfg.server.requery_rounds,
         )
         self.delta_bound = DeltaNormBound(cfg.server.delta_norm_bound)
-        resume = resume or ResumePoint()
-        self.completed_round = resume.completed_round
-        self.history = list(resume.history)
-        self.round = RoundLog(0)  # the round in progress (start() begins a new one each round)
-        self.pending: RoundLog | None = None  # a finished round whose evaluation is on its way
-        self._sampled: tuple[int, list[str]] = (-1, [])
-        self.restore(resume.strategy)
+        self.schedule = (
+            schedule_named(cfg.hypernetwork.schedule) if self.method.schedules else Parallel()
+        )
+        self.history: list[dict[str, Any]] = []  # one row per round, as the run reports it
 
-    # ------------------------------------------------------- method hooks
-    def admit(self, identity: protocol.Identity) -> ClientRecord | None:
+    @classmethod
+    def build_state(cls, cfg: ExperimentConfig) -> ServerState:
+        """A fresh server state of this method."""
+        return cls.state_class.from_config(cfg)
+
+    # ------------------------------------------------------------ admission
+    def admit(self, identity: protocol.Identity, server_round: int) -> ClientRecord | None:
         """Accept a client from its query reply (raise RegistrationError to refuse it;
         None: accepted, but registered later)."""
         if identity.role != "training":
@@ -104,13 +225,13 @@ class RoundLoop(Strategy):
         """The registration itself; methods that need more from a client extend this."""
         return self.state.register(identity.client_key, identity.num_params)
 
+    def log_admission(self, identity: protocol.Identity, record: ClientRecord | None) -> None:
+        if record is not None:
+            logger.info("client %s: K=%d", identity.client_key, record.num_params)
+
     def eligible(self, server_round: int, keys: list[str]) -> list[str]:
         """Which of the connected clients may train this round (all of them here)."""
         return keys
-
-    def instruction_extras(self, message_type: str, key: str) -> tuple[dict, np.ndarray | None]:
-        """Extra config and teacher vector for a client's message (none here)."""
-        return {}, None
 
     def after_train(self, server_round: int) -> None:
         """Between a round's training and its evaluation."""
@@ -121,16 +242,14 @@ class RoundLoop(Strategy):
         return {
             "directory": self.directory.state_dict(),
             "delta_norms": self.delta_bound.state_dict(),
-            "pending_round": pending_state(self.pending),  # a round awaiting its evaluation
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """The inverse of strategy_state (an empty dict for a new run)."""
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """The inverse of strategy_state (an empty mapping for a new run)."""
         self.directory.load_state_dict(state.get("directory", {}))
         self.delta_bound.load_state_dict(state.get("delta_norms", {}))
-        self.pending = pending_from_state(state.get("pending_round"))
 
-    # ------------------------------------------------------------ nodes
+    # ---------------------------------------------------------------- nodes
     def wait_for_nodes(self, grid: Grid) -> None:
         deadline = time.monotonic() + self.cfg.server.wait_for_nodes_s
         needed = self.cfg.server.min_nodes
@@ -140,14 +259,8 @@ class RoundLoop(Strategy):
         if found < needed:
             logger.warning("only %d of %d nodes connected; starting anyway", found, needed)
 
-    @property
-    def pull_intervals(self) -> tuple[float, float]:
-        """The shortest and the longest wait between pulls for replies."""
-        return self.cfg.server.pull_interval_s, self.cfg.server.max_pull_interval_s
-
-    def discover(self, grid: Grid, timeout: float) -> None:
+    def discover(self, grid: Grid, timeout: float, server_round: int = 0) -> None:
         """Query nodes never seen (new or restarted SuperNodes) for their key and K."""
-        server_round = self.round.round
         nodes = self.directory.unknown(grid.get_node_ids(), server_round)
         queries = {
             str(n): Message(protocol.instruction(None, 0), dst_node_id=n, message_type="query")
@@ -157,9 +270,9 @@ class RoundLoop(Strategy):
         for label, reply in sorted(replies.items(), key=lambda item: int(item[0])):
             node = int(label)
             try:
-                identity = protocol.parse_identity(reply)
+                identity = protocol.parse_identity(reply, self.wire.reports)
                 self.directory.authorize(identity, node)
-                record = self.admit(identity)
+                record = self.admit(identity, server_round)
             except (protocol.ReplyError, RegistrationError) as err:
                 self.directory.refuse(node, str(err), server_round)
                 continue
@@ -170,11 +283,6 @@ class RoundLoop(Strategy):
                 continue
             self.directory.bind(identity, node)
             self.log_admission(identity, record)
-
-    def log_admission(self, identity: protocol.Identity, record: ClientRecord | None) -> None:
-        if record is not None:
-            logger.info("client %s: K=%d, tau=%d", identity.client_key, record.num_params,
-                        record.tau)  # fmt: skip
 
     def check_admitted(self, grid: Grid) -> None:
         """Stop, naming every refusal, when fewer than server.min_clients were admitted."""
@@ -193,7 +301,7 @@ class RoundLoop(Strategy):
         )
 
     def connected_clients(self, grid: Grid) -> list[str]:
-        """Registered clients whose node is connected."""
+        """Registered clients whose node is connected, sorted."""
         live = self.directory.connected(grid.get_node_ids())
         return [k for k in live if k in self.state.clients]
 
@@ -206,91 +314,95 @@ class RoundLoop(Strategy):
         rng = np.random.default_rng(stable_seed(self.cfg.seed, "sample", server_round))
         return sorted(keys[i] for i in rng.choice(len(keys), count, replace=False))
 
-    def round_clients(self, server_round: int, grid: Grid) -> list[str]:
-        """The clients sampled for this round (drawn once per round, seeded)."""
-        if self._sampled[0] != server_round:
-            keys = self.eligible(server_round, self.connected_clients(grid))
-            self._sampled = (server_round, self.sample(server_round, keys))
-        return self._sampled[1]
+    def view(self, grid: Grid, keys: Iterable[str]) -> NodesView:
+        """The grid showing only these clients' nodes."""
+        return NodesView(grid, (self.directory.node_of[k] for k in keys))
 
-    # -------------------------------------------------------- messaging
+    def key_of(self, message: Message) -> str:
+        """The client a message goes to or came from (by its node, which the loop checks)."""
+        node = message.metadata.dst_node_id if not message.metadata.reply_to_message_id \
+            else message.metadata.src_node_id  # fmt: skip
+        return self.directory.key_of[node]
+
+    # ------------------------------------------------------------ messaging
+    @property
+    def pull_intervals(self) -> tuple[float, float]:
+        """The shortest and the longest wait between pulls for replies."""
+        return self.cfg.server.pull_interval_s, self.cfg.server.max_pull_interval_s
+
     def messages(
         self,
-        keys: list[str],
         message_type: str,
         server_round: int,
+        config: ConfigRecord,
+        grid: Grid,
         vectors: Mapping[str, np.ndarray | None] | None = None,
-    ) -> dict[str, Message]:
-        """One message per client with its own vector (generated now unless given)."""
+    ) -> list[Message]:
+        """One message per registered client on the grid's nodes, each with its own vector
+        (generated now unless given) and the config."""
+        live = set(grid.get_node_ids())
+        keys = [k for k in self.directory.connected(live) if k in self.state.clients]
         vectors = self.state.generate(keys) if vectors is None else vectors
-        out = {}
-        for key in keys:
-            config, teacher = self.instruction_extras(message_type, key)
-            content = protocol.instruction(vectors[key], server_round, config, teacher)
-            for array in (vectors[key], teacher):
-                self.round.bytes_down += 0 if array is None else array.nbytes
-            node = self.directory.node_of[key]
-            out[key] = Message(content, dst_node_id=node, message_type=message_type)
-        return out
+        return [
+            Message(protocol.instruction(vectors[key], server_round, dict(config)),
+                    dst_node_id=self.directory.node_of[key], message_type=message_type)
+            for key in keys
+        ]  # fmt: skip
 
     def exchange(
-        self,
-        grid: Grid,
-        messages: Mapping[str, Message],
-        parse: Callable[[str, Message], Any],
-        phase: str = "",
-    ) -> dict[str, Any]:
-        """Send the messages; parse(key, reply) each reply as it arrives. Refused replies and
-        clients that did not answer in time are logged and left out. bytes_up counts what
-        accepted replies carried (sparse when top-p)."""
-        results: dict[str, Any] = {}
+        self, grid: Grid, messages: Iterable[Message], timeout: float, phase: str = ""
+    ) -> Exchanged:
+        """Send the messages; the replies that arrive in time, by client key. Error replies,
+        replies from another node than the one asked, and silence are refused here."""
+        by_key = {self.key_of(m): m for m in messages}
+        bytes_down = sum(_payload(m) for m in by_key.values())
         timings: list[dict[str, float]] = []
-
-        def on_reply(key: str, reply: Message) -> None:
-            timings.append(protocol.read_timings(reply))
-            try:
-                results[key] = parse(key, reply)
-            except protocol.ReplyError as err:
-                self.round.reject(f"{key}{phase}", str(err))
-                return
-            except Exception as err:  # noqa: BLE001 - one reply never stops the server
-                logger.exception("%s%s: unexpected failure on its reply", key, phase)
-                self.round.reject(f"{key}{phase}", f"unusable reply ({type(err).__name__})")
-                return
-            self.round.bytes_up += getattr(results[key], "bytes_up", 0)
-
-        exchange = Exchange(grid, *self.pull_intervals)
+        server_round = next((protocol.read_round(m) for m in by_key.values()), 0)
         started = time.perf_counter()
-        _, missing = exchange.run(messages, self.cfg.server.timeout_s, on_reply)
-        if messages:
-            self.round.timed_exchange(time.perf_counter() - started, timings)
+        replies, missing = Exchange(grid, *self.pull_intervals).run(by_key, timeout)
+        accepted = {}
+        for key, reply in replies.items():
+            timings.append(protocol.read_timings(reply))
+            if reply.has_error():
+                reason = f"client error {reply.error.code}: {reply.error.reason}"[:500]
+                reject(server_round, f"{key}{phase}", reason)
+            elif reply.metadata.src_node_id != by_key[key].metadata.dst_node_id:
+                reject(server_round, f"{key}{phase}", "the reply came from another node")
+            else:
+                accepted[key] = reply
         for key in missing:
-            self.round.reject(f"{key}{phase}", "no reply before the timeout")
-        return {k: results[k] for k in sorted(results)}
+            reject(server_round, f"{key}{phase}", "no reply before the timeout")
+        seconds = time.perf_counter() - started if by_key else 0.0
+        return Exchanged(accepted, len(by_key), seconds, bytes_down, [t for t in timings if t])
 
-    # ------------------------------------------------------------ train
-    def configure_train(self, server_round: int, grid: Grid) -> dict[str, Message]:
-        messages = self.messages(
-            self.round_clients(server_round, grid), protocol.TRAIN, server_round
-        )
-        if self.pending is not None:  # the previous round's evaluation travels with them
-            for message in messages.values():
-                message.content["config"][protocol.EVALUATE_FIRST] = True
-        return messages
+    def global_arrays(self) -> ArrayRecord:
+        """The federation's shared parameters after the last aggregation (Flower's `arrays`;
+        none here: every client's vector is its own)."""
+        return ArrayRecord()
+
+    # --------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """A train message for every registered client on `grid`'s nodes."""
+        return self.messages(protocol.TRAIN, server_round, config, grid)
 
     def parse_train(self, key: str, reply: Message) -> protocol.TrainResult:
-        size = self.state.record(key).num_params
-        return protocol.parse_train_reply(reply, size, self.cfg.server.max_delta_abs)
+        size = self.state.clients[key].num_params
+        limit = self.cfg.server.max_delta_abs
+        return protocol.parse_train_reply(reply, size, limit, self.wire.returns)
 
-    def bounded(self, key: str, result: protocol.TrainResult) -> protocol.TrainResult:
-        """The delta within server.delta_norm_bound (called in the round's seeded order)."""
+    def bounded(
+        self, server_round: int, key: str, result: protocol.TrainResult
+    ) -> tuple[protocol.TrainResult, bool]:
+        """The delta within server.delta_norm_bound (called in the round's seeded order);
+        whether it was scaled down."""
         delta, scaled = self.delta_bound(result.delta)
         if not scaled:
-            return result
+            return result, False
         logger.warning("round %d: the delta of %s was scaled down to the norm bound",
-                       self.round.round, key)  # fmt: skip
-        self.round.values["deltas_scaled"] = self.round.values.get("deltas_scaled", 0) + 1
-        return dataclasses.replace(result, delta=delta)
+                       server_round, key)  # fmt: skip
+        return dataclasses.replace(result, delta=delta), True
 
     def weights(self, results: Mapping[str, protocol.TrainResult]) -> dict[str, float]:
         """Example counts, each bounded by server.max_example_weight x the round's median."""
@@ -298,89 +410,162 @@ class RoundLoop(Strategy):
         return bounded_weights(counts, self.cfg.server.max_example_weight)
 
     def aggregate_train(
-        self,
-        server_round: int,
-        results: Mapping[str, protocol.TrainResult],
-        sent: Mapping[str, Message],
-    ) -> None:
-        """Hand the round's deltas to the server state (which applies them its own way)."""
-        results = {k: self.bounded(k, results[k]) for k in sorted(results)}
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Parse every reply (refusing malformed ones), bound the deltas, hand the results to
+        `apply_train`; the shared arrays and the cohort's metrics."""
+        results: dict[str, protocol.TrainResult] = {}
+        for reply in replies:
+            key = self.key_of(reply)
+            try:
+                results[key] = self.parse_train(key, reply)
+            except protocol.ReplyError as err:
+                reject(server_round, key, str(err))
+            except Exception as err:  # noqa: BLE001 - one reply never stops the server
+                logger.exception("%s: unexpected failure on its reply", key)
+                reject(server_round, key, f"unusable reply ({type(err).__name__})")
+        scaled = 0
+        for key in sorted(results):  # bounded in key order, not arrival order
+            results[key], was_scaled = self.bounded(server_round, key, results.pop(key))
+            scaled += was_scaled
         started = time.perf_counter()
-        info = self.state.apply_deltas(
-            {k: r.delta for k, r in results.items()},
-            server_round,
-            weights=self.weights(results),
-            sent={k: protocol.read_theta(sent[k]) for k in results},
-        )
-        for key, reason in info.get("rejected", {}).items():
-            self.round.reject(key, reason)
-        applied = {k: r for k, r in results.items() if k not in info.get("rejected", {})}
-        self.record_training(applied, time.perf_counter() - started)
+        refused = self.apply_train(server_round, results)
+        update_s = time.perf_counter() - started
+        for key, reason in refused.items():
+            reject(server_round, key, reason)
+        applied = {k: r for k, r in results.items() if k not in refused}
+        metrics = self.train_metrics(applied, update_s)
+        metrics["bytes_up"] = sum(r.bytes_up for r in results.values())  # as they travelled
+        if scaled:
+            metrics["deltas_scaled"] = scaled
+        return self.global_arrays(), as_metrics(metrics)
 
-    def record_training(
-        self, results: Mapping[str, protocol.TrainResult], update_s: float | None = None
-    ) -> None:
-        """clients_trained and the example-weighted train loss (and the server's time)."""
+    def apply_train(
+        self, server_round: int, results: Mapping[str, protocol.TrainResult]
+    ) -> dict[str, str]:
+        """How a cohort's results change the server state; returns the clients refused, with
+        why (their update could not be applied). Nothing changes here."""
+        return {}
+
+    def train_metrics(
+        self, results: Mapping[str, protocol.TrainResult], update_s: float
+    ) -> dict[str, Any]:
+        """clients_trained, the example-weighted train loss, the examples it weighs, bytes
+        sent up and the server's time."""
         weights = self.weights(results)
         examples = sum(weights.values())
-        loss = sum(r.train_loss * weights[k] for k, r in results.items())
-        values: dict[str, Any] = {
-            "clients_trained": len(results),
-            "train_loss": loss / examples if examples else float("nan"),
-        }
-        if update_s is not None:
-            per_client = update_s / len(results) if results else 0.0
-            values.update(
-                server_update_seconds=update_s, server_seconds_per_client_update=per_client
-            )
-        self.round.values.update(values)
-
-    def parallel_round(self, server_round: int) -> bool:
-        """Whether this round sends every client the vector of the round's start in one
-        exchange (so the previous round's evaluation can travel with it)."""
-        return True
-
-    def train_round(self, grid: Grid, server_round: int) -> None:
-        """A parallel round: every sampled client trains the vector of the round's start;
-        with a pending evaluation, the clients that do not train are evaluated in the same
-        exchange and those that do evaluate what they received before training."""
-        messages = self.configure_train(server_round, grid)
-        if self.pending is None:
-            results = self.exchange(grid, messages, self.parse_train)
+        if len(results) == 1:  # the mean of one loss is that loss, exactly
+            loss = next(iter(results.values())).train_loss
         else:
-            idle = [k for k in self.connected_clients(grid) if k not in messages]
-            extra = self.messages(idle, protocol.EVALUATE, server_round)
-            parsed = self.exchange(grid, {**messages, **extra}, lambda key, reply: (
-                self.parse_train(key, reply) if key in messages
-                else self.parse_evaluate(key, reply)))  # fmt: skip
-            results = {k: r for k, r in parsed.items() if k in messages}
-            evaluations = {k: r for k, r in parsed.items() if k not in messages}
-            evaluations.update({k: r.evaluation for k, r in results.items() if r.evaluation})
-            self.finish_pending({k: evaluations[k] for k in sorted(evaluations)})
-        self.aggregate_train(server_round, results, messages)
+            total = sum(r.train_loss * weights[k] for k, r in results.items())
+            loss = total / examples if examples else float("nan")
+        return {
+            "clients_trained": len(results),
+            "train_loss": loss,
+            "num_examples": sum(r.num_examples for r in results.values()),
+            "server_update_seconds": update_s,
+        }
 
-    def finish_pending(self, evaluations: Mapping[str, protocol.EvalResult]) -> None:
-        """The previous round's row, now that its evaluation has arrived."""
-        log, self.pending = self.pending, None
-        stats = self.evaluation_stats(evaluations)
-        if stats is not None:
-            log.values.update(stats)
-        self.finish_row(log)
+    def train_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+        evaluate_previous: bool,
+    ) -> RoundOutcome:
+        """The sampled clients train, cohort by cohort as the schedule says. With
+        `evaluate_previous` (the previous round's evaluation is due and nothing changed
+        since), the first exchange also carries it: training clients evaluate what they
+        receive before training, idle ones get an evaluate message."""
+        clients = self.sample(
+            server_round, self.eligible(server_round, self.connected_clients(grid))
+        )
+        outcome = RoundOutcome()
+        cohorts: list[dict[str, Any]] = []
+        for cohort in self.schedule.cohorts(self.state.seed, clients, server_round):
+            train_config = ConfigRecord(dict(config))
+            extra: list[Message] = []
+            if evaluate_previous and not outcome.exchanges:
+                train_config[protocol.EVALUATE_FIRST] = True
+                idle = [k for k in self.connected_clients(grid) if k not in cohort]
+                extra = list(self.configure_evaluate(server_round, arrays, ConfigRecord(),
+                                                     self.view(grid, idle)))  # fmt: skip
+            train = list(self.configure_train(server_round, arrays, train_config,
+                                              self.view(grid, cohort)))  # fmt: skip
+            exchanged = self.exchange(grid, train + extra, timeout)
+            outcome.exchanges.append(exchanged)
+            trained = [r for r in exchanged.replies.values()
+                       if r.metadata.message_type == protocol.TRAIN]  # fmt: skip
+            _, metrics = self.aggregate_train(server_round, trained)  # `arrays` stay the round's
+            cohorts.append(from_metrics(metrics))
+            if evaluate_previous and len(outcome.exchanges) == 1:
+                evaluation = self.aggregate_evaluate(server_round, exchanged.replies.values())
+                outcome.evaluation = from_metrics(evaluation)
+        outcome.metrics = self.combine(cohorts)
+        return outcome
 
-    def finish_row(self, log: RoundLog) -> None:
-        row = log.row()
-        self.history.append(row)
-        self.observers.round_finished(row, self.cfg.rounds)
+    def combine(self, cohorts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """A round's train metrics from its cohorts': counts add up, the train loss is the
+        example-weighted mean of the cohorts' (each weighing at most server.max_example_weight
+        times the median), in the cohorts' order."""
+        if len(cohorts) == 1:
+            out = dict(cohorts[0])
+        else:
+            trained = [c for c in cohorts if c.get("clients_trained")]
+            counts = {str(i): c["num_examples"] for i, c in enumerate(trained)}
+            weights = bounded_weights(counts, self.cfg.server.max_example_weight)
+            total = sum(weights.values())
+            loss = sum(c["train_loss"] * weights[str(i)] for i, c in enumerate(trained))
+            out = {"train_loss": loss / total if total else float("nan")}
+            for name in ("clients_trained", "num_examples", "bytes_up", "server_update_seconds",
+                         "deltas_scaled"):  # fmt: skip
+                values = [c[name] for c in cohorts if name in c]
+                if values:
+                    out[name] = sum(values)
+        out.pop("num_examples", None)
+        seconds = out.pop("server_update_seconds", 0.0)
+        clients = out.get("clients_trained", 0)
+        out.update(
+            server_update_seconds=seconds,
+            server_seconds_per_client_update=seconds / clients if clients else 0.0,
+        )
+        return out
 
-    # --------------------------------------------------------- evaluate
-    def configure_evaluate(self, server_round: int, grid: Grid) -> dict[str, Message]:
-        return self.messages(self.connected_clients(grid), protocol.EVALUATE, server_round)
+    # ------------------------------------------------------------ evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """An evaluate message for every registered client on `grid`'s nodes."""
+        return self.messages(protocol.EVALUATE, server_round, config, grid)
 
     def parse_evaluate(self, key: str, reply: Message) -> protocol.EvalResult:
-        return protocol.parse_evaluate_reply(reply)
+        """An evaluate reply, or the evaluation a train reply carries."""
+        if reply.metadata.message_type == protocol.EVALUATE:
+            return protocol.parse_evaluate_reply(reply)
+        evaluation = protocol.parse_fused_evaluation(reply)
+        if evaluation is None:
+            raise protocol.ReplyError("the train reply carries no evaluation")
+        return evaluation
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Pooled and per-client accuracy of the replies that parse (others are refused)."""
+        results: dict[str, protocol.EvalResult] = {}
+        for reply in replies:
+            key = self.key_of(reply)
+            try:
+                results[key] = self.parse_evaluate(key, reply)
+            except protocol.ReplyError as err:
+                reject(server_round, key, str(err))
+        stats = self.evaluation_stats({k: results[k] for k in sorted(results)})
+        return None if stats is None else as_metrics(stats)
 
     def evaluation_stats(self, results: Mapping[str, protocol.EvalResult]) -> dict[str, Any] | None:
-        """Pooled (total correct / total samples) and per-client accuracy, pooled loss."""
+        """Pooled (total correct / total samples) and per-client accuracy, pooled loss; the
+        same pooled on validation splits, where clients hold one."""
         total = sum(r.num_examples for r in results.values())
         if not total:
             return None
@@ -401,18 +586,18 @@ class RoundLoop(Strategy):
             stats["val_loss"] = sum(v.loss_sum for v in held_out) / val_total
         return stats
 
-    def aggregate_evaluate(
-        self, server_round: int, results: Mapping[str, protocol.EvalResult]
-    ) -> None:
-        stats = self.evaluation_stats(results)
-        if stats is not None:
-            self.round.values.update(stats)
+    def evaluate_round(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+        timeout: float,
+    ) -> tuple[dict[str, Any], list[Exchanged]]:  # fmt: skip
+        """Every connected client evaluates its vector: (metrics, the exchanges)."""
+        view = self.view(grid, self.connected_clients(grid))
+        exchanged = self.exchange(grid, self.configure_evaluate(server_round, arrays, config,
+                                                                view), timeout)  # fmt: skip
+        metrics = self.aggregate_evaluate(server_round, exchanged.replies.values())
+        return from_metrics(metrics), [exchanged]
 
-    def evaluate_round(self, grid: Grid, server_round: int) -> None:
-        messages = self.configure_evaluate(server_round, grid)
-        self.aggregate_evaluate(server_round, self.exchange(grid, messages, self.parse_evaluate))
-
-    # ------------------------------------------------------------- loop
+    # ---------------------------------------------------------------- loop
     def summary(self) -> None:
         c = self.cfg
         logger.info(
@@ -432,7 +617,7 @@ class RoundLoop(Strategy):
         return (
             self.cfg.server.fuse_evaluation
             and server_round < num_rounds
-            and self.parallel_round(server_round + 1)
+            and self.schedule.one_exchange
         )
 
     def evaluation_due(self, server_round: int, num_rounds: int) -> bool:
@@ -442,44 +627,112 @@ class RoundLoop(Strategy):
         join = self.cfg.generalization.join_round
         return server_round in (0, num_rounds, join) or server_round % every == 0
 
-    def _checkpoint(self, server_round: int, num_rounds: int) -> None:
+    def checkpoint(self, server_round: int, num_rounds: int, pending: RoundLog | None) -> None:
         every = self.cfg.server.checkpoint_every
         if self.checkpoints is None or every == 0:
             return
         if server_round % every == 0 or server_round == num_rounds:
-            checkpoint = Checkpoint(self.state, server_round, self.history,
-                                    self.strategy_state(), defining_settings(self.cfg))  # fmt: skip
+            strategy = {**self.strategy_state(), "pending_round": pending_state(pending)}
+            checkpoint = Checkpoint(self.state, server_round, self.history, strategy,
+                                    defining_settings(self.cfg))  # fmt: skip
             self.checkpoints.save(checkpoint)
             self.observers.checkpoint_saved(server_round, self.checkpoints.path)
 
-    def start(self, grid: Grid, *_: Any, **__: Any) -> Result:
-        """Query, then rounds of train + evaluate; every round is reported as it ends."""
-        num_rounds = self.cfg.rounds
+    def finish_row(self, log: RoundLog, result: Result, num_rounds: int) -> None:
+        row = log.row()
+        self.history.append(row)
+        self.observers.round_finished(row, num_rounds)
+        round_metrics = {k: v for k, v in row.items() if k not in ("rejected", "round")}
+        result.evaluate_metrics_clientapp[log.round] = as_metrics(
+            {k: v for k, v in round_metrics.items() if isinstance(v, (int, float, dict))}
+        )
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Any = None,
+    ) -> Result:
+        """Query, then rounds of train + evaluate; every round is reported as it ends.
+        num_rounds and timeout default to the experiment's rounds and server.timeout_s;
+        `initial_arrays` are the shared parameters to start from (FedAvg's w_0), where the
+        method has any; `evaluate_fn(round, arrays)` is called after each round as in
+        Flower's loop, its metrics kept in the Result and the row (`server_` prefix)."""
+        num_rounds = self.cfg.rounds if num_rounds is None else num_rounds
+        timeout = self.cfg.server.timeout_s if timeout is None else timeout
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        resume = self.resume
+        self.restore(resume.strategy)
+        self.history = list(resume.history)
+        if initial_arrays is not None and resume.completed_round < 0:
+            self.set_initial_arrays(initial_arrays)
+        pending = pending_from_state(resume.strategy.get("pending_round"))
+        result = Result()
         self.summary()
         first = 0 if self.evaluation_due(0, num_rounds) else 1
-        first = max(first, self.completed_round + 1)
-        self.round = RoundLog(first)
+        first = max(first, resume.completed_round + 1)
         self.observers.run_started(self.cfg, first, num_rounds)
         self.wait_for_nodes(grid)
-        self.discover(grid, self.cfg.server.timeout_s)
+        log = RoundLog(first)
+        with collecting(log):
+            self.discover(grid, timeout, first)
         self.check_admitted(grid)
         logger.info("server state: %s", self.state.describe())
         for server_round in range(first, num_rounds + 1):
-            self.round = RoundLog(server_round)
-            if server_round > 0:
-                self.discover(grid, self.cfg.server.timeout_s)
-                self.train_round(grid, server_round)
-            self.after_train(server_round)
-            due = self.evaluation_due(server_round, num_rounds)
-            if due and self.fuses_evaluation(server_round, num_rounds):
-                self.round.close()
-                self.pending = self.round  # evaluated by the next round's exchange
-            else:
-                if due:
-                    self.evaluate_round(grid, server_round)
-                self.round.close()
-                self.finish_row(self.round)
-            self.completed_round = server_round
-            self._checkpoint(server_round, num_rounds)
+            log = RoundLog(server_round)
+            arrays = self.global_arrays()
+            with collecting(log):
+                if server_round > 0:
+                    self.discover(grid, timeout, server_round)
+                    outcome = self.train_round(grid, server_round, arrays, train_config, timeout,
+                                               evaluate_previous=pending is not None)  # fmt: skip
+                    log.absorb(outcome.metrics, outcome.exchanges)
+                    result.train_metrics_clientapp[server_round] = as_metrics(outcome.metrics)
+                    if pending is not None:
+                        pending.values.update(outcome.evaluation or {})
+                        self.finish_row(pending, result, num_rounds)
+                        pending = None
+                self.after_train(server_round)
+                due = self.evaluation_due(server_round, num_rounds)
+                if due and self.fuses_evaluation(server_round, num_rounds):
+                    pending = log  # evaluated by the next round's first exchange
+                elif due:
+                    metrics, exchanges = self.evaluate_round(
+                        grid, server_round, self.global_arrays(), evaluate_config, timeout
+                    )
+                    log.absorb(metrics, exchanges)
+            if evaluate_fn is not None:
+                server_metrics = evaluate_fn(server_round, self.global_arrays())
+                if server_metrics is not None:
+                    result.evaluate_metrics_serverapp[server_round] = server_metrics
+                    log.values.update({f"server_{k}": v for k, v in server_metrics.items()})
+            log.close()
+            if pending is not log:
+                self.finish_row(log, result, num_rounds)
+            self.checkpoint(server_round, num_rounds, pending)
         self.observers.run_finished(run_summary(self.history))
-        return Result()
+        result.arrays = self.final_arrays()
+        return result
+
+    def set_initial_arrays(self, arrays: ArrayRecord) -> None:
+        """Start from these shared parameters (a method without any refuses them)."""
+        if len(arrays):
+            raise ValueError(f"{self.cfg.method} keeps no shared parameters to start from")
+
+    def final_arrays(self) -> ArrayRecord:
+        """What the run learned, as the Result's arrays: the shared parameters, if any."""
+        return self.global_arrays()
+
+
+def _payload(message: Message) -> int:
+    """Bytes of the arrays a message carries (from their declared shapes: nothing decoded)."""
+    if "arrays" not in message.content:
+        return 0
+    return sum(
+        np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in message.content["arrays"].values()
+    )

@@ -24,7 +24,7 @@ logger = logging.getLogger("flwr.mh_pfedhn")
 
 def build_state(cfg: ExperimentConfig) -> ServerState:
     """A fresh server state of the configured method."""
-    return cfg.method_spec.state_class().from_config(cfg)
+    return cfg.method_spec.strategy_class().build_state(cfg)
 
 
 def build_strategy(
@@ -47,7 +47,7 @@ def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRe
     directory = Path(cfg.server.resume).expanduser().resolve()
     checkpoint = load_checkpoint(
         directory / CHECKPOINT_NAME,
-        cfg.method_spec.state_class(),
+        cfg.method_spec.strategy_class().state_class,
         cfg.hypernetwork.device,
         memory_budget=cfg.server.memory_budget_gb,
     )

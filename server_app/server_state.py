@@ -1,8 +1,9 @@
 """What every method's server state offers the round loop, and the client registry they share.
 
-A server state is plain Python/PyTorch (no Flower): the Strategy feeds it client keys,
-parameter counts and deltas, and it generates the vectors clients receive. `ServerState` is
-that interface; `ClientRegistry` is the key -> K bookkeeping every state starts from.
+A server state is plain Python/PyTorch (no Flower): the Strategy registers clients in it and
+asks it for the vectors clients receive; how replies change it is the Strategy's
+`apply_train`. `ServerState` is that interface; `ClientRegistry` is the key -> K bookkeeping
+every state starts from.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ class UpdateRejected(ValueError):
 @dataclass(frozen=True)
 class ClientRecord:
     key: str
-    num_params: int
-    tau: int
-    embedding_name: str = ""
+    num_params: int  # K: the length of the vector it trains
 
 
 @runtime_checkable
@@ -51,15 +50,6 @@ class ServerState(Protocol):
 
     def generate(self, keys: Sequence[str]) -> Mapping[str, np.ndarray | None]:
         """The vector each client receives (None: the client uses its own model)."""
-
-    def apply_deltas(
-        self,
-        deltas: Mapping[str, np.ndarray],
-        server_round: int,
-        weights: Mapping[str, float],
-        sent: Mapping[str, np.ndarray],
-    ) -> dict[str, Any]:
-        """Apply a round's deltas (sent minus trained); `weights` are example counts."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -108,7 +98,7 @@ class ClientRegistry:
     def register(self, key: str, num_params: object) -> ClientRecord:
         k = self.check(key, num_params)
         if key not in self.clients:
-            self.clients[key] = ClientRecord(key, k, 1)
+            self.clients[key] = ClientRecord(key, k)
         return self.clients[key]
 
     def check(self, key: str, num_params: object) -> int:

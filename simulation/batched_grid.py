@@ -6,19 +6,19 @@ from typing import Any
 
 from flwr.app import Message
 
-from client_app.app import TrainJob, open_session
+from client_app.app import client_method
 from client_app.batched import train_together, uses_vmap
-from common.protocol import TRAIN, TRAIN_GLOBAL
+from client_app.method import TrainJob
+from client_app.session import open_session
 from simulation.grid import InProcessGrid, torch_threads
 
 
 class BatchedGrid(InProcessGrid):
-    """`engine: batched`: train messages whose clients train plainly (cross-entropy on the
-    whole model) run together (`client_app/batched.py`): with vmap per (type, architecture),
-    else all of one type client by client, `workers` at a time; everything else goes one by
-    one as in InProcessGrid. Messages are prepared and answered by this project's ClientApp
-    code (`client_app.app.TrainJob`), so only the arithmetic is batched; it serves that
-    ClientApp, not an arbitrary one."""
+    """`engine: batched`: messages whose clients train plainly (cross-entropy on the whole
+    model) run together (`client_app/batched.py`): with vmap per (type, architecture), else
+    all of one type client by client, `workers` at a time; everything else goes one by one
+    as in InProcessGrid. Messages are prepared and answered by this project's client methods
+    (`TrainJob`), so only the arithmetic is batched; it serves this project's ClientApp."""
 
     def __init__(
         self,
@@ -37,19 +37,17 @@ class BatchedGrid(InProcessGrid):
         groups: dict[tuple[str, str], list[TrainJob]] = {}
         rest = []
         for message in messages:
-            kind = message.metadata.message_type
-            if kind not in (TRAIN, TRAIN_GLOBAL) or "arrays" not in message.content:
-                rest.append(message)
-                continue
             context = self.contexts[message.metadata.dst_node_id]
             try:
-                job = TrainJob.prepare(open_session(context), message, kind == TRAIN_GLOBAL)
+                session = open_session(context)
+                job = client_method(session.cfg.method).train_job(session, message)
             except Exception:
-                rest.append(message)  # the ClientApp reports the same error itself
-                continue
-            if job.plain:
-                device = next(job.model.parameters()).device
-                vmapped = uses_vmap(device, self.vectorize)
+                job = None  # the ClientApp reports the same error itself
+            if job is None:
+                rest.append(message)
+            elif job.plain:
+                kind = message.metadata.message_type
+                vmapped = uses_vmap(next(job.model.parameters()).device, self.vectorize)
                 groups.setdefault((kind, job.architecture if vmapped else ""), []).append(job)
             else:
                 self._answer(message, lambda job=job: job.reply(job.run()))

@@ -1,6 +1,8 @@
-"""The FedAvg baseline (McMahan et al.): one global parameter vector,
-w <- w - sum_i (m_i / M) delta_i. All clients must share one architecture; they report their
-identical seeded initial vector when they first register, and the first one becomes w_0."""
+"""The FedAvg baseline (McMahan et al., AISTATS 2017): one global parameter vector,
+w <- w - sum_i (m_i / M) delta_i, with m_i each client's example count (bounded by
+server.max_example_weight). All clients share one architecture. The server starts from the
+`initial_arrays` it is given, else from the seeded initial vector clients report when they
+first register (they all report the same one)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,14 @@ from typing import Any, Self
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 
 from common import protocol
 from common.config import ExperimentConfig
 from server_app.round_loop import RoundLoop
 from server_app.server_state import ClientRecord, ClientRegistry, RegistrationError
+
+GLOBAL_VECTOR = "w"  # the global model in the Strategy's ArrayRecords
 
 
 class FedAvgServer(ClientRegistry):
@@ -28,14 +33,19 @@ class FedAvgServer(ClientRegistry):
     def register(self, key: str, num_params: object) -> ClientRecord:
         k = self.check(key, num_params)
         sizes = {r.num_params for r in self.clients.values()}
+        if self.weights is not None:
+            sizes.add(self.weights.size)
         if sizes and k not in sizes:
             raise RegistrationError(
                 f"FedAvg averages one architecture: K={k} differs from the others' K={sizes.pop()}"
             )
         return super().register(key, k)
 
-    def admit(self, key: str, num_params: object, initial: np.ndarray | None) -> ClientRecord:
-        """Register; the first client's (identical, seeded) initial vector becomes w_0."""
+    def register_with_initial(
+        self, key: str, num_params: object, initial: np.ndarray | None
+    ) -> ClientRecord:
+        """Register; without a global vector yet, the client's (identical, seeded) initial
+        vector becomes w_0."""
         if self.weights is None and (initial is None or initial.shape != (num_params,)):
             raise RegistrationError("FedAvg needs the client's initial parameters (K of them)")
         record = self.register(key, num_params)
@@ -46,14 +56,9 @@ class FedAvgServer(ClientRegistry):
     def generate(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         return dict.fromkeys(keys, self.weights)
 
-    def apply_deltas(
-        self, deltas: Mapping[str, np.ndarray], server_round: int, weights=None, sent=None
-    ) -> dict[str, Any]:
-        """w <- w - sum_i (m_i / M) delta_i."""
-        if not deltas:
-            return {"updates": 0}
-        self.weights = (self.weights - self.mean_delta(deltas, weights)).astype(np.float32)
-        return {"updates": 1}
+    def step(self, mean_delta: np.ndarray) -> None:
+        """w <- w - mean delta."""
+        self.weights = (self.weights - mean_delta).astype(np.float32)
 
     @staticmethod
     def mean_delta(deltas: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -80,6 +85,30 @@ class FedAvgServer(ClientRegistry):
 
 class FedAvg(RoundLoop):
     state: FedAvgServer
+    state_class = FedAvgServer
 
     def register(self, identity: protocol.Identity) -> ClientRecord:
-        return self.state.admit(identity.client_key, identity.num_params, identity.initial)
+        initial = identity.extras.get(protocol.INITIAL)
+        return self.state.register_with_initial(identity.client_key, identity.num_params, initial)
+
+    def apply_train(
+        self, server_round: int, results: Mapping[str, protocol.TrainResult]
+    ) -> dict[str, str]:
+        if results:
+            deltas = {k: r.delta for k, r in results.items()}
+            self.state.step(self.state.mean_delta(deltas, self.weights(results)))
+        return {}
+
+    def global_arrays(self) -> ArrayRecord:
+        if self.state.weights is None:
+            return ArrayRecord()
+        return ArrayRecord({GLOBAL_VECTOR: Array(self.state.weights)})
+
+    def set_initial_arrays(self, arrays: ArrayRecord) -> None:
+        """w_0 from the server (one vector, `w`), instead of from the first client."""
+        if set(arrays) != {GLOBAL_VECTOR}:
+            raise ValueError(f"FedAvg starts from one vector named {GLOBAL_VECTOR!r}")
+        vector = np.asarray(arrays[GLOBAL_VECTOR].numpy(), np.float32).ravel()
+        if not np.isfinite(vector).all():
+            raise ValueError("the initial vector holds NaN or Inf")
+        self.state.weights = vector

@@ -3,7 +3,7 @@ server only asks clients to train and to evaluate (messages without arrays)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 from flwr.app import Message
@@ -24,9 +24,6 @@ class LocalServer(ClientRegistry):
     def generate(self, keys: Sequence[str]) -> dict[str, None]:
         return dict.fromkeys(keys)
 
-    def apply_deltas(self, deltas, server_round, weights=None, sent=None) -> dict[str, Any]:
-        return {"updates": 0}
-
     def describe(self) -> str:
         return f"{len(self.clients)} clients training locally"
 
@@ -41,13 +38,7 @@ class LocalServer(ClientRegistry):
 
 
 class Local(RoundLoop):
-    def parse_train(self, key: str, reply: Message) -> protocol.TrainResult:
-        return protocol.parse_local_train_reply(reply)
+    state_class = LocalServer
 
-    def aggregate_train(
-        self,
-        server_round: int,
-        results: Mapping[str, protocol.TrainResult],
-        sent: Mapping[str, Message],
-    ) -> None:
-        self.record_training(results)
+    def parse_train(self, key: str, reply: Message) -> protocol.TrainResult:
+        return protocol.parse_local_train_reply(reply, self.wire.returns)

@@ -1,13 +1,12 @@
-"""The pFedHN baseline (Shamsian et al., 2021): one embedding per client, the same feature
+"""The pFedHN baseline (Shamsian et al., ICML 2021): one embedding per client, the same feature
 extractor as MH-pFedHN, and one linear head per parameter tensor of the client's architecture,
 whose tensor sizes clients report. Clients of different architectures get a set of heads each
-(the paper's "adding multiple heads", section 4.3), all on the one shared feature extractor.
-It runs on the same server machinery (VJP, clipping, Adam, the round schedules), so only the
-generator differs."""
+(the MH-pFedHN paper's "adding multiple heads", section 4.3), all on the one shared feature
+extractor. It is MH-pFedHN's round (VJP, clipping, Adam, the schedules) with other heads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,8 +14,8 @@ from torch import nn
 
 from common import protocol
 from common.seeding import stable_seed
-from server_app.hypernetwork_rounds import HypernetworkRounds
-from server_app.hypernetwork_server import HypernetworkServer
+from server_app.hypernetwork_server import EmbeddedClient, HypernetworkServer
+from server_app.methods.mh_pfedhn import MHpFedHN
 from server_app.round_loop import logger
 from server_app.server_state import ClientRecord, RegistrationError
 
@@ -36,6 +35,10 @@ def head_name(index: int) -> str:
     """The first architecture's heads keep the name of the single-architecture version, so
     its checkpoints still load."""
     return "pertensor" if index == 0 else f"pertensor{index}"
+
+
+def head_index(name: str) -> int:
+    return int(name.removeprefix("pertensor") or 0)
 
 
 class PFedHNServer(HypernetworkServer):
@@ -60,13 +63,38 @@ class PFedHNServer(HypernetworkServer):
         """The index of `key`'s architecture (in order of first registration)."""
         return self.architectures.index(self.sizes_of[key])
 
-    def heads_of(self, key: str) -> PerTensorHeads:
-        return self.hnet.heads[head_name(self.architecture(key))]
+    # ------------------------------------------------------------- head hooks
+    def rows_for(self, key: str, num_params: int) -> int:
+        return 1  # one embedding vector per client
 
-    def _register(self, key: str, num_params: object) -> ClientRecord:
-        """As MH-pFedHN's: a new architecture's heads are made right before the embeddings of
-        its first client, so a checkpoint replaying the registrations rebuilds the optimizer's
-        parameter groups in the same order."""
+    def head_for(self, key: str, num_params: int) -> str:
+        signature = self.sizes_of[key]
+        known = signature in self.architectures
+        return head_name(self.architectures.index(signature) if known else len(self.architectures))
+
+    def head_weights(self, key: str, num_params: int) -> int:
+        return sum(self.sizes_of[key]) * (self.settings.hidden_dim + 1)
+
+    def make_head(self, key: str, num_params: int) -> nn.Module:
+        index, signature = len(self.architectures), self.sizes_of[key]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed if index == 0 else stable_seed(self.seed, "heads", index))
+            heads = PerTensorHeads(self.settings.hidden_dim, signature)
+        self.architectures.append(signature)
+        return heads
+
+    def apply_heads(
+        self, records: Sequence[EmbeddedClient], features: torch.Tensor
+    ) -> list[torch.Tensor]:
+        return [self.hnet.heads[r.head](features[i])[0] for i, r in enumerate(records)]
+
+    def head_order(self, heads: set[str]) -> list[str]:
+        return sorted(heads, key=head_index)
+
+    # --------------------------------------------------------------- registry
+    def register(self, key: str, num_params: object) -> EmbeddedClient:
+        """As MH-pFedHN's, once the reported tensor sizes match K; a refused client leaves
+        nothing behind."""
         try:
             k = self.registry.check(key, num_params)
             signature = self.sizes_of.get(key)
@@ -74,38 +102,11 @@ class PFedHNServer(HypernetworkServer):
                 raise RegistrationError(f"client {key!r} has not reported its tensor sizes")
             if k != sum(signature):
                 raise RegistrationError(f"K={k} does not match the tensor sizes reported")
-            if key in self.clients:
-                return self.clients[key]
-            if signature not in self.architectures:
-                weights = sum(signature) * (self.settings.hidden_dim + 1)
-                self.check_budget(weights, "pFedHN's heads")
+            return super().register(key, k)
         except RegistrationError:
-            if key not in self.clients:  # a refused client leaves nothing behind
+            if key not in self.clients:
                 self.sizes_of.pop(key, None)
             raise
-        if signature not in self.architectures:
-            self._add_heads(signature)
-        self.clients[key] = ClientRecord(key, k, 1, self._add_embedding(key, 1))
-        return self.clients[key]
-
-    def _add_heads(self, signature: tuple[int, ...]) -> None:
-        index = len(self.architectures)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed if index == 0 else stable_seed(self.seed, "heads", index))
-            heads = PerTensorHeads(self.settings.hidden_dim, signature).to(self.device)
-        self.hnet.heads[head_name(index)] = heads
-        self.optimizer.add_param_group({"params": list(heads.parameters())})
-        self.architectures.append(signature)
-
-    def _generate_group(self, keys: Sequence[str]) -> list[torch.Tensor]:
-        features = self.hnet.feature_extractor(torch.stack([self.embedding(k) for k in keys]))
-        return [self.heads_of(k)(features[i])[0] for i, k in enumerate(keys)]
-
-    def _involved_parameters(self, keys: Sequence[str]) -> list[nn.Parameter]:
-        params = list(self.hnet.feature_extractor.parameters())
-        for index in sorted({self.architecture(k) for k in keys}):
-            params += list(self.hnet.heads[head_name(index)].parameters())
-        return params + [self.embedding(k) for k in keys]
 
     def describe(self) -> str:
         return (
@@ -113,22 +114,22 @@ class PFedHNServer(HypernetworkServer):
             f"tensor), {self.num_parameters() / 1e6:.1f}M parameters on {self.device}"
         )
 
-    def state_dict(self) -> dict:
-        sizes_of = {k: list(self.sizes_of[k]) for k in self.clients}
-        return {**super().state_dict(), "sizes_of": sizes_of}
+    def extra_state(self) -> dict:
+        return {"sizes_of": {k: list(self.sizes_of[k]) for k in self.clients}}
 
-    def _restore_structure(self, state: dict) -> None:
+    def restore_extra(self, state: Mapping) -> None:
         if "sizes_of" in state:
             self.sizes_of = {k: tuple(v) for k, v in state["sizes_of"].items()}
         else:  # a checkpoint of the single-architecture version
             self.sizes_of = {k: tuple(state["tensor_sizes"]) for k, _ in state["clients"]}
 
 
-class PFedHN(HypernetworkRounds):
+class PFedHN(MHpFedHN):
     state: PFedHNServer
+    state_class = PFedHNServer
 
     def register(self, identity: protocol.Identity) -> ClientRecord:
-        self.state.set_tensor_sizes(identity.client_key, identity.tensor_sizes)
+        self.state.set_tensor_sizes(identity.client_key, identity.extras[protocol.TENSOR_SIZES])
         return super().register(identity)
 
     def log_admission(self, identity: protocol.Identity, record: ClientRecord | None) -> None:
