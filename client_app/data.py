@@ -1,7 +1,7 @@
 """This client's data: its partition of the source's training split, as tensors in memory.
 
 Decoded, partitioned, normalised and moved to the device once per process and then used by
-every round without a DataLoader (SPEC section 6).
+every round without a DataLoader (docs/concepts/data.md).
 """
 
 from __future__ import annotations

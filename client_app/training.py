@@ -96,47 +96,6 @@ class Objective:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class Distillation(Objective):
-    """MH-pFedHNGD phase 2: learn from the global model's softened predictions too."""
-
-    teacher: nn.Module
-    weight: float  # a
-    temperature: float  # T
-
-    def setup(self, memory_format: torch.memory_format | None) -> None:
-        self.teacher.eval()
-        if memory_format is not None:
-            self.teacher.to(memory_format=memory_format)
-
-    def __call__(self, model, x, logits, y) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        return distillation_loss(logits, teacher_logits, y, self.weight, self.temperature)
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    weight: float,
-    temperature: float,
-) -> torch.Tensor:
-    """(1 - a) CE + a T^2 KL(softmax(t/T) || softmax(s/T)), batch mean (paper eq. 8, with
-    a = 1 - lambda).
-
-    Both distributions stay in log space, so extreme logits give finite values.
-    """
-    ce = F.cross_entropy(student_logits, labels)
-    kl = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return (1.0 - weight) * ce + weight * temperature**2 * kl
-
-
 def train_sgd(
     model: nn.Module,
     x: torch.Tensor,

@@ -86,7 +86,7 @@ def _comma_list(value: Any) -> Any:
 
 
 class ClientsConfig(_Section):
-    """How simulated clients pick a model: client index mod len(models) (SPEC section 3).
+    """How simulated clients pick a model: client index mod len(models) (docs/concepts/models.md).
 
     `local_layers` and `frozen_layers` are lists of modes; a mode is "none" or parameter-name
     patterns joined by "|" (fnmatch, e.g. "classifier.5.*|features.0.*"). Client i takes mode
@@ -422,7 +422,8 @@ class ExperimentConfig(_Section):
         return None if section is None else getattr(self, section)
 
 
-# The authors' code (DangDang1895/MH-pFL) where it differs from the paper's text (SPEC 4, 5).
+# The authors' code (DangDang1895/MH-pFL) where it differs from the paper's text
+# (docs/concepts/algorithm.md, "The paper preset").
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "paper": {

@@ -1,7 +1,7 @@
 """Load a dataset's training split as uint8 arrays, and turn images into model inputs.
 
 Only the training split is read: the authors partition it over the clients and never use
-the official test split (SPEC section 6). Sources:
+the official test split (docs/concepts/data.md). Sources:
 
 - torchvision names: ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``emnist``
   (split "byclass", 62 classes; images as torchvision stores them, i.e. transposed, as in
@@ -41,7 +41,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA"})
 _CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 
-# Per-channel mean / std (SPEC section 6).
+# Per-channel mean / std (docs/concepts/data.md).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),

@@ -1,8 +1,8 @@
-"""The model zoo (SPEC section 3) and the hook for a user's own model.
+"""The model zoo (docs/concepts/models.md) and the hook for a user's own model.
 
 Each client builds its architecture locally and only ever reports K (its vector size) to the
 server, so these definitions must reproduce the paper's parameter counts exactly: the tests pin
-them to SPEC's K table.
+them to the K table of docs/concepts/models.md.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         del image_size  # adaptive pooling makes the size irrelevant to the layout
-        # The stem conv keeps its bias although BN follows: the authors' model has it, and SPEC's
-        # K table only matches with it (16 parameters).
+        # The stem conv keeps its bias although BN follows: the authors' model has it, and
+        # the K table (docs/concepts/models.md) only matches with it (16 parameters).
         self.stem = nn.Sequential(
             _conv3x3(in_channels, 16),
             nn.BatchNorm2d(16),

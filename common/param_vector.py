@@ -1,11 +1,12 @@
-"""Flat float32 parameter vectors (SPEC section 2).
+"""Flat float32 parameter vectors (docs/concepts/protocol.md).
 
 The hypernetwork speaks only in flat vectors of length K: it never sees a layer name or a shape.
 These helpers are the single place that defines how a client's model maps to and from such a
 vector, so the server's K and the client's layout cannot drift apart.
 
 Only trainable parameters are in the vector. BatchNorm running statistics are *buffers*, not
-parameters, so they never travel: they stay on the client between rounds (SPEC section 2).
+parameters, so they never travel: they stay on the client between rounds
+(docs/concepts/training.md).
 """
 
 from __future__ import annotations

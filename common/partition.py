@@ -1,4 +1,4 @@
-"""Split a dataset's labels over federated clients (SPEC section 6).
+"""Split a dataset's labels over federated clients (docs/concepts/data.md).
 
 Everything here is pure numpy and driven by ``np.random.default_rng(seed)``, so every
 SuperNode that computes the partition from the same labels and seed gets the same result

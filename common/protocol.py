@@ -69,6 +69,7 @@ CLIENT_PROOF = (
     "client-proof"  # a secret the client keeps; binds its key (server_app/client_directory.py)
 )
 
+IDENTITY_FIELDS = (CLIENT_KEY, NUM_PARAMS, CLIENT_PROOF, ROLE)  # what every query reply may hold
 MAX_KEY_LENGTH = 128
 MIN_PROOF_LENGTH, MAX_PROOF_LENGTH = 16, 256
 MAX_VECTOR = 2**31 - 1  # no vector of more entries is ever accepted
@@ -364,7 +365,14 @@ def parse_identity(message: Message, fields: Sequence[Field] = ()) -> Identity:
         raise ReplyError(
             f"{CLIENT_PROOF!r} must be a string of {MIN_PROOF_LENGTH}-{MAX_PROOF_LENGTH} characters"
         )
-    extras = read_fields(fields, config, _optional_arrays(message))
+    arrays = _optional_arrays(message)
+    declared = {f.name for f in fields}
+    unexpected = sorted((set(config) - set(IDENTITY_FIELDS)) | set(arrays or ()))
+    unexpected = [name for name in unexpected if name not in declared]
+    if unexpected:
+        shown = ", ".join(repr(str(n)[:40]) for n in unexpected[:5])
+        raise ReplyError(f"reply carries {shown}, which this method's clients do not report")
+    extras = read_fields(fields, config, arrays)
     return Identity(key, config[NUM_PARAMS], role, proof, extras)
 
 

@@ -1,4 +1,4 @@
-"""The multi-head hypernetwork of MH-pFedHN (SPEC section 4), in plain PyTorch.
+"""The multi-head hypernetwork of MH-pFedHN (docs/concepts/hypernetwork.md), in plain PyTorch.
 
 A shared feature extractor maps every 64-d chunk embedding to a 128-d feature; one head per
 distinct chunk count tau maps the j-th feature to the j-th chunk of N parameters. Each head

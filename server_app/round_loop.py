@@ -121,20 +121,22 @@ def collecting(log: RoundLog) -> Iterator[None]:
 
 def as_metrics(values: Mapping[str, Any]) -> MetricRecord:
     """A metrics dict as Flower's MetricRecord: per-client dicts become `name/key` entries,
-    None values are left out."""
+    a missing value (None) is NaN."""
     flat: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, Mapping):
             flat.update({f"{name}{PER_CLIENT}{k}": v for k, v in value.items()})
-        elif value is not None:
-            flat[name] = value
+        else:
+            flat[name] = float("nan") if value is None else value
     return MetricRecord(flat)
 
 
 def from_metrics(record: MetricRecord | None) -> dict[str, Any]:
-    """The inverse of `as_metrics`."""
+    """The inverse of `as_metrics`; NaN comes back as None (a missing value, valid JSON)."""
     out: dict[str, Any] = {}
     for name, value in (record or {}).items():
+        if isinstance(value, float) and math.isnan(value):
+            value = None
         head, slash, key = name.partition(PER_CLIENT)
         if slash:
             out.setdefault(head, {})[key] = value
@@ -667,8 +669,9 @@ class RoundLoop(Strategy):
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         resume = self.resume
-        self.restore(resume.strategy)
-        self.history = list(resume.history)
+        if resume.completed_round >= 0:  # continuing a checkpointed run
+            self.restore(resume.strategy)
+            self.history = list(resume.history)
         if initial_arrays is not None and resume.completed_round < 0:
             self.set_initial_arrays(initial_arrays)
         pending = pending_from_state(resume.strategy.get("pending_round"))

@@ -12,6 +12,7 @@ from client_app.app import app as client_app
 from common.config import resolve_config
 from common.models import build_model
 from common.param_vector import vector_size, vector_to_model
+from server_app import hypernetwork_steps as steps
 from server_app.hypernetwork_server import HypernetworkSettings
 from server_app.methods.fedavg import FedAvgServer
 from server_app.methods.pfedhn import PFedHNServer
@@ -25,10 +26,10 @@ SETTINGS = HypernetworkSettings(embedding_dim=8, hidden_dim=16)
 def test_fedavg_steps_by_the_example_weighted_mean_of_deltas():
     server = FedAvgServer(seed=0, max_params=10**6)
     w0 = np.arange(4, dtype=np.float32)
-    server.admit("a", 4, w0)
-    server.admit("b", 4, None)  # w_0 is already known
+    server.register_with_initial("a", 4, w0)
+    server.register_with_initial("b", 4, None)  # w_0 is already known
     d_a, d_b = np.array([1, 0, 0, 4], np.float32), np.array([0, 2, 0, -4], np.float32)
-    server.apply_deltas({"a": d_a, "b": d_b}, 1, weights={"a": 30, "b": 10})
+    server.step(server.mean_delta({"a": d_a, "b": d_b}, {"a": 30, "b": 10}))
     np.testing.assert_allclose(server.weights, w0 - (0.75 * d_a + 0.25 * d_b), rtol=1e-6)
     assert {k: v.tobytes() for k, v in server.generate(["a", "b"]).items()} == {
         "a": server.weights.tobytes(),
@@ -39,11 +40,11 @@ def test_fedavg_steps_by_the_example_weighted_mean_of_deltas():
 def test_fedavg_refuses_a_second_architecture_and_a_missing_initial_vector():
     server = FedAvgServer(seed=0, max_params=10**6)
     with pytest.raises(RegistrationError, match="initial"):
-        server.admit("a", 4, None)
+        server.register_with_initial("a", 4, None)
     assert not server.clients
-    server.admit("a", 4, np.zeros(4, np.float32))
+    server.register_with_initial("a", 4, np.zeros(4, np.float32))
     with pytest.raises(RegistrationError, match="one architecture"):
-        server.admit("b", 5, np.zeros(5, np.float32))
+        server.register_with_initial("b", 5, np.zeros(5, np.float32))
     assert list(server.clients) == ["a"]
 
 
@@ -65,7 +66,7 @@ def test_pfedhn_has_one_head_per_tensor_and_generates_a_loadable_model():
     vector_to_model(model, theta["a"])  # every tensor gets its own head's output
     assert torch.isfinite(model(torch.zeros(1, 3, 32, 32))).all()
     before_b = server.embedding("b").detach().clone()
-    server.apply_deltas({"a": np.ones(234006, np.float32)}, 1)
+    steps.step_client(server, "a", np.ones(234006, np.float32))
     assert torch.equal(server.embedding("b"), before_b)
     with pytest.raises(RegistrationError, match="other tensor sizes"):
         server.set_tensor_sizes("a", sizes[:-1])
@@ -92,7 +93,7 @@ def test_pfedhn_gives_each_architecture_its_own_heads_on_one_feature_extractor()
         assert torch.isfinite(model(torch.zeros(1, 3, 32, 32))).all()
     mlp_heads = {n: p.detach().clone() for n, p in server.heads_of("b").named_parameters()}
     extractor = [p.detach().clone() for p in server.hnet.feature_extractor.parameters()]
-    server.step_client("a", np.ones(theta["a"].size, np.float32))
+    steps.step_client(server, "a", np.ones(theta["a"].size, np.float32))
     # a LeNet client's step moves the shared extractor, never the MLP's heads
     assert all(torch.equal(p, mlp_heads[n]) for n, p in server.heads_of("b").named_parameters())
     assert any(not torch.equal(p, q) for p, q in
@@ -115,19 +116,19 @@ def test_pfedhn_with_several_architectures_resumes_bit_for_bit(tmp_path):
             _pfedhn_client(server, key, arch)
         return server
 
-    def steps(server, rounds):
+    def step_rounds(server, rounds):
         for r in rounds:
             for key in ("a", "c", "d"):
                 theta = server.generate([key])[key]
-                server.step_client(key, np.sin(np.arange(theta.size, dtype=np.float32) * r))
+                steps.step_client(server, key, np.sin(np.arange(theta.size, dtype=np.float32) * r))
 
     whole = fresh()
-    steps(whole, [1, 2])
+    step_rounds(whole, [1, 2])
     split = fresh()
-    steps(split, [1])
+    step_rounds(split, [1])
     save_checkpoint(tmp_path / "pfedhn.pt", Checkpoint(split, 1, []))
     resumed = load_checkpoint(tmp_path / "pfedhn.pt", PFedHNServer).server
-    steps(resumed, [2])
+    step_rounds(resumed, [2])
     assert resumed.architectures == whole.architectures
     for key in "abcd":
         assert np.array_equal(resumed.generate([key])[key], whole.generate([key])[key])
@@ -222,11 +223,11 @@ def test_baseline_states_survive_a_checkpoint(tmp_path):
     from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     fedavg = FedAvgServer(seed=0, max_params=10**6)
-    fedavg.admit("a", 4, np.arange(4, dtype=np.float32))
+    fedavg.register_with_initial("a", 4, np.arange(4, dtype=np.float32))
     pfedhn = PFedHNServer(SETTINGS, seed=0)
     pfedhn.set_tensor_sizes("a", [6, 2])
     pfedhn.register("a", 8)
-    pfedhn.apply_deltas({"a": np.ones(8, np.float32)}, 1)
+    steps.step_client(pfedhn, "a", np.ones(8, np.float32))
     for server in (fedavg, pfedhn):
         path = tmp_path / f"{type(server).__name__}.pt"
         save_checkpoint(path, Checkpoint(server, 1, []))

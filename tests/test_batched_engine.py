@@ -63,13 +63,13 @@ def run(
         grid = InProcessGrid.simulation(client_app, NUM_CLIENTS, run_cfg)
     strategy = build_strategy(cfg)
     deltas: dict[int, dict] = {}
-    apply = strategy.state.apply_deltas
+    apply = strategy.apply_train
 
-    def recording(round_deltas, server_round, weights=None, sent=None):
-        deltas[server_round] = {k: np.array(v) for k, v in round_deltas.items()}
-        return apply(round_deltas, server_round, weights, sent)
+    def recording(server_round, results):
+        deltas[server_round] = {k: np.array(r.delta) for k, r in results.items()}
+        return apply(server_round, results)
 
-    strategy.state.apply_deltas = recording
+    strategy.apply_train = recording
     strategy.start(grid)
     vectors = strategy.state.generate(sorted(strategy.state.clients))
     return strategy, vectors, deltas

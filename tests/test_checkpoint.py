@@ -13,6 +13,7 @@ from server_app.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, 
 from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
 from server_app.methods.mh_pfedhn import MHpFedHN
 from server_app.run import run_experiment
+from server_app.schedules import ParallelSequential
 from simulation.grid import InProcessGrid
 from tests.test_strategy import SMALL, scripted_app
 
@@ -52,7 +53,9 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     server = HypernetworkServer(HypernetworkSettings(chunk_size=16, embedding_dim=4), seed=5)
     server.register("a", 40)
     server.register("b", 100)
-    server.apply_deltas({"a": torch.ones(40).numpy(), "b": torch.ones(100).numpy()}, 1)
+    ParallelSequential().apply(
+        server, {"a": torch.ones(40).numpy(), "b": torch.ones(100).numpy()}, 1
+    )
     path = tmp_path / CHECKPOINT_NAME
     save_checkpoint(path, Checkpoint(server, 1, [{"round": 1}]))
     checkpoint = load_checkpoint(path, HypernetworkServer)
@@ -62,7 +65,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     # the loaded optimizer keeps going exactly like the original
     for s in (server, loaded):
-        s.apply_deltas({"a": torch.full((40,), 0.5).numpy()}, 2)
+        ParallelSequential().apply(s, {"a": torch.full((40,), 0.5).numpy()}, 2)
     assert_identical(server, loaded)
 
 
@@ -76,11 +79,11 @@ def test_resume_after_round_two_of_four_equals_an_uninterrupted_run(tmp_path, mo
     at_stop = {}
     original = MHpFedHN.train_round
 
-    def stop_at_round_three(self, grid, server_round):
+    def stop_at_round_three(self, grid, server_round, *args, **kwargs):
         if server_round == 3:
             at_stop["server"] = copy.deepcopy(self.state)
             raise ServerStopped
-        return original(self, grid, server_round)
+        return original(self, grid, server_round, *args, **kwargs)
 
     monkeypatch.setattr(MHpFedHN, "train_round", stop_at_round_three)
     with pytest.raises(ServerStopped):

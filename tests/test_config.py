@@ -23,9 +23,39 @@ def pyproject_run_config() -> dict:
 
 
 def test_pyproject_declares_every_setting_so_flwr_run_can_override_it():
+    """The key list is written from the schema and every method's settings; a setting added
+    without running the sync command fails here, saying which command to run."""
     declared = pyproject_run_config()
-    assert set(declared) == {"experiment", *leaf_keys()}
+    stale = "pyproject.toml is stale: run python -m common.config --sync-pyproject"
+    assert set(declared) == {"experiment", *leaf_keys()}, stale
     assert all(value == "" for key, value in declared.items() if key != "experiment")
+    assert {"fedavgm.momentum", "fedprox.mu", "global_model.teacher"} <= set(declared)
+    from common.config import main
+
+    assert main([]) == 0
+
+
+def test_a_methods_own_settings_are_validated_naming_the_key():
+    cfg = resolve_config("default", {"method": "fedavgm", "fedavgm.momentum": 0.5})
+    assert cfg.method_settings.momentum == 0.5
+    assert resolve_config("default", {"method": "fedprox"}).method_settings.mu == 0.01
+    assert resolve_config("default").method_settings is None  # mh_pfedhn declares none
+    with pytest.raises(ConfigError, match=r"fedavgm\.momentum: Input should be less than 1"):
+        resolve_config("default", {"method": "fedavgm", "fedavgm.momentum": 1.5})
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['fedprox\.nu'\]"):
+        resolve_config("default", {"method": "fedprox", "fedprox.nu": 1})
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['fedproxx'\]"):
+        resolve_config("default", {"fedproxx": {"mu": 1}})
+    # another method's section is checked too (a typo there would otherwise wait silently)
+    with pytest.raises(ConfigError, match=r"fedprox\.mu"):
+        resolve_config("default", {"method": "fedavg", "fedprox.mu": -1})
+
+
+def test_a_method_section_in_a_yaml_file_is_checked_by_its_model(tmp_path):
+    path = tmp_path / "prox.yaml"
+    path.write_text("method: fedprox\nfedprox: {nu: 1}\n")
+    with pytest.raises(ConfigError, match=r"fedprox\.nu: Extra inputs are not permitted"):
+        resolve_config(str(path))
 
 
 def test_the_declared_run_config_resolves_to_the_default_experiment():
@@ -113,7 +143,7 @@ def test_unknown_yaml_key_is_refused(tmp_path):
 def test_gd_experiments_extend_their_mh_pfedhn_setup():
     gd = resolve_config("cifar10_heterogeneous_gd")
     base = resolve_config("cifar10_heterogeneous")
-    assert gd.method == "mh_pfedhngd" and gd.distills
+    assert gd.method == "mh_pfedhngd" and gd.method_spec.strategy_class().distills
     assert gd.clients == base.clients and gd.data == base.data and gd.rounds == base.rounds
     g = gd.global_model
     assert (g.architecture, g.distill_weight, g.temperature, g.teacher, g.fraction) == (
@@ -123,7 +153,11 @@ def test_gd_experiments_extend_their_mh_pfedhn_setup():
         "round_start",
         1.0,
     )
-    assert not resolve_config("cifar10_heterogeneous_gd", {"method": "mh_pfedhng"}).distills
+    ablation = resolve_config("cifar10_heterogeneous_gd", {"method": "mh_pfedhngd_no_distill"})
+    assert not ablation.method_spec.strategy_class().distills
+    assert ablation.global_model == g  # the same settings section
+    with pytest.raises(ConfigError, match="mh_pfedhng' is now called 'mh_pfedhngd_no_distill"):
+        resolve_config("cifar10_heterogeneous_gd", {"method": "mh_pfedhng"})
 
 
 def test_extends_loops_are_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""Dataset loading (SPEC section 6) on small generated data, plus one real offline file."""
+"""Dataset loading (docs/concepts/data.md) on small generated data, plus one real offline file."""
 
 from __future__ import annotations
 

@@ -173,18 +173,18 @@ def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, t
         "ok", "ok"
     ]  # fmt: skip
 
-    original = RoundLoop._checkpoint
+    original = RoundLoop.checkpoint
 
-    def killed(self, server_round, num_rounds):  # round 4 is done and logged, never saved
+    def killed(self, server_round, num_rounds, pending):  # round 4 done and logged, not saved
         if server_round == 4:
             raise RuntimeError("killed")
-        return original(self, server_round, num_rounds)
+        return original(self, server_round, num_rounds, pending)
 
-    RoundLoop._checkpoint = killed
+    RoundLoop.checkpoint = killed
     try:
         outcomes = runner.run_sweep(path, tmp_path / "split", progress=False)
     finally:
-        RoundLoop._checkpoint = original
+        RoundLoop.checkpoint = original
     assert [o.status for o in outcomes] == ["failed", "failed"]
     outcomes = runner.run_sweep(path, tmp_path / "split", progress=False)
     assert [(o.status, o.resumed) for o in outcomes] == [("ok", True), ("ok", True)]
@@ -407,7 +407,7 @@ def test_a_long_runs_plot_zooms_on_its_late_rounds(tmp_path):
         nan = float("nan")
         return RunResult(
             f"{experiment}-s0", experiment, "mh_pfedhn", 0, rounds, 0.9, rounds, 0.9, 0,
-            0.9, 0.9, 0.0, 0.0, nan, nan, nan, nan, curve,
+            nan, -1, 0.9, 0.9, 0.0, 0.0, nan, nan, nan, nan, curve,
         )  # fmt: skip
 
     plot([run(150, "long"), run(8, "short")], tmp_path)

@@ -71,3 +71,23 @@ def test_flwr_run_novel_clients_and_a_novel_architecture(mnist_npz, tmp_path):
     assert all(0.0 <= r["novel_accuracy"] <= 1.0 for r in rows[2:])
     assert not any(r["rejected"] for r in rows)
     assert "(new head)" in log and "hypernetwork frozen after round 2" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "setting", "check"),
+    [("fedavgm", "fedavgm.momentum=0.5", "momentum"), ("fedprox", "fedprox.mu=0.1", "mu")],
+)
+def test_flwr_run_the_worked_examples_with_their_own_settings(
+    method, setting, check, mnist_npz, tmp_path
+):
+    """A method's own setting travels through Flower's run config (its key is declared in
+    pyproject.toml from the schema) to the server and to every client."""
+    log, rows = simulate(
+        mnist_npz, tmp_path, method, 2, f'method="{method}"', 'clients.models="lenet"',
+        setting, "rounds=1",
+    )  # fmt: skip
+    assert [r["round"] for r in rows] == [0, 1], log[-4000:]
+    assert rows[-1]["clients_trained"] == 2 and not rows[-1]["rejected"]
+    config = (tmp_path / "out" / method / "config.yaml").read_text()
+    assert f"{check}: {setting.split('=')[1]}" in config

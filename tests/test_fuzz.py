@@ -6,6 +6,7 @@ sent errors."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import (
     Array,
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from common import protocol
 from common.config import resolve_config
+from common.methods import METHODS, get_method
 from server_app.run import build_strategy
 from simulation.grid import InProcessGrid
 from tests.test_hardening import SIZE, all_finite, honest_delta
@@ -94,7 +96,14 @@ REPLIES = st.one_of(
 )
 
 
-def fuzzed_app(draws, attacked_types: set[str]) -> ClientApp:
+def honest_extras(method: str) -> dict:
+    """What a client of this method reports besides its key and K (its declared fields)."""
+    values = {protocol.GLOBAL_NUM_PARAMS: SIZE, protocol.TENSOR_SIZES: [SIZE],
+              protocol.INITIAL: np.ones(SIZE, np.float32)}  # fmt: skip
+    return {f.name: values[f.name] for f in get_method(method).client_class().reports}
+
+
+def fuzzed_app(draws, attacked_types: set[str], method: str) -> ClientApp:
     """Clients c0-c3 are honest; c4 and c5 answer the attacked message types with drawn
     replies (and every other one honestly)."""
     app = ClientApp()
@@ -113,10 +122,8 @@ def fuzzed_app(draws, attacked_types: set[str]) -> ClientApp:
         return Message(drawn, reply_to=msg)
 
     def identity(i, msg):  # what every method needs to hear
-        return protocol.identity_reply(
-            f"c{i}", SIZE, global_num_params=SIZE, tensor_sizes=[SIZE],
-            initial=np.ones(SIZE, np.float32), proof=proof_of(f"c{i}"),
-        )  # fmt: skip
+        extras = honest_extras(method)
+        return protocol.identity_reply(f"c{i}", SIZE, proof=proof_of(f"c{i}"), extras=extras)
 
     def trained(i, msg):
         if "arrays" not in msg.content:  # the Local baseline
@@ -178,7 +185,7 @@ def test_random_hostile_replies_never_crash_and_rejected_ones_change_nothing(
     if method in ("fedavg", "local"):
         attacked = attacked & {"train", "evaluate"} or {"train"}
     draws = lambda: data.draw(REPLIES)  # noqa: E731
-    strategy = run(fuzzed_app(draws, attacked), method, schedule)
+    strategy = run(fuzzed_app(draws, attacked, method), method, schedule)
     assert [r["round"] for r in strategy.history] == [0, 1, 2, 3]
     if method in ("fedavg", "local"):
         if method == "fedavg":
@@ -189,7 +196,7 @@ def test_random_hostile_replies_never_crash_and_rejected_ones_change_nothing(
         r.get("global_clients_trained", 4) == 4 for r in strategy.history[1:]
     )
     if honest_only:  # every attacked reply was refused: as if c4 and c5 sent errors
-        reference = run(fuzzed_app(lambda: "error", attacked), method, schedule)
+        reference = run(fuzzed_app(lambda: "error", attacked, method), method, schedule)
         got, want = honest_state(strategy), honest_state(reference)
         assert all(torch.equal(got[k], want[k]) for k in want)
 
@@ -199,6 +206,43 @@ def test_random_hostile_replies_never_crash_and_rejected_ones_change_nothing(
 @given(data=st.data(), method=st.sampled_from(["mh_pfedhn", "mh_pfedhngd", "pfedhn", "fedavg"]))
 def test_random_query_replies_never_crash_the_server(data, method):
     draws = lambda: data.draw(REPLIES)  # noqa: E731
-    strategy = run(fuzzed_app(draws, {"query"}), method, "parallel_sequential")
+    strategy = run(fuzzed_app(draws, {"query"}, method), method, "parallel_sequential")
     assert [r["round"] for r in strategy.history] == [0, 1, 2, 3]
     assert {"c0", "c1", "c2", "c3"} <= set(strategy.state.clients)
+
+
+def declared_fields() -> list[tuple[str, str, protocol.Field]]:
+    """(method, where, field) for every field a registered method's clients report or
+    return: the hostile values of each must be refused with a reason naming it."""
+    out = []
+    for name, method in sorted(METHODS.items()):
+        client = method.client_class()
+        out += [(name, "query", f) for f in client.reports]
+        out += [(name, "train", f) for f in client.returns]
+    return out
+
+
+@pytest.mark.parametrize(("method", "where", "field"), declared_fields(),
+                         ids=lambda v: getattr(v, "name", v))  # fmt: skip
+def test_every_declared_field_of_every_method_refuses_hostile_values(method, where, field):
+    """A method's new message fields get the protocol's strict checks for free: each hostile
+    value of each declared field is refused, the honest ones accepted."""
+    for bad in field.hostile():
+        extras = {**honest_extras(method), field.name: bad}
+        scalars = {k: v for k, v in extras.items() if not isinstance(v, np.ndarray)}
+        arrays = {k: Array(v) for k, v in extras.items() if isinstance(v, np.ndarray)}
+        message = fake_reply(scalars, arrays)
+        with pytest.raises(protocol.ReplyError, match=field.name):
+            protocol.read_fields([field], message["config"], message.get("arrays"))
+    honest = honest_extras(method)
+    scalars = {k: v for k, v in honest.items() if not isinstance(v, np.ndarray)}
+    arrays = {k: Array(v) for k, v in honest.items() if isinstance(v, np.ndarray)}
+    message = fake_reply(scalars, arrays)
+    assert field.name in protocol.read_fields([field], message["config"], message.get("arrays"))
+
+
+def fake_reply(scalars: dict, arrays: dict) -> RecordDict:
+    content = RecordDict({"config": ConfigRecord(scalars)})
+    if arrays:
+        content["arrays"] = ArrayRecord(arrays)
+    return content

@@ -16,10 +16,16 @@ from common.config import ConfigError, resolve_config
 from server_app import run_plot
 from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
 from server_app.run import build_strategy
+from server_app.schedules import ParallelSequential
 from server_app.server_state import RegistrationError
 from simulation.grid import InProcessGrid
 
 SMALL = HypernetworkSettings(chunk_size=8, embedding_dim=4, hidden_dim=6)
+
+
+def apply(server: HypernetworkServer, deltas: dict, server_round: int) -> None:
+    """One step per client, at the state the previous one left."""
+    ParallelSequential().apply(server, deltas, server_round)
 
 
 def tensors(server: HypernetworkServer) -> dict[str, torch.Tensor]:
@@ -36,12 +42,12 @@ def test_a_frozen_hypernetwork_stays_bit_identical_while_novel_embeddings_move()
     server = HypernetworkServer(SMALL, seed=0, max_params=1000)
     server.register("a", 20)
     server.register("b", 30)
-    server.apply_deltas({"a": np.ones(20, np.float32), "b": np.ones(30, np.float32)}, 1)
+    apply(server, {"a": np.ones(20, np.float32), "b": np.ones(30, np.float32)}, 1)
     server.freeze()
     server.register("novel", 20)  # the head of tau 3 exists and stays frozen
     before = tensors(server)
     for r in range(2, 5):
-        server.apply_deltas({"novel": np.full(20, 0.1, np.float32)}, r)
+        apply(server, {"novel": np.full(20, 0.1, np.float32)}, r)
     assert changed(before, tensors(server)) == {"emb.novel"}
 
 
@@ -52,7 +58,7 @@ def test_an_unseen_tau_gets_a_new_head_that_trains_while_the_extractor_does_not(
     record = server.register("new-architecture", 100)  # tau 13: no head before
     assert record.tau == 13 and server.hnet.has_head(13)
     before = tensors(server)
-    server.apply_deltas({"new-architecture": np.full(100, 0.1, np.float32)}, 1)
+    apply(server, {"new-architecture": np.full(100, 0.1, np.float32)}, 1)
     assert changed(before, tensors(server)) == {
         "hnet.heads.tau13.weight",
         "hnet.heads.tau13.bias",
@@ -70,7 +76,7 @@ def test_the_frozen_parts_survive_a_checkpoint():
     assert restored.frozen == server.frozen
     assert [g["lr"] for g in restored.optimizer.param_groups][-1] == 0.05
     before = tensors(restored)
-    restored.apply_deltas({"a": np.ones(20, np.float32), "b": np.ones(100, np.float32)}, 1)
+    apply(restored, {"a": np.ones(20, np.float32), "b": np.ones(100, np.float32)}, 1)
     assert changed(before, tensors(restored)) == {
         "hnet.heads.tau13.weight",
         "hnet.heads.tau13.bias",
@@ -109,8 +115,9 @@ def run(run_cfg):
     join = strategy.novel.join
 
     def join_and_snapshot(*args):
-        join(*args)
+        refused = join(*args)
         at_join.update(tensors(strategy.state))
+        return refused
 
     strategy.novel.join = join_and_snapshot
     strategy.start(grid)
@@ -150,7 +157,7 @@ def test_novel_clients_join_after_training_and_only_they_learn(
     if new_head:
         expected |= {f"hnet.heads.tau{tau}.weight", f"hnet.heads.tau{tau}.bias"}
     assert changed(at_join, tensors(server)) == expected
-    assert (tau not in server.frozen.heads) is new_head
+    assert (f"tau{tau}" not in server.frozen.heads) is new_head
     if method == "mh_pfedhngd":  # phase 1 ran while training, not after the join
         assert [r.get("global_clients_trained") for r in rows[1:]] == [3, 3, None, None]
 
@@ -220,7 +227,7 @@ def test_a_bad_novel_k_is_refused_before_it_waits(tiny_npz, tmp_path):
     cfg = resolve_config("default", run_config(tiny_npz, tmp_path))
     strategy = build_strategy(cfg)
     with pytest.raises(RegistrationError, match="positive integer"):
-        strategy.admit(protocol.Identity("x", -3, role="novel"))
+        strategy.admit(protocol.Identity("x", -3, role="novel"), 0)
     assert not strategy.novel.waiting
 
 

@@ -1,4 +1,5 @@
-"""MH-pFedHNGD and MH-pFedHNG: the global phase, its weighting, distillation (SPEC section 8)."""
+"""MH-pFedHNGD and its ablation without distillation: the global phase, its weighting,
+distillation (paper 3.3)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from flwr.app import Message
 
 from client_app.app import app as client_app
 from client_app.data import load_client_data
+from client_app.methods.mh_pfedhngd import distillation_loss
 from client_app.spec import client_spec
-from client_app.training import distillation_loss
 from common import protocol
 from common.config import resolve_config
-from server_app.hypernetwork_server import GLOBAL_KEY, HypernetworkServer, HypernetworkSettings
-from server_app.methods.mh_pfedhngd import MHpFedHNGD
+from server_app import hypernetwork_steps as steps
+from server_app.hypernetwork_server import HypernetworkSettings
+from server_app.methods.mh_pfedhngd import GlobalModelHypernetwork, MHpFedHNGD
 from server_app.run import build_state
 from simulation.grid import InProcessGrid
 from tests.test_client_app import send
@@ -65,17 +67,17 @@ SMALL = HypernetworkSettings(chunk_size=40, embedding_dim=8, hidden_dim=16, grad
 
 
 def test_phase_one_is_one_step_on_the_data_weighted_vjps():
-    server = HypernetworkServer(SMALL, seed=1)
+    server = GlobalModelHypernetwork(SMALL, seed=1)
     server.register("client", 100)
     server.register_global(100)
     twin = copy.deepcopy(server)
     d_a, d_b = np.random.default_rng(2).normal(size=(2, 100)).astype(np.float32)
-    server.apply_weighted_delta(GLOBAL_KEY, [d_a, d_b], [2 / 3, 1 / 3])
+    server.step_global([d_a, d_b], [2 / 3, 1 / 3])
 
     params = list(twin.hnet.feature_extractor.parameters())
-    params += list(twin.hnet.head(3).parameters()) + [twin.embedding(GLOBAL_KEY)]
+    params += list(twin.hnet.head(3).parameters()) + [twin.embedding(twin.global_model)]
     optimizer = torch.optim.Adam(params, lr=twin.settings.lr)
-    w_g = twin.hnet.generate(twin.embedding(GLOBAL_KEY), 100)
+    w_g = twin.hnet.generate(twin.embedding(twin.global_model), 100)
     loss = (2 / 3) * (w_g * torch.from_numpy(d_a)).sum() + (1 / 3) * (
         w_g * torch.from_numpy(d_b)
     ).sum()
@@ -83,23 +85,25 @@ def test_phase_one_is_one_step_on_the_data_weighted_vjps():
     optimizer.step()
     for got, want in zip(server.hnet.parameters(), twin.hnet.parameters(), strict=True):
         torch.testing.assert_close(got, want)
-    torch.testing.assert_close(server.embedding(GLOBAL_KEY), twin.embedding(GLOBAL_KEY))
+    torch.testing.assert_close(
+        server.embedding(server.global_model), twin.embedding(twin.global_model)
+    )
     assert torch.equal(server.embedding("client"), twin.embedding("client"))
 
 
 def test_a_client_with_twice_the_data_pulls_twice_as_hard():
     """Equal deltas, m_A = 2 m_B: A's share of the phase-1 gradient is twice B's."""
-    server = HypernetworkServer(SMALL, seed=1)
-    server.register_global(100)
+    server = GlobalModelHypernetwork(SMALL, seed=1)
+    glob = server.register_global(100)
     delta = torch.from_numpy(np.random.default_rng(3).normal(size=100).astype(np.float32))
-    full = server.gradients({GLOBAL_KEY: delta * (2 / 3)})
-    half = server.gradients({GLOBAL_KEY: delta * (1 / 3)})
+    full = steps.gradients(server, [(glob, delta * (2 / 3))])
+    half = steps.gradients(server, [(glob, delta * (1 / 3))])
     for p in full:
         torch.testing.assert_close(full[p], 2 * half[p])
 
 
 def test_global_model_shares_the_head_of_clients_with_its_tau():
-    server = HypernetworkServer(seed=0)
+    server = GlobalModelHypernetwork(seed=0)
     lenet = server.register("lenet-client", 234006)
     glob = server.register_global(234006)
     assert glob.tau == lenet.tau == 77
@@ -108,9 +112,9 @@ def test_global_model_shares_the_head_of_clients_with_its_tau():
 
 
 def test_client_keys_cannot_take_the_global_models_name():
-    server = HypernetworkServer(SMALL, seed=0)
+    server = GlobalModelHypernetwork(SMALL, seed=0)
     with pytest.raises(ValueError, match="reserved"):
-        server.register(GLOBAL_KEY, 100)
+        server.register("__global__", 100)
 
 
 # --------------------------------------------------- whole rounds, real clients
@@ -165,7 +169,7 @@ def test_gd_round_runs_both_phases_and_reports_global_accuracy(tiny_npz, tmp_pat
     assert all(c["temperature"] == 15.0 and c["distill-weight"] == 0.01 for c in distilled)
     # lenet clients and the lenet global model share one head; mlp has its own
     assert len(strategy.state.hnet.heads) == 2
-    k_g = strategy.state.record(GLOBAL_KEY).num_params
+    k_g = strategy.state.global_model.num_params
     lenet = strategy.state.record("partition-0")
     assert lenet.num_params == k_g
 
@@ -175,27 +179,28 @@ def test_global_embeddings_move_only_in_phase_one(tiny_npz, tmp_path, monkeypatc
     snapshots = {}
     original_phase = MHpFedHNGD.global_phase
 
-    def phase(self, grid, server_round):
-        snapshots["before"] = self.state.embedding(GLOBAL_KEY).detach().clone()
-        original_phase(self, grid, server_round)
-        snapshots["after"] = self.state.embedding(GLOBAL_KEY).detach().clone()
+    def phase(self, grid, server_round, keys, timeout):
+        snapshots["before"] = self.state.embedding(self.state.global_model).detach().clone()
+        out = original_phase(self, grid, server_round, keys, timeout)
+        snapshots["after"] = self.state.embedding(self.state.global_model).detach().clone()
+        return out
 
     monkeypatch.setattr(MHpFedHNGD, "global_phase", phase)
     strategy.start(grid)
     assert not torch.equal(snapshots["before"], snapshots["after"])
-    assert torch.equal(strategy.state.embedding(GLOBAL_KEY), snapshots["after"])
+    assert torch.equal(strategy.state.embedding(strategy.state.global_model), snapshots["after"])
 
 
 def test_phase_one_weights_are_the_clients_example_counts(tiny_npz, tmp_path, monkeypatch):
     strategy, grid = gd_setup(tiny_npz, tmp_path, rounds=1)
     seen = {}
-    original = strategy.state.apply_weighted_delta
+    original = strategy.state.step_global
 
-    def capture(key, deltas, weights):
+    def capture(deltas, weights):
         seen["weights"] = list(weights)
-        return original(key, deltas, weights)
+        return original(deltas, weights)
 
-    monkeypatch.setattr(strategy.state, "apply_weighted_delta", capture)
+    monkeypatch.setattr(strategy.state, "step_global", capture)
     strategy.start(grid)
     counts = [
         len(load_client_data(client_spec(c.node_config, strategy.cfg), strategy.cfg.seed).y_train)
@@ -224,7 +229,7 @@ def test_each_teacher_choice_runs_and_only_regenerated_sends_more(teacher, tiny_
     strategy.start(grid)
     row = strategy.history[-1]
     assert row["clients_trained"] == 4 and not row["rejected"]
-    k_g = strategy.state.record(GLOBAL_KEY).num_params
+    k_g = strategy.state.global_model.num_params
     personal = sum(strategy.state.record(k).num_params for k in strategy.directory.node_of)
     # personal train + evaluate, global train + evaluate, (+ a teacher per distilling client)
     expected = 4 * (2 * personal + 2 * 4 * k_g)
@@ -236,15 +241,15 @@ def test_each_teacher_choice_runs_and_only_regenerated_sends_more(teacher, tiny_
 def test_without_distillation_phase_two_is_mh_pfedhns_client_update(tiny_npz, tmp_path):
     """Given the same theta, an MH-pFedHNG client (after its phase 1) returns MH-pFedHN's delta."""
     deltas = {}
-    for method in ("mh_pfedhn", "mh_pfedhng"):
+    for method in ("mh_pfedhn", "mh_pfedhngd_no_distill"):
         strategy, grid = gd_setup(tiny_npz, tmp_path / method, num_nodes=2, method=method)
         context = grid.contexts[1000]
-        k = protocol.parse_identity(send(protocol.QUERY, context)).num_params
+        k = protocol.read_config(send(protocol.QUERY, context))[protocol.NUM_PARAMS]
         theta = np.random.default_rng(0).normal(0, 0.05, k).astype(np.float32)
-        if method == "mh_pfedhng":
-            identity = protocol.parse_identity(send(protocol.QUERY, context))
-            w_g = np.random.default_rng(1).normal(0, 0.05, identity.global_num_params)
+        if method == "mh_pfedhngd_no_distill":
+            k_g = protocol.read_config(send(protocol.QUERY, context))[protocol.GLOBAL_NUM_PARAMS]
+            w_g = np.random.default_rng(1).normal(0, 0.05, k_g)
             send(protocol.TRAIN_GLOBAL, context, w_g.astype(np.float32))
         reply = send(protocol.TRAIN, context, theta)
         deltas[method] = protocol.parse_train_reply(reply, k).delta
-    assert np.array_equal(deltas["mh_pfedhn"], deltas["mh_pfedhng"])
+    assert np.array_equal(deltas["mh_pfedhn"], deltas["mh_pfedhngd_no_distill"])

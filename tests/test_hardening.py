@@ -174,8 +174,9 @@ HOSTILE_QUERY = {
         }
     ),  # fmt: skip
     "more tensor sizes than any model has": lambda: protocol.identity_reply(
-        "c0", SIZE, tensor_sizes=[1] * (protocol.MAX_TENSORS + 1), proof=proof_of("c0")
-    ),
+        "c0", SIZE, proof=proof_of("c0"),
+        extras={protocol.TENSOR_SIZES: [1] * (protocol.MAX_TENSORS + 1)},
+    ),  # fmt: skip
     "arrays a ConfigRecord": lambda: RecordDict(
         {
             "config": ConfigRecord(
@@ -312,8 +313,8 @@ def fedavg_round(claim: float, flip: bool = True):
         return protocol.train_reply(delta, 10 + i, 0.5)
 
     def query(i, msg):
-        return protocol.identity_reply(f"c{i}", SIZE, initial=np.ones(SIZE, np.float32),
-                                       proof=proof_of(f"c{i}"))  # fmt: skip
+        extras = {protocol.INITIAL: np.ones(SIZE, np.float32)}
+        return protocol.identity_reply(f"c{i}", SIZE, proof=proof_of(f"c{i}"), extras=extras)
 
     strategy, grid = setup(app_with(train=train, query=query), method="fedavg")
     strategy.start(grid)
@@ -338,7 +339,8 @@ def test_fedavg_refuses_a_nan_initial_vector():
     bad[3] = np.nan
 
     def query(i, msg):
-        return protocol.identity_reply(f"c{i}", SIZE, initial=bad, proof=proof_of(f"c{i}"))
+        return protocol.identity_reply(f"c{i}", SIZE, proof=proof_of(f"c{i}"),
+                                       extras={protocol.INITIAL: bad})  # fmt: skip
 
     strategy, grid = setup(app_with(query=query), method="fedavg")
     strategy.discover(grid, 5)
@@ -576,8 +578,8 @@ def test_an_unknown_node_config_key_is_refused_listing_the_valid_ones():
 def test_a_refused_mh_pfedhngd_registration_leaves_nothing_registered():
     def query(i, msg):
         k_g = SIZE if i == 0 else SIZE + 8  # c1's data gives another global model size
-        return protocol.identity_reply(f"c{i}", SIZE, global_num_params=k_g,
-                                       proof=proof_of(f"c{i}"))  # fmt: skip
+        return protocol.identity_reply(f"c{i}", SIZE, proof=proof_of(f"c{i}"),
+                                       extras={protocol.GLOBAL_NUM_PARAMS: k_g})  # fmt: skip
 
     strategy, grid = setup(app_with(query=query), nodes=2, method="mh_pfedhngd")
     strategy.discover(grid, 5)

@@ -1,4 +1,4 @@
-"""The hypernetwork and server state rules of SPEC section 4."""
+"""The hypernetwork and the rules of its server state (docs/concepts/hypernetwork.md)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from server_app import hypernetwork_steps as steps
 from server_app.hypernetwork import MultiHeadHypernetwork, num_chunks
-from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings, resolve_device
-from server_app.schedules import client_order
+from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
+from server_app.memory import resolve_device
+from server_app.schedules import client_order, schedule_named
 from server_app.server_state import RegistrationError
 
 SMALL = HypernetworkSettings(chunk_size=50, embedding_dim=8, hidden_dim=16, hidden_layers=3)
+
+
+def apply(server, deltas, server_round):
+    """A parallel round's deltas as steps, by the server's schedule."""
+    return schedule_named(server.settings.schedule).apply(server, deltas, server_round)
 
 
 def small_server(max_params: int = 50_000_000, **overrides) -> HypernetworkServer:
@@ -69,7 +76,7 @@ def test_vjp_equals_autograd_through_inner_product_loss():
     server.register("a", 120)
     server.register("b", 40)
     delta = torch.randn(120)
-    grads = server.gradients({"a": delta})
+    grads = steps.gradients(server, [(server.record("a"), delta)])
     # explicit loss <theta(phi), delta>
     theta = server.hnet.generate(server.embedding("a"), 120)
     params = list(grads)
@@ -87,7 +94,7 @@ def test_one_update_is_clip_then_adam_on_the_inner_product_loss():
     server.register("a", 120)
     twin.register("a", 120)
     delta = np.random.default_rng(0).standard_normal(120).astype(np.float32)
-    server.apply_deltas({"a": delta}, server_round=1)
+    apply(server, {"a": delta}, server_round=1)
 
     params = list(twin.hnet.feature_extractor.parameters())
     params += list(twin.hnet.head(3).parameters()) + [twin.embedding("a")]
@@ -108,7 +115,7 @@ def test_update_moves_theta_towards_the_trained_parameters():
     target = before + 0.5
     for r in range(20):
         current = server.generate(["a"])["a"]
-        server.apply_deltas({"a": current - target}, server_round=r)
+        apply(server, {"a": current - target}, server_round=r)
     after = server.generate(["a"])["a"]
     assert np.abs(after - target).mean() < 0.5 * np.abs(before - target).mean()
 
@@ -124,7 +131,7 @@ def test_other_clients_and_heads_stay_bit_identical(mode):
     frozen_head1 = [p.detach().clone() for p in server.hnet.head(1).parameters()]
     head3 = [p.detach().clone() for p in server.hnet.head(3).parameters()]
     a_before = server.embedding("a").detach().clone()
-    server.apply_deltas({"a": np.ones(120, np.float32)}, server_round=1)
+    apply(server, {"a": np.ones(120, np.float32)}, server_round=1)
     assert torch.equal(server.embedding("b"), frozen_b)
     assert torch.equal(server.embedding("c"), frozen_c)
     assert all(
@@ -144,10 +151,10 @@ def test_batched_mode_takes_one_step_on_the_mean_vjp():
         s.register("a", 120)
         s.register("c", 40)
     deltas = {"a": np.full(120, 0.1, np.float32), "c": np.full(40, -0.2, np.float32)}
-    info = server.apply_deltas(deltas, server_round=1)
-    assert info["updates"] == 1
-    grads = twin.gradients({k: torch.from_numpy(v) for k, v in deltas.items()}, scale=0.5)
-    twin._step(grads)
+    applied = apply(server, deltas, server_round=1)
+    assert len(applied.norms) == 1
+    pairs = [(twin.record(k), torch.from_numpy(v)) for k, v in deltas.items()]
+    steps.clipped_step(twin, steps.gradients(twin, pairs, scale=0.5))
     for got, want in zip(server.hnet.parameters(), twin.hnet.parameters(), strict=True):
         torch.testing.assert_close(got, want)
 
@@ -160,8 +167,8 @@ def test_sequential_mode_steps_once_per_client_in_a_seeded_order():
     assert sorted(order) == list("abcde")
     assert order == client_order(server.seed, list("edcba"), server_round=4)
     assert any(client_order(server.seed, list("abcde"), r) != order for r in range(5, 10))
-    info = server.apply_deltas({k: np.ones(60, np.float32) for k in "abc"}, server_round=1)
-    assert info["updates"] == 3
+    applied = apply(server, {k: np.ones(60, np.float32) for k in "abc"}, server_round=1)
+    assert len(applied.norms) == 3
 
 
 def test_same_seed_gives_the_same_hypernetwork_whatever_the_registration_order():
@@ -224,7 +231,7 @@ def test_the_order_replies_arrive_in_does_not_change_the_result(mode):
     for server in servers:
         for key in "abcd":
             server.register(key, 120)
-    servers[0].apply_deltas(deltas, server_round=1)
-    servers[1].apply_deltas(dict(reversed(list(deltas.items()))), server_round=1)
+    apply(servers[0], deltas, server_round=1)
+    apply(servers[1], dict(reversed(list(deltas.items()))), server_round=1)
     for got, want in zip(servers[0].hnet.parameters(), servers[1].hnet.parameters(), strict=True):
         assert torch.equal(got, want)

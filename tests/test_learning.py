@@ -1,8 +1,8 @@
 """MH-pFedHN learns on real data: the generated parameters themselves get accurate.
 
-Real ClientApps and the real Strategy, run through the in-process grid on MNIST (SPEC's
-setting: 5 clients, lenet/vgg8/mlp, non-IID_1, 25% of the data, 1 local epoch). Accuracy is
-that of theta_i as the hypernetwork emits it, before any local training.
+Real ClientApps and the real Strategy, run through the in-process grid on MNIST (a setting
+of the project's fact sheet: 5 clients, lenet/vgg8/mlp, non-IID_1, 25% of the data, 1 local
+epoch). Accuracy is that of theta_i as the hypernetwork emits it, before any local training.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from server_app.run import run_experiment
 from simulation.grid import InProcessGrid
 
 # A wrong-sign, missing or misrouted update leaves theta_i near chance on the client's
-# classes; SPEC's reference implementation reached 0.84 after 6 rounds with this setup.
+# classes; the fact sheet's reference implementation reached 0.84 after 6 rounds here.
 THRESHOLD = 0.70
 
 

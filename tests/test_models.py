@@ -1,4 +1,4 @@
-"""The model zoo reproduces SPEC section 3, K table included, and accepts a user's model."""
+"""The model zoo of docs/concepts/models.md, K table included; a user's model is accepted."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from common.models import MODEL_NAMES, PAPER_HETEROGENEOUS_MODELS, build_model
 from common.param_vector import vector_size
 
-# SPEC.md section 3, typed in by hand: this table *is* the specification.
+# The K table of docs/concepts/models.md, typed in by hand: this table *is* the specification.
 # model: (3ch 10cl, tau, 3ch 100cl, tau, 1ch 10cl, 1ch 62cl)
 K_TABLE = {
     "lenet": (234006, 77, 239856, 79, 233718, 237098),

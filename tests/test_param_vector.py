@@ -1,4 +1,5 @@
-"""Flat parameter vectors (SPEC section 2): layout, round trips, selection and refusals."""
+"""Flat parameter vectors (docs/concepts/protocol.md): layout, round trips, selection,
+refusals."""
 
 from __future__ import annotations
 

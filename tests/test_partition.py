@@ -1,4 +1,4 @@
-"""Partitioners (SPEC section 6): the properties the experiments rely on."""
+"""Partitioners (docs/concepts/data.md): the properties the experiments rely on."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Round schedules (SPEC section 4): one_by_one is the authors' loop, exactly; the parallel
-schedules train round-start vectors; every order is seeded, never the arrival order.
+"""Round schedules (docs/concepts/schedules.md): one_by_one is the authors' loop, exactly;
+the parallel schedules train round-start vectors; every order is seeded, never the arrival order.
 
 Clients here are scripted: client k "trains" theta to theta - 0.3 (theta - target_k) and
 returns the delta 0.3 (theta - target_k), so what a client sends depends on the theta it got,
@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from common import protocol
 from common.config import resolve_config
+from server_app import hypernetwork_steps as steps
 from server_app.run import build_strategy
 from server_app.schedules import SCHEDULES, client_order
 from simulation.grid import InProcessGrid
@@ -137,7 +138,7 @@ def test_under_one_by_one_each_client_trains_what_the_steps_before_it_made():
         assert np.array_equal(theta, replay.generate([key])[key]), key
         if position > 0:
             assert not np.array_equal(theta, start[key]), key
-        replay.step_client(key, local_delta(key, theta))
+        steps.step_client(replay, key, local_delta(key, theta))
     first = order[0]
     assert np.array_equal(received[0][2], start[first])
 
@@ -160,18 +161,3 @@ def test_the_order_is_seeded_not_the_order_nodes_connect_or_answer_in(schedule):
     if schedule != "parallel_mean":  # the mean has no order; another seed gives another one
         keys = sorted(a.state.clients)
         assert any(client_order(0, keys, r) != client_order(1, keys, r) for r in (1, 2))
-
-
-def test_parallel_residual_steps_on_what_is_left_of_each_clients_move():
-    """parallel_residual's first step equals parallel_sequential's (nothing has moved yet);
-    later ones shrink by how far earlier steps already moved the client's theta."""
-    strategy, initial, received = run("parallel_residual", rounds=1)
-    sent = {key: theta for key, _, theta in received}
-    deltas = {key: local_delta(key, theta) for key, theta in sent.items()}
-    replay = copy.deepcopy(initial)
-    for key in client_order(initial.seed, sorted(sent), 1):
-        now = replay.generate([key])[key]
-        residual = deltas[key] + (now - sent[key])
-        replay.step_client(key, residual)
-    got, want = parameters(strategy.state), parameters(replay)
-    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -1,4 +1,4 @@
-"""The Strategy's round logic and its refusal of bad input (issue: bad input, SPEC section 9).
+"""The Strategy's round logic and its refusal of bad input (docs/concepts/round.md).
 
 Clients here are scripted ClientApps speaking the protocol, run through the in-process grid,
 so each misbehaviour is exact and the server's state can be compared bit for bit.

@@ -5,16 +5,61 @@ it may later distill from, and in phase 2 distills from the teacher the server n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from flwr.app import Message, RecordDict
 from torch import nn
 
 from client_app.method import ClientMethod, TrainJob
 from client_app.session import Layout, Session
-from client_app.training import Distillation
+from client_app.training import Objective
 from common import protocol
 from common.param_vector import model_to_vector, vector_size, vector_to_model
+
+
+@dataclass(frozen=True)
+class Distillation(Objective):
+    """MH-pFedHNGD phase 2: learn from the global model's softened predictions too."""
+
+    teacher: nn.Module
+    weight: float  # a
+    temperature: float  # T
+
+    def setup(self, memory_format: torch.memory_format | None) -> None:
+        self.teacher.eval()
+        if memory_format is not None:
+            self.teacher.to(memory_format=memory_format)
+
+    def __call__(self, model, x, logits, y) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return distillation_loss(logits, teacher_logits, y, self.weight, self.temperature)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    temperature: float,
+) -> torch.Tensor:
+    """(1 - a) CE + a T^2 KL(softmax(t/T) || softmax(s/T)), batch mean (paper eq. 8, with
+    a = 1 - lambda).
+
+    Both distributions stay in log space, so extreme logits give finite values.
+    """
+    ce = F.cross_entropy(student_logits, labels)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - weight) * ce + weight * temperature**2 * kl
+
 
 GLOBAL_BUFFERS = "global-buffers"  # the global model's BatchNorm statistics on this client
 GLOBAL_RECEIVED = "global-received"  # the w_g of phase 1 (teacher "round_start")

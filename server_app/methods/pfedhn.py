@@ -63,6 +63,9 @@ class PFedHNServer(HypernetworkServer):
         """The index of `key`'s architecture (in order of first registration)."""
         return self.architectures.index(self.sizes_of[key])
 
+    def heads_of(self, key: str) -> PerTensorHeads:
+        return self.hnet.heads[self.record(key).head]
+
     # ------------------------------------------------------------- head hooks
     def rows_for(self, key: str, num_params: int) -> int:
         return 1  # one embedding vector per client
