@@ -36,6 +36,7 @@ from common.methods import METHODS, Method, get_method
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 UNSET = ""  # run-config value meaning "not overridden"
+DEFAULT_MAX_PARAMS = 50_000_000  # the largest K a server accepts unless configured
 EXPERIMENT_KEY = "experiment"
 
 
@@ -165,7 +166,7 @@ class HypernetworkConfig(_Section):
 
 
 class ServerConfig(_Section):
-    max_params: int = Field(50_000_000, gt=0, description="largest K the server accepts")
+    max_params: int = Field(DEFAULT_MAX_PARAMS, gt=0, description="largest K the server accepts")
     memory_budget_gb: float | Literal["auto"] = Field(
         "auto",
         description="memory the server's learned state may take (parameters, gradients, "

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import torch
 
+from common.config import DEFAULT_MAX_PARAMS
 from server_app.hypernetwork_server import FrozenParts, HypernetworkServer, HypernetworkSettings
 
 GLOBAL_MARKER = "__global__"  # MH-pFedHNGD's global model in the list of registrations
@@ -68,7 +69,7 @@ def load(
         settings_from_dict(state["settings"]),
         seed=state["seed"],
         device=device,
-        max_params=state.get("max_params", 50_000_000),
+        max_params=state.get("max_params", DEFAULT_MAX_PARAMS),
         memory_budget=memory_budget,
     )
     server.restore_extra(state)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import ExperimentConfig
+from common.config import DEFAULT_MAX_PARAMS, ExperimentConfig
 from common.seeding import stable_seed
 from server_app.hypernetwork import ChunkHead, MultiHeadHypernetwork, num_chunks
 from server_app.memory import BYTES_PER_WEIGHT, fused_adam, memory_budget_bytes, resolve_device
@@ -77,7 +77,7 @@ class HypernetworkServer:
         *,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        max_params: int = 50_000_000,
+        max_params: int = DEFAULT_MAX_PARAMS,
         memory_budget: float | str = "auto",
     ) -> None:
         self.settings = settings or HypernetworkSettings()

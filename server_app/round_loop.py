@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from common import protocol
 from common.config import ExperimentConfig, defining_settings
-from common.seeding import stable_seed
+from common.seeding import seeded_share
 from server_app.checkpoint import Checkpoint, CheckpointWriter
 from server_app.client_directory import ClientDirectory
 from server_app.defences import DeltaNormBound
@@ -309,12 +309,8 @@ class RoundLoop(Strategy):
 
     def sample(self, server_round: int, keys: list[str]) -> list[str]:
         """Seeded fraction of the eligible clients (all of them by default)."""
-        fraction = self.cfg.server.fraction_train
-        if fraction >= 1.0 or not keys:
-            return keys
-        count = max(1, int(round(fraction * len(keys))))
-        rng = np.random.default_rng(stable_seed(self.cfg.seed, "sample", server_round))
-        return sorted(keys[i] for i in rng.choice(len(keys), count, replace=False))
+        return seeded_share(keys, self.cfg.server.fraction_train, self.cfg.seed, "sample",
+                            server_round)  # fmt: skip
 
     def view(self, grid: Grid, keys: Iterable[str]) -> NodesView:
         """The grid showing only these clients' nodes."""
@@ -377,6 +373,27 @@ class RoundLoop(Strategy):
         seconds = time.perf_counter() - started if by_key else 0.0
         return Exchanged(accepted, len(by_key), seconds, bytes_down, [t for t in timings if t])
 
+    def parse_all(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        parse: Callable[[str, Message], Any],
+        phase: str = "",
+    ) -> dict[str, Any]:
+        """parse(key, reply) for every reply; those it refuses (or fails on) are rejected
+        with the reason, the others returned by client key."""
+        results = {}
+        for reply in replies:
+            key = self.key_of(reply)
+            try:
+                results[key] = parse(key, reply)
+            except protocol.ReplyError as err:
+                reject(server_round, f"{key}{phase}", str(err))
+            except Exception as err:  # noqa: BLE001 - one reply never stops the server
+                logger.exception("%s%s: unexpected failure on its reply", key, phase)
+                reject(server_round, f"{key}{phase}", f"unusable reply ({type(err).__name__})")
+        return results
+
     def global_arrays(self) -> ArrayRecord:
         """The federation's shared parameters after the last aggregation (Flower's `arrays`;
         none here: every client's vector is its own)."""
@@ -416,16 +433,7 @@ class RoundLoop(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Parse every reply (refusing malformed ones), bound the deltas, hand the results to
         `apply_train`; the shared arrays and the cohort's metrics."""
-        results: dict[str, protocol.TrainResult] = {}
-        for reply in replies:
-            key = self.key_of(reply)
-            try:
-                results[key] = self.parse_train(key, reply)
-            except protocol.ReplyError as err:
-                reject(server_round, key, str(err))
-            except Exception as err:  # noqa: BLE001 - one reply never stops the server
-                logger.exception("%s: unexpected failure on its reply", key)
-                reject(server_round, key, f"unusable reply ({type(err).__name__})")
+        results = self.parse_all(server_round, replies, self.parse_train)
         scaled = 0
         for key in sorted(results):  # bounded in key order, not arrival order
             results[key], was_scaled = self.bounded(server_round, key, results.pop(key))
@@ -449,18 +457,21 @@ class RoundLoop(Strategy):
         why (their update could not be applied). Nothing changes here."""
         return {}
 
+    def mean_loss(self, results: Mapping[str, protocol.TrainResult]) -> float:
+        """The example-weighted mean train loss (weights bounded as `weights`); NaN for none."""
+        if len(results) == 1:  # the mean of one loss is that loss, exactly
+            return next(iter(results.values())).train_loss
+        weights = self.weights(results)
+        examples = sum(weights.values())
+        total = sum(r.train_loss * weights[k] for k, r in results.items())
+        return total / examples if examples else float("nan")
+
     def train_metrics(
         self, results: Mapping[str, protocol.TrainResult], update_s: float
     ) -> dict[str, Any]:
         """clients_trained, the example-weighted train loss, the examples it weighs, bytes
         sent up and the server's time."""
-        weights = self.weights(results)
-        examples = sum(weights.values())
-        if len(results) == 1:  # the mean of one loss is that loss, exactly
-            loss = next(iter(results.values())).train_loss
-        else:
-            total = sum(r.train_loss * weights[k] for k, r in results.items())
-            loss = total / examples if examples else float("nan")
+        loss = self.mean_loss(results)
         return {
             "clients_trained": len(results),
             "train_loss": loss,
@@ -555,13 +566,7 @@ class RoundLoop(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Pooled and per-client accuracy of the replies that parse (others are refused)."""
-        results: dict[str, protocol.EvalResult] = {}
-        for reply in replies:
-            key = self.key_of(reply)
-            try:
-                results[key] = self.parse_evaluate(key, reply)
-            except protocol.ReplyError as err:
-                reject(server_round, key, str(err))
+        results = self.parse_all(server_round, replies, self.parse_evaluate)
         stats = self.evaluation_stats({k: results[k] for k in sorted(results)})
         return None if stats is None else as_metrics(stats)
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
-from common.config import ExperimentConfig
+from common.config import DEFAULT_MAX_PARAMS, ExperimentConfig
 
 
 class RegistrationError(ValueError):
@@ -128,3 +128,10 @@ class ClientRegistry:
     def restore_registry(self, state: dict[str, Any]) -> None:
         for key, num_params in state["clients"]:
             self.register(key, num_params)
+
+    @classmethod
+    def from_registry_state(cls, state: dict[str, Any]) -> Self:
+        """A registry with the clients of a `registry_state()`, in their order."""
+        registry = cls(state["seed"], state.get("max_params", DEFAULT_MAX_PARAMS))
+        registry.restore_registry(state)
+        return registry

@@ -76,8 +76,7 @@ class FedAvgServer(ClientRegistry):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: str = "cpu", **_: Any) -> Self:
-        server = cls(state["seed"], state.get("max_params", 50_000_000))
-        server.restore_registry(state)
+        server = cls.from_registry_state(state)
         weights = state["weights"]
         server.weights = None if weights is None else np.asarray(weights, np.float32)
         return server

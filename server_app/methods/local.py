@@ -32,8 +32,7 @@ class LocalServer(ClientRegistry):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: str = "cpu", **_: Any) -> Self:
-        server = cls(state["seed"], state.get("max_params", 50_000_000))
-        server.restore_registry(state)
+        server = cls.from_registry_state(state)
         return server
 
 

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import protocol
-from common.seeding import stable_seed
+from common.seeding import seeded_share
 from server_app.hypernetwork_persistence import GLOBAL_MARKER
 from server_app.hypernetwork_server import EmbeddedClient, HypernetworkServer
 from server_app.hypernetwork_steps import step_weighted
@@ -114,12 +114,7 @@ class MHpFedHNGD(MHpFedHN):
 
     def sample_global(self, server_round: int, keys: list[str]) -> list[str]:
         """Seeded share of the sampled clients that run phase 1 (paper C.10)."""
-        fraction = self.settings.fraction
-        if fraction >= 1.0 or not keys:
-            return list(keys)
-        count = max(1, int(round(fraction * len(keys))))
-        rng = np.random.default_rng(stable_seed(self.cfg.seed, "global", server_round))
-        return sorted(keys[i] for i in rng.choice(len(keys), count, replace=False))
+        return seeded_share(keys, self.settings.fraction, self.cfg.seed, "global", server_round)
 
     def global_arrays(self) -> ArrayRecord:
         if self.state.global_model is None:
@@ -143,14 +138,13 @@ class MHpFedHNGD(MHpFedHN):
             vectors=dict.fromkeys(keys, w_g),
         )
         exchanged = self.exchange(grid, messages, timeout, phase)
-        results: dict[str, protocol.TrainResult] = {}
-        for key, reply in exchanged.replies.items():
-            try:
-                results[key] = protocol.parse_train_reply(
-                    reply, len(w_g), self.cfg.server.max_delta_abs
-                )
-            except protocol.ReplyError as err:
-                reject(server_round, f"{key}{phase}", str(err))
+        limit = self.cfg.server.max_delta_abs
+        results = self.parse_all(
+            server_round,
+            exchanged.replies.values(),
+            lambda key, reply: protocol.parse_train_reply(reply, len(w_g), limit),
+            phase,
+        )
         results = {k: self.bounded(server_round, k, results[k])[0] for k in sorted(results)}
         metrics: dict[str, Any] = {"bytes_up": sum(r.bytes_up for r in results.values())}
         weights = self.weights(results)
@@ -163,10 +157,9 @@ class MHpFedHNGD(MHpFedHN):
             for key in results:
                 reject(server_round, f"{key}{phase}", str(err))
             return metrics, exchanged
-        loss = sum(r.train_loss * weights[k] for k, r in results.items())
         metrics.update(
             global_clients_trained=len(results),
-            global_train_loss=loss / total if total else None,
+            global_train_loss=self.mean_loss(results) if total else None,
             global_update_seconds=time.perf_counter() - started,
         )
         return metrics, exchanged
