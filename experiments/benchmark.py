@@ -9,7 +9,9 @@ in a child process of its own, so that its peak memory is its own:
 Cases: `lenet` (homogeneous LeNet) and `five` (lenet, vgg8, resnet10, resnet12, resnet18), each
 with `engine: loop` and `engine: batched` on every requested device, side by side in one
 invocation. Writes benchmark.json and benchmark.md: seconds per round, client-samples per
-second (local training samples per second of round time), server seconds per client update,
+second (local training samples per second of round time) beside those of a bare PyTorch loop
+training the same models on the same data (`bare_torch`: how close a round gets to the torch
+limit), server seconds per client update,
 peak memory (resident set of the child; CUDA: peak allocated), and the accuracy reached, so
 that a speed-up never hides a different result. `--flower` adds the same small run through
 `flwr run` (Ray) next to the in-process engines. Rows come per torch thread count per client
@@ -89,7 +91,56 @@ def child(spec: dict) -> dict:
     result["client_samples_per_second"] = sum(sizes) * cfg.client.epochs / seconds
     if cfg.client.device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    torch.set_num_threads(spec["threads"])
+    result["bare_torch_samples_per_second"] = bare_torch(cfg, nodes)
     return result
+
+
+def bare_torch(cfg, nodes: list[dict]) -> float:
+    """Training samples per second of a bare PyTorch loop (torch.optim.SGD, cross-entropy,
+    the same clipping, batch size, models, data and memory format) over every client of the
+    run, one after another: what local training alone costs, no federation around it."""
+    import torch
+    import torch.nn.functional as F
+
+    from client_app.data import load_client_data
+    from client_app.spec import client_spec
+    from client_app.training import memory_format_for
+    from common.models import build_model
+
+    c = cfg.client
+    samples, seconds = 0, 0.0
+    for node in nodes:
+        spec = client_spec(node, cfg)
+        data = load_client_data(spec, cfg.seed, c.device)
+        torch.manual_seed(0)
+        shape = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+        model = build_model(spec.model_name, image_size=spec.data.image_size, **shape)
+        model = model.to(c.device)
+        layout = memory_format_for(model, c.memory_format)
+        if layout is not None:
+            model.to(memory_format=layout)
+        optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
+                                    weight_decay=c.weight_decay)  # fmt: skip
+        model.train()
+        if c.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(c.epochs):
+            order = torch.randperm(len(data.y_train))
+            for start in range(0, len(order), c.batch_size):
+                idx = order[start : start + c.batch_size]
+                x = data.x_train[idx]
+                x = x if layout is None or x.dim() != 4 else x.contiguous(memory_format=layout)
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), data.y_train[idx]).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                optimizer.step()
+        if c.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - started
+        samples += len(data.y_train) * c.epochs
+    return samples / seconds
 
 
 def measure(spec: dict) -> dict:
@@ -160,6 +211,7 @@ def summary(rows: list[dict], total_seconds: float) -> dict:
 TIMINGS = (
     "seconds_per_round",
     "client_samples_per_second",
+    "bare_torch_samples_per_second",
     "server_seconds_per_client_update",
     "total_seconds",
     "peak_rss_mb",
@@ -189,8 +241,9 @@ def aggregate(runs: list[dict]) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| case | engine | device | threads per client | s/round (range) | client-samples/s | "
-        "server s/client update | peak memory MB | final accuracy | speed-up vs loop |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "bare PyTorch samples/s | of bare | server s/client update | peak memory MB "
+        "| final accuracy | speed-up vs loop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     loop_seconds = {
         (r["case"], r["device"], r["threads"]): r["seconds_per_round"]
@@ -210,9 +263,12 @@ def markdown(rows: list[dict]) -> str:
         seconds = f"{r['seconds_per_round']:.2f}"
         if len(spread) > 1:
             seconds += f" ({min(spread):.2f}-{max(spread):.2f})"
+        bare = r.get("bare_torch_samples_per_second")
         cells = [
             seconds,
             "-" if samples is None else f"{samples:.0f}",
+            "-" if bare is None else f"{bare:.0f}",
+            "-" if bare is None or samples is None else f"{samples / bare:.2f}",
             f"{r['server_seconds_per_client_update']:.3f}",
             "-" if memory is None else f"{memory:.0f}",
             f"{r['final_accuracy']:.4f}",

@@ -68,6 +68,8 @@ class RunResult:
     mb_down: float
     mb_up: float
     curve: dict[int, float] = field(default_factory=dict, repr=False)  # round -> accuracy
+    # mean client accuracy per architecture at the final round (runs of several models)
+    by_architecture: dict[str, float] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -162,6 +164,7 @@ def load_run(directory: Path) -> RunResult | Incomplete:
     drops = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
     rounds = int(summary.get("rounds", 0))
     selected = select_by_validation(rows) or {"accuracy": float("nan"), "round": -1}
+    models = _config(directory).get("clients", {}).get("models") or []
     return RunResult(
         run=directory.name,
         experiment=experiment,
@@ -183,7 +186,27 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         mb_down=summary.get("total_bytes_down", float("nan")) / MB,
         mb_up=summary.get("total_bytes_up", float("nan")) / MB,
         curve=curve,
+        by_architecture=architecture_accuracy(_final_row(rows), models),
     )
+
+
+def _final_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    evaluated = [r for r in rows if r.get("client_accuracy")]
+    return evaluated[-1] if evaluated else {}
+
+
+def architecture_accuracy(row: dict[str, Any], models: Sequence[str]) -> dict[str, float]:
+    """Mean test accuracy of the clients of each architecture in a metrics row, for runs of
+    several models; a simulated client `partition-i` has model models[i mod len(models)]
+    (docs/concepts/models.md). Clients named otherwise (deployed sites) are left out."""
+    if len(models) < 2:
+        return {}
+    groups: dict[str, list[float]] = {}
+    for key, accuracy in (row.get("client_accuracy") or {}).items():
+        index = key.removeprefix("partition-")
+        if index.isdigit():
+            groups.setdefault(models[int(index) % len(models)], []).append(accuracy)
+    return {m: statistics.fmean(groups[m]) for m in models if m in groups}
 
 
 def load_runs(directory: str | Path) -> tuple[list[RunResult], list[Incomplete]]:
@@ -332,6 +355,21 @@ def markdown(
             f"| {_num(run.seconds_per_round)} "
             f"| {_num(run.total_seconds)} | {_num(run.mb_down, 2)} | {_num(run.mb_up, 2)} |"
         )
+    mixed = [r for r in runs if r.by_architecture]
+    if mixed:
+        names = list(dict.fromkeys(m for r in mixed for m in r.by_architecture))
+        lines += [
+            "",
+            "## Accuracy by architecture",
+            "",
+            "Mean test accuracy (%) of each architecture's clients at the final round.",
+            "",
+            "| run | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for run in sorted(mixed, key=lambda r: (r.experiment, r.method, r.seed)):
+            cells = [_pct(run.by_architecture.get(n, float("nan"))) for n in names]
+            lines.append(f"| {run.run} | " + " | ".join(cells) + " |")
     if incomplete:
         lines += ["", "## Runs without results", ""]
         lines += [f"- {item.run}: {item.reason}" for item in incomplete]
@@ -445,7 +483,9 @@ def write_report(directory: str | Path) -> dict[str, Any]:
         return {"table": [], "runs": [], "incomplete": [], "plots": []}
     table = aggregate(runs)
     write_csv(directory / "results.csv", table, RESULT_COLUMNS)
-    run_rows = [{k: v for k, v in asdict(r).items() if k != "curve"} for r in runs]
+    run_rows = [
+        {k: v for k, v in asdict(r).items() if k not in ("curve", "by_architecture")} for r in runs
+    ]
     write_csv(directory / "runs.csv", run_rows, RUN_COLUMNS)
     (directory / "results.md").write_text(markdown(table, runs, incomplete, directory.name))
     plots = plot(runs, directory)

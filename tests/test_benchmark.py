@@ -27,10 +27,12 @@ def test_benchmark_runs_both_engines_repeated_and_reports_medians(mnist_npz, tmp
         assert min(spread) <= row["seconds_per_round"] <= max(spread)
         assert row["peak_rss_mb"] > 100  # a child with torch loaded, measured by wait4
         assert row["server_seconds_per_client_update"] > 0
+        # the same models on the same data in a bare PyTorch loop: the torch limit
+        assert 0 < row["client_samples_per_second"] < 1.5 * row["bare_torch_samples_per_second"]
     # the same seeded run: both engines and every repeat reach the same accuracy
     assert rows["loop"]["final_accuracy"] == rows["batched"]["final_accuracy"]
     table = (out / "benchmark.md").read_text()
-    assert table.count("| lenet |") == 2 and "1.00x" in table
+    assert table.count("| lenet |") == 2 and "1.00x" in table and "bare PyTorch" in table
 
 
 def test_repeats_that_disagree_are_reported_not_averaged():

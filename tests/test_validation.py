@@ -108,3 +108,24 @@ def test_report_shows_the_validation_selected_accuracy_beside_the_others(tmp_pat
     assert [(r.selected_round, r.selected_accuracy) for r in runs] == [(2, 0.6), (1, 0.5)]
     text = (tmp_path / "results.md").read_text()
     assert "val-selected acc (%)" in text and "| 55.00 ± 7.07 |" in text
+
+
+def test_the_report_gives_each_architectures_accuracy_in_runs_of_several_models(tmp_path):
+    from experiments.report import architecture_accuracy, write_report
+
+    row = {"client_accuracy": {"partition-0": 0.9, "partition-1": 0.5, "partition-2": 0.7,
+                               "partition-3": 0.3, "site-a": 0.0}}  # fmt: skip
+    assert architecture_accuracy(row, ["lenet", "mlp"]) == pytest.approx({"lenet": 0.8, "mlp": 0.4})
+    assert architecture_accuracy(row, ["lenet"]) == {}
+    run = tmp_path / "r0"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: het\nmethod: local\nseed: 0\n"
+                                     "clients: {models: [lenet, mlp]}\n")  # fmt: skip
+    rows = [{"round": 0, "accuracy": 0.1, "seconds": 1.0, "client_accuracy": {}},
+            {"round": 1, "accuracy": 0.6, "seconds": 1.0, **row}]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"rounds": 1, "total_bytes_down": 0,
+                                                  "total_bytes_up": 0}))  # fmt: skip
+    write_report(tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "| run | lenet | mlp |" in text and "| r0 | 80.00 | 40.00 |" in text
