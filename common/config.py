@@ -54,19 +54,56 @@ class DataConfig(_Section):
         description="cifar10|cifar100|mnist|fashion_mnist|emnist, "
         "imagefolder:<dir>, tinyimagenet:<dir> or npz:<file>",
     )
-    root: str = "data"
-    download: bool = True
-    cache_dir: str = "~/.cache/mh-pfedhn"
+    root: str = Field(
+        "data", description="folder of torchvision's dataset files (data.download puts them there)"
+    )
+    download: bool = Field(
+        True, description="let torchvision download a named dataset into data.root when missing"
+    )
+    cache_dir: str = Field(
+        "~/.cache/mh-pfedhn",
+        description="where decoded image folders (and, with cache_partitions, the clients' "
+        "partitions) are cached",
+    )
     cache_partitions: bool = Field(
         True, description="keep each client's partition, as tensors, under cache_dir"
     )
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
-    partitioner: Literal["noniid1", "noniid2", "iid"] = "noniid1"
-    num_clients: int | Literal["auto"] = "auto"
-    classes_per_client: int | Literal["auto"] = "auto"
-    dirichlet_beta: float | Literal["auto"] = "auto"
-    min_samples: int | Literal["auto"] = "auto"
-    train_fraction: float = Field(0.75, gt=0.0, lt=1.0)
+    fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="seeded share of the training split kept as the pool that is partitioned "
+        "(e.g. 0.1 for a quick run)",
+    )
+    partitioner: Literal["noniid1", "noniid2", "iid"] = Field(
+        "noniid1",
+        description="how the pool is cut into clients: noniid1 (a few classes per client, "
+        "U(0.4, 0.6) shares), noniid2 (Dirichlet proportions per class) or iid "
+        "(docs/concepts/data.md)",
+    )
+    num_clients: int | Literal["auto"] = Field(
+        "auto",
+        description="number of clients (partitions); must equal the number of SuperNodes; "
+        "auto: the SuperNodes' num-partitions (sweeps need a number)",
+    )
+    classes_per_client: int | Literal["auto"] = Field(
+        "auto", description="noniid1: classes each client draws; auto: the dataset's default"
+    )
+    dirichlet_beta: float | Literal["auto"] = Field(
+        "auto", description="noniid2: the Dirichlet concentration; auto: the dataset's default"
+    )
+    min_samples: int | Literal["auto"] = Field(
+        "auto",
+        description="noniid2: every client must hold more than this many samples (the draw "
+        "is repeated until it does); auto: the dataset's default",
+    )
+    train_fraction: float = Field(
+        0.75,
+        gt=0.0,
+        lt=1.0,
+        description="share of each client's part it trains on; the rest is its test split "
+        "(paper: 75% / 25%)",
+    )
     val_fraction: float = Field(
         0.0,
         ge=0.0,
@@ -75,8 +112,12 @@ class DataConfig(_Section):
         "(seeded per client), evaluated beside the test split so that a round can be "
         "selected without looking at test data; 0: no validation split",
     )
-    normalize: str = "auto"
-    image_size: int = Field(32, gt=0)
+    normalize: str = Field(
+        "auto",
+        description="auto: per-channel statistics chosen by the dataset's name (for other "
+        "datasets, the pool's own); none: only scale to [0, 1]",
+    )
+    image_size: int = Field(32, gt=0, description="images are resized to this side length")
 
 
 def _comma_list(value: Any) -> Any:
@@ -95,7 +136,11 @@ class ClientsConfig(_Section):
     A SuperNode's node config (`local-layers`, `frozen-layers`) overrides this for its client.
     """
 
-    models: list[str] = Field(default_factory=lambda: ["lenet"])
+    models: list[str] = Field(
+        default_factory=lambda: ["lenet"],
+        description="simulated client i runs models[i mod len(models)]: zoo names "
+        "(docs/concepts/models.md) or import paths module:factory",
+    )
     local_layers: list[str] = Field(
         default_factory=lambda: ["none"],
         description="layers kept on the client, never sent (paper C.9)",
@@ -121,13 +166,15 @@ class ClientsConfig(_Section):
 
 
 class ClientTrainConfig(_Section):
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(64, gt=0)
-    epochs: int = Field(2, gt=0)
-    grad_clip: float = Field(50.0, gt=0)
-    device: str = "cpu"
+    lr: float = Field(1e-3, gt=0, description="local SGD learning rate")
+    momentum: float = Field(0.9, ge=0, description="local SGD momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="local SGD weight decay")
+    batch_size: int = Field(64, gt=0, description="local batch size")
+    epochs: int = Field(2, gt=0, description="local epochs per round")
+    grad_clip: float = Field(
+        50.0, gt=0, description="local gradients are clipped to this norm before each step"
+    )
+    device: str = Field("cpu", description="where clients train: cpu, cuda or cuda:N")
     memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
         "auto",
         description="memory layout of convolutional models while they train and evaluate: "
@@ -147,13 +194,25 @@ class ClientTrainConfig(_Section):
 
 
 class HypernetworkConfig(_Section):
-    chunk_size: int = Field(3072, gt=0)
-    embedding_dim: int = Field(64, gt=0)
-    hidden_dim: int = Field(128, gt=0)
-    hidden_layers: int = Field(3, gt=0)
-    embedding_std: float = Field(1.0, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    grad_clip: float = Field(50.0, gt=0)
+    chunk_size: int = Field(
+        3072,
+        gt=0,
+        description="parameters a head emits per embedding; a client of K parameters gets "
+        "ceil(K / chunk_size) embeddings",
+    )
+    embedding_dim: int = Field(64, gt=0, description="length of each embedding vector")
+    hidden_dim: int = Field(128, gt=0, description="width of the shared feature extractor")
+    hidden_layers: int = Field(3, gt=0, description="linear layers of the shared feature extractor")
+    embedding_std: float = Field(
+        1.0,
+        gt=0,
+        description="standard deviation of the embeddings' normal initialisation (the "
+        "authors' code: 0.002, the paper preset)",
+    )
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate of the hypernetwork")
+    grad_clip: float = Field(
+        50.0, gt=0, description="each update's gradient is clipped to this norm"
+    )
     schedule: Literal["one_by_one", "parallel_sequential", "parallel_mean"] = Field(
         "one_by_one",
         description="how a round's client updates reach the hypernetwork "
@@ -162,7 +221,11 @@ class HypernetworkConfig(_Section):
         "then one Adam step per delta in a seeded order); parallel_mean (one step on the "
         "mean VJP)",
     )
-    device: str = "auto"
+    device: str = Field(
+        "auto",
+        description="where the hypernetwork lives: auto (cuda when present, else cpu), cpu, "
+        "cuda or cuda:N",
+    )
 
 
 class ServerConfig(_Section):
@@ -208,7 +271,13 @@ class ServerConfig(_Section):
         description="a refused node is asked again after this many rounds, then "
         "after twice as many each time (at most 64); 0: never",
     )
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_train: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="seeded share of the clients trained per round (paper C.3); the "
+        "others' state does not change",
+    )
     min_nodes: int = Field(
         2, gt=0, description="nodes to wait for (wait_for_nodes_s) before round 0"
     )
@@ -218,11 +287,20 @@ class ServerConfig(_Section):
         description="admitted clients needed to start; fewer stop the run with every "
         "node's refusal reason",
     )
-    wait_for_nodes_s: float = Field(300.0, ge=0)
-    timeout_s: float = Field(3600.0, gt=0)
-    evaluate_every: int = Field(1, ge=0)
-    output_root: str = "outputs"
-    run_name: str = "auto"
+    wait_for_nodes_s: float = Field(
+        300.0, ge=0, description="seconds to wait for min_nodes nodes before round 0"
+    )
+    timeout_s: float = Field(3600.0, gt=0, description="seconds an exchange waits for its replies")
+    evaluate_every: int = Field(
+        1,
+        ge=0,
+        description="evaluate every k rounds (round 0, the last round and the join round "
+        "always); 0: never",
+    )
+    output_root: str = Field("outputs", description="folder that holds the run directories")
+    run_name: str = Field(
+        "auto", description="the run directory's name; auto: <name>-<date>-<time>-run<id>"
+    )
     fuse_evaluation: bool = Field(
         True,
         description="a round's evaluation travels with the next round's train messages "
@@ -269,7 +347,8 @@ class GeneralizationConfig(_Section):
         0.1,
         gt=0,
         description="Adam lr of the novel clients' embeddings: they train alone on a frozen "
-        "hypernetwork, one step per round (README: 2e-4 barely moves them in 8 rounds)",
+        "hypernetwork, one step per round (docs/results.md: 2e-4 barely moves them in 8 "
+        "rounds)",
     )
 
     @field_validator("novel_models", mode="before")
@@ -338,11 +417,21 @@ class ExperimentConfig(_Section):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    name: str = "default"
+    name: str = Field(
+        "default", description="the experiment's name, used in run directories and trackers"
+    )
     method: str = Field("mh_pfedhn", description="a name in common/methods.py METHODS")
-    preset: Literal["none", "paper"] = "none"
-    seed: int = 0
-    rounds: int = Field(5, gt=0)
+    preset: Literal["none", "paper"] = Field(
+        "none",
+        description="paper: the authors' code's settings, applied over the experiment file "
+        "(see Presets)",
+    )
+    seed: int = Field(
+        0,
+        description="seeds the pool, the partition, the clients' data order, the "
+        "hypernetwork's initialisation and the update order",
+    )
+    rounds: int = Field(5, gt=0, description="server rounds")
     engine: Literal["loop", "batched"] = Field(
         "loop",
         description="in-process runs: clients one after another, or all clients of an "

@@ -119,6 +119,15 @@ METHODS: dict[str, Method] = {
             "client_app.methods.pfedhn:TensorSizesClient",
             schedules=True,
         ),
+        Method(
+            "pfedlhn",
+            "baseline: pFedLHN, layer-wise client embeddings over a shared bank, a head per tensor",
+            "Zhu, Liu and Sun, Neural Processing Letters 55, 2023",
+            f"{_HN}.pfedlhn:PFedLHN",
+            "client_app.methods.pfedhn:TensorSizesClient",
+            f"{_HN}.pfedlhn:PFedLHNSettings",
+            schedules=True,
+        ),
     )
 }
 

@@ -71,6 +71,7 @@ def load(
         device=device,
         max_params=state.get("max_params", DEFAULT_MAX_PARAMS),
         memory_budget=memory_budget,
+        **cls.options_from_state(state),
     )
     server.restore_extra(state)
     for key, num_params in state["clients"]:

@@ -113,6 +113,16 @@ class HypernetworkServer:
         )
 
     # ------------------------------------------------------------- head hooks
+    def use_feature_extractor(self, module: nn.Module) -> None:
+        """Put another shared map from embeddings to features in place of MH-pFedHN's MLP
+        (a subclass, right after construction: before any client registers)."""
+        if self.registered:
+            raise RuntimeError("the feature extractor is replaced before any registration")
+        self.hnet.feature_extractor = module.to(self.device)
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=self.settings.lr,
+                                          fused=fused_adam(self.device))  # fmt: skip
+
+
     def rows_for(self, key: str, num_params: int) -> int:
         """Embedding vectors of a client of K parameters: tau = ceil(K / N) chunks."""
         return num_chunks(num_params, self.settings.chunk_size)
@@ -310,6 +320,11 @@ class HypernetworkServer:
 
     def extra_state(self) -> dict:
         """What a subclass adds to the state dict (nothing here)."""
+        return {}
+
+    @classmethod
+    def options_from_state(cls, state: Mapping) -> dict:
+        """Constructor arguments a subclass keeps in its state dict (none here)."""
         return {}
 
     def restore_extra(self, state: Mapping) -> None:

@@ -70,15 +70,16 @@ def _misrouted(server, key, delta):
 def test_a_broken_update_cannot_reach_the_threshold(sabotage, mnist_npz, tmp_path, monkeypatch):
     """The threshold above is only meaningful if broken updates stay below it (the default
     schedule, one_by_one, steps client by client)."""
-    from server_app.hypernetwork_server import HypernetworkServer
+    from server_app.schedules import OneByOne
 
-    original = HypernetworkServer.step_client
+    original = OneByOne.apply
 
-    def broken(self, key, delta):
-        for target, changed in sabotage(self, key, delta):
-            original(self, target, changed)
-        return 0.0
+    def broken(self, server, deltas, server_round):
+        for key, delta in deltas.items():
+            for target, changed in sabotage(server, key, delta):
+                original(self, server, {target: changed}, server_round)
+        return original(self, server, {}, server_round)
 
-    monkeypatch.setattr(HypernetworkServer, "step_client", broken)
+    monkeypatch.setattr(OneByOne, "apply", broken)
     _, rows = mnist_run(mnist_npz, tmp_path)
     assert max(r["accuracy"] for r in rows) < THRESHOLD, [round(r["accuracy"], 3) for r in rows]
