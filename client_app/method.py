@@ -93,7 +93,7 @@ class ClientMethod:
     def query(self, session: Session, msg: Message) -> RecordDict:
         """K of the vector part, the role when novel, the secret, and what `report` adds."""
         model = session.model()
-        layout = session.layout(model)
+        layout = self.layout(session, model)
         return protocol.identity_reply(
             session.spec.key,
             vector_size(model, layout.shared),
@@ -106,6 +106,11 @@ class ClientMethod:
         """The values of `reports` (none here)."""
         return {}
 
+    def layout(self, session: Session, model: nn.Module) -> Layout:
+        """Which parameters travel in the vector: all trainable ones, less the local layers
+        the node config names (`Session.layout`)."""
+        return session.layout(model)
+
     # -------------------------------------------------------------------- train
     def train_job(self, session: Session, msg: Message) -> TrainJob | None:
         """The message's training made ready, if it is one that trains (None otherwise)."""
@@ -116,7 +121,7 @@ class ClientMethod:
     def prepare_train(self, session: Session, msg: Message) -> TrainJob:
         """The received vector in this client's model, ready to train."""
         model = session.model()
-        layout = session.layout(model)
+        layout = self.layout(session, model)
         theta = protocol.read_theta(msg)
         session.note_received(msg, theta)
         vector_to_model(model, theta, layout.shared)
@@ -162,5 +167,5 @@ class ClientMethod:
         model = session.model()
         theta = protocol.read_theta(msg)
         session.note_received(msg, theta)
-        vector_to_model(model, theta, session.layout(model).shared)
+        vector_to_model(model, theta, self.layout(session, model).shared)
         return protocol.evaluate_reply(session.evaluate(model))

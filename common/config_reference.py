@@ -170,15 +170,16 @@ def _section_text(name: str, model: type[BaseModel], owners: str) -> list[str]:
     return [*lines, ""]
 
 
-def _first_sentence(path: Path) -> str:
-    """The first sentence of a YAML file's leading comment."""
+def _summary(path: Path) -> str:
+    """What an experiment file is for: its leading comment's first sentence, up to a colon."""
     comment = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
         comment.append(line.lstrip("#").strip())
-    match = re.match(r"(.+?\.)(\s|$)", " ".join(comment))
-    return match.group(1) if match else " ".join(comment)
+    text = " ".join(comment)
+    match = re.match(r"(.+?)(?:\.\s|\.$|:\s|$)", text)
+    return (match.group(1) if match else text).strip()
 
 
 def _experiments() -> list[str]:
@@ -188,30 +189,18 @@ def _experiments() -> list[str]:
     ]
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         cfg = resolve_config(path.stem)
-        extends = _read_yaml_extends(path)
-        what = _cell(_first_sentence(path))
-        if extends:
-            what += f" (extends `{extends}`)"
-        models = ", ".join(cfg.clients.models)
         cells = [
             f"`{path.stem}`",
-            what,
+            _cell(_summary(path)),
             f"`{cfg.method}`",
             f"`{cfg.data.source}`",
             str(cfg.data.num_clients),
-            models,
+            ", ".join(cfg.clients.models),
             cfg.data.partitioner,
             str(cfg.rounds),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def _read_yaml_extends(path: Path) -> str | None:
-    import yaml
-
-    raw = yaml.safe_load(path.read_text()) or {}
-    return raw.get("extends")
 
 
 def _flat(nested: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -128,6 +128,14 @@ METHODS: dict[str, Method] = {
             f"{_HN}.pfedlhn:PFedLHNSettings",
             schedules=True,
         ),
+        Method(
+            "fedgh",
+            "baseline: private extractors, one shared header trained on class prototypes",
+            "Yi et al., ACM MM 2023",
+            f"{_HN}.fedgh:FedGH",
+            "client_app.methods.fedgh:GeneralizedHeaderClient",
+            f"{_HN}.fedgh:FedGHSettings",
+        ),
     )
 }
 

@@ -161,16 +161,7 @@ def identity_reply(
         identity[CLIENT_PROOF] = proof
     if role != "training":
         identity[ROLE] = role
-    arrays = {}
-    for name, value in (extras or {}).items():
-        if isinstance(value, np.ndarray):
-            arrays[name] = _array(value)
-        else:
-            identity[name] = value
-    content = RecordDict({"config": ConfigRecord(identity)})
-    if arrays:
-        content["arrays"] = ArrayRecord(arrays)
-    return content
+    return _content("config", identity, {}, extras)
 
 
 def top_p_entries(delta: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -207,12 +198,22 @@ def train_reply(
     elif delta is not None:
         indices, values = top_p_entries(np.asarray(delta, np.float32), top_p)
         arrays.update({DELTA_INDICES: Array(indices), DELTA_VALUES: _array(values)})
+    return _content("metrics", metrics, arrays, extras)
+
+
+def _content(
+    record: str, scalars: dict, arrays: dict, extras: Mapping[str, Any] | None
+) -> RecordDict:
+    """A reply of these scalars (in a `record` ConfigRecord or MetricRecord) and arrays, with
+    a method's fields added: numpy arrays (in their own dtype, as declared) among the arrays,
+    the rest among the scalars."""
     for name, value in (extras or {}).items():
         if isinstance(value, np.ndarray):
-            arrays[name] = _array(value)
+            arrays[name] = Array(np.ascontiguousarray(value))
         else:
-            metrics[name] = value
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+            scalars[name] = value
+    kind = ConfigRecord if record == "config" else MetricRecord
+    content = RecordDict({record: kind(scalars)})
     if arrays:
         content["arrays"] = ArrayRecord(arrays)
     return content
@@ -585,6 +586,29 @@ class Floats(Field):
         if np.isfinite(self.max_abs):
             bad.append(np.full(3, 2 * self.max_abs, np.float32))
         return bad
+
+
+@dataclass(frozen=True)
+class Indices(Field):
+    """A 1-D int32/int64 array of at most `max_size` strictly increasing entries in
+    [0, max_value) (class labels, positions)."""
+
+    max_size: int = MAX_TENSORS
+    max_value: int = MAX_VECTOR
+
+    def read(self, scalars, arrays: ArrayRecord | None) -> np.ndarray:
+        if arrays is None or self.name not in arrays:
+            raise ReplyError(f"reply lacks the {self.name!r} array")
+        values = _decode(arrays, self.name, (np.int32, np.int64), self.max_size)
+        if values.size and (values.min() < 0 or values.max() >= self.max_value):
+            raise ReplyError(f"{self.name!r} has entries outside 0..{self.max_value - 1}")
+        if values.size > 1 and not (np.diff(values) > 0).all():
+            raise ReplyError(f"{self.name!r} must be strictly increasing")
+        return values.astype(np.int64)
+
+    def hostile(self) -> list[Any]:
+        return [np.array([3, 1], np.int32), np.array([-1], np.int32),
+                np.array([self.max_value], np.int64), np.zeros(2, np.float32)]  # fmt: skip
 
 
 def _shape_fits(shape: tuple[int, ...], wanted: tuple[int, ...]) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from common.models import PAPER_HETEROGENEOUS_MODELS
 
-FLOWER_VERSION = "1.41.0"
+FLOWER_VERSION = "1.42.0"
 SUPERLINK_PORT = 9091
 SUPERNODE_PORT = 9094
 APP_IMAGE = "mh-pfedhn:latest"

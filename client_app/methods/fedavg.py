@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from client_app.method import ClientMethod
@@ -18,4 +19,4 @@ class InitialVectorClient(ClientMethod):
     reports = (protocol.Floats(protocol.INITIAL),)
 
     def report(self, session: Session, model: nn.Module) -> dict[str, Any]:
-        return {protocol.INITIAL: model_to_vector(model).numpy()}
+        return {protocol.INITIAL: model_to_vector(model).numpy().astype(np.float32)}

@@ -3,12 +3,12 @@
 #
 #   sudo docker/standin/build.sh [--force]
 #
-# tags flwr/superlink:1.41.0, flwr/supernode:1.41.0 and flwr/superexec:1.41.0, so that
+# tags flwr/superlink:1.42.0, flwr/supernode:1.42.0 and flwr/superexec:1.42.0, so that
 # docker/compose.yml runs unchanged. Like Flower's images (flwr/base): Python in
 # /python/venv (first on PATH), user app (uid 49999) in /app, entrypoint flower-superlink /
 # flower-supernode / flower-superexec. Unlike them: Debian bookworm from debootstrap with its
 # Python 3.11, and flwr copied from the Python that runs this script (its environment must
-# have flwr 1.41.0 and the project's dependencies, e.g. `pip install -e .`). The superexec
+# have flwr 1.42.0 and the project's dependencies, e.g. `pip install -e .`). The superexec
 # stand-in also holds the project's dependencies (torch CPU-only: see copy_packages.py) and
 # pip is set to install offline from them, so docker/Dockerfile builds without a network.
 #
@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-FLOWER_VERSION=1.41.0
+FLOWER_VERSION=1.42.0
 BASE=mh-pfedhn-standin:$FLOWER_VERSION
 LABEL=mh-pfedhn.standin
 PYTHON=${PYTHON:-python}
