@@ -27,6 +27,8 @@ class Method:
     client: str = VECTOR_CLIENT  # "module:Class" of its client side
     settings: str | None = None  # "module:Class" of its settings (a pydantic model)
     heterogeneous: bool = True  # clients may have different architectures
+    sends: str = "Δθ, the change of its generated vector"  # besides its key and K
+    models_note: str = ""  # how heterogeneous clients are served, if it says more
     novel_clients: bool = False  # has the generalization phase (paper 4.4)
     schedules: bool = False  # follows hypernetwork.schedule (else every round is parallel)
 
@@ -67,6 +69,7 @@ METHODS: dict[str, Method] = {
             f"{_HN}.mh_pfedhngd:GlobalModelSettings",
             novel_clients=True,
             schedules=True,
+            sends="Δθ, the global model's change Δw_g, and K_g",
         ),
         Method(
             "mh_pfedhngd_no_distill",
@@ -77,6 +80,7 @@ METHODS: dict[str, Method] = {
             f"{_HN}.mh_pfedhngd:GlobalModelSettings",
             novel_clients=True,
             schedules=True,
+            sends="as `mh_pfedhngd`",
         ),
         Method(
             "local",
@@ -84,6 +88,7 @@ METHODS: dict[str, Method] = {
             "MH-pFedHN paper, section 4.1",
             f"{_HN}.local:Local",
             "client_app.methods.local:LocalClient",
+            sends="metrics only",
         ),
         Method(
             "fedavg",
@@ -92,6 +97,7 @@ METHODS: dict[str, Method] = {
             f"{_HN}.fedavg:FedAvg",
             "client_app.methods.fedavg:InitialVectorClient",
             heterogeneous=False,
+            sends="Δw, and its initial vector once",
         ),
         Method(
             "fedavgm",
@@ -101,6 +107,7 @@ METHODS: dict[str, Method] = {
             "client_app.methods.fedavg:InitialVectorClient",
             f"{_HN}.fedavgm:FedAvgMSettings",
             heterogeneous=False,
+            sends="as `fedavg`",
         ),
         Method(
             "fedprox",
@@ -110,6 +117,7 @@ METHODS: dict[str, Method] = {
             "client_app.methods.fedprox:FedProxClient",
             "client_app.methods.fedprox:FedProxSettings",
             heterogeneous=False,
+            sends="as `fedavg`",
         ),
         Method(
             "pfedhn",
@@ -118,6 +126,8 @@ METHODS: dict[str, Method] = {
             f"{_HN}.pfedhn:PFedHN",
             "client_app.methods.pfedhn:TensorSizesClient",
             schedules=True,
+            sends="Δθ, and its tensor sizes once",
+            models_note="a set of heads per architecture",
         ),
         Method(
             "pfedlhn",
@@ -127,6 +137,8 @@ METHODS: dict[str, Method] = {
             "client_app.methods.pfedhn:TensorSizesClient",
             f"{_HN}.pfedlhn:PFedLHNSettings",
             schedules=True,
+            sends="Δθ, and its tensor sizes once",
+            models_note="a set of heads per architecture",
         ),
         Method(
             "fedgh",
@@ -135,6 +147,8 @@ METHODS: dict[str, Method] = {
             f"{_HN}.fedgh:FedGH",
             "client_app.methods.fedgh:GeneralizedHeaderClient",
             f"{_HN}.fedgh:FedGHSettings",
+            sends="the mean representation of each class it holds (prototypes)",
+            models_note="a shared last layer",
         ),
     )
 }
