@@ -500,6 +500,10 @@ class Field:
         """Values a hostile client might send that must be refused (tests/test_fuzz.py)."""
         raise NotImplementedError
 
+    def example(self) -> Any:
+        """A value an honest client might send (tests/test_fuzz.py)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Count(Field):
@@ -518,6 +522,9 @@ class Count(Field):
     def hostile(self) -> list[Any]:
         return [self.minimum - 1, self.maximum + 1, 1.5, "7", True, float("nan")]
 
+    def example(self) -> int:
+        return self.minimum
+
 
 @dataclass(frozen=True)
 class Number(Field):
@@ -535,6 +542,9 @@ class Number(Field):
 
     def hostile(self) -> list[Any]:
         return [float("nan"), float("inf"), "1.0", True]
+
+    def example(self) -> float:
+        return min(max(0.0, self.minimum), self.maximum)
 
 
 @dataclass(frozen=True)
@@ -557,6 +567,9 @@ class Sizes(Field):
 
     def hostile(self) -> list[Any]:
         return [[], [0], [-3], [1.5], [1] * (self.max_length + 1), "3,4", 7]
+
+    def example(self) -> list[int]:
+        return [1]
 
 
 @dataclass(frozen=True)
@@ -587,6 +600,10 @@ class Floats(Field):
             bad.append(np.full(3, 2 * self.max_abs, np.float32))
         return bad
 
+    def example(self) -> np.ndarray:
+        shape = (3,) if self.shape is None else tuple(1 if n == -1 else n for n in self.shape)
+        return np.zeros(shape, np.float32)
+
 
 @dataclass(frozen=True)
 class Indices(Field):
@@ -609,6 +626,9 @@ class Indices(Field):
     def hostile(self) -> list[Any]:
         return [np.array([3, 1], np.int32), np.array([-1], np.int32),
                 np.array([self.max_value], np.int64), np.zeros(2, np.float32)]  # fmt: skip
+
+    def example(self) -> np.ndarray:
+        return np.array([0], np.int32)
 
 
 def _shape_fits(shape: tuple[int, ...], wanted: tuple[int, ...]) -> bool:

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client_app.methods.fedgh import PROTO_VALUES, REP_DIM
 from common import protocol
 from common.config import resolve_config
 from common.methods import METHODS, get_method
@@ -96,11 +97,15 @@ REPLIES = st.one_of(
 )
 
 
-def honest_extras(method: str) -> dict:
-    """What a client of this method reports besides its key and K (its declared fields)."""
+def honest_extras(method: str, where: str = "query") -> dict:
+    """What a client of this method reports (or returns) besides the common fields: its
+    declared fields, with values that fit the scripted clients' size K = SIZE."""
     values = {protocol.GLOBAL_NUM_PARAMS: SIZE, protocol.TENSOR_SIZES: [SIZE],
-              protocol.INITIAL: np.ones(SIZE, np.float32)}  # fmt: skip
-    return {f.name: values[f.name] for f in get_method(method).client_class().reports}
+              protocol.INITIAL: np.ones(SIZE, np.float32),
+              REP_DIM: SIZE - 1, PROTO_VALUES: np.zeros((1, SIZE - 1), np.float32)}  # fmt: skip
+    client = get_method(method).client_class()
+    fields = client.reports if where == "query" else client.returns
+    return {f.name: values.get(f.name, f.example()) for f in fields}
 
 
 def fuzzed_app(draws, attacked_types: set[str], method: str) -> ClientApp:
@@ -128,6 +133,8 @@ def fuzzed_app(draws, attacked_types: set[str], method: str) -> ClientApp:
     def trained(i, msg):
         if "arrays" not in msg.content:  # the Local baseline
             return protocol.train_reply(None, 10 + i, 0.5)
+        if get_method(method).client_class().returns:  # no delta: its own fields (FedGH)
+            return protocol.train_reply(None, 10 + i, 0.5, extras=honest_extras(method, "train"))
         return protocol.train_reply(honest_delta(protocol.read_theta(msg)), 10 + i, 0.5)
 
     @app.query()
@@ -173,7 +180,7 @@ def honest_state(strategy) -> dict[str, torch.Tensor]:
           suppress_health_check=list(HealthCheck))  # fmt: skip
 @given(
     data=st.data(),
-    method=st.sampled_from(["mh_pfedhn", "mh_pfedhngd", "fedavg", "local"]),
+    method=st.sampled_from(["mh_pfedhn", "mh_pfedhngd", "fedavg", "local", "pfedlhn", "fedgh"]),
     schedule=st.sampled_from(["parallel_sequential", "one_by_one", "parallel_mean"]),
     attacked=st.sets(
         st.sampled_from(["train", "evaluate", "train.global", "evaluate.global"]), min_size=1
@@ -182,14 +189,18 @@ def honest_state(strategy) -> dict[str, torch.Tensor]:
 def test_random_hostile_replies_never_crash_and_rejected_ones_change_nothing(
     data, method, schedule, attacked
 ):
-    if method in ("fedavg", "local"):
+    if method in ("fedavg", "local", "fedgh"):
         attacked = attacked & {"train", "evaluate"} or {"train"}
     draws = lambda: data.draw(REPLIES)  # noqa: E731
     strategy = run(fuzzed_app(draws, attacked, method), method, schedule)
     assert [r["round"] for r in strategy.history] == [0, 1, 2, 3]
-    if method in ("fedavg", "local"):
-        if method == "fedavg":
-            assert np.isfinite(strategy.state.weights).all()
+    if method in ("fedavg", "local", "fedgh"):
+        shared = {"fedavg": lambda s: s.weights, "fedgh": lambda s: s.vector()}.get(method)
+        if shared is not None:
+            assert np.isfinite(shared(strategy.state)).all()
+            if all(r.get("clients_trained", 4) == 4 for r in strategy.history[1:]):
+                reference = run(fuzzed_app(lambda: "error", attacked, method), method, schedule)
+                assert np.array_equal(shared(strategy.state), shared(reference.state))
         return
     assert all_finite(strategy)
     honest_only = all(r.get("clients_trained", 4) == 4 for r in strategy.history[1:]) and all(
@@ -203,7 +214,10 @@ def test_random_hostile_replies_never_crash_and_rejected_ones_change_nothing(
 
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))  # fmt: skip
-@given(data=st.data(), method=st.sampled_from(["mh_pfedhn", "mh_pfedhngd", "pfedhn", "fedavg"]))
+@given(
+    data=st.data(),
+    method=st.sampled_from(["mh_pfedhn", "mh_pfedhngd", "pfedhn", "fedavg", "pfedlhn", "fedgh"]),
+)
 def test_random_query_replies_never_crash_the_server(data, method):
     draws = lambda: data.draw(REPLIES)  # noqa: E731
     strategy = run(fuzzed_app(draws, {"query"}, method), method, "parallel_sequential")
@@ -228,13 +242,13 @@ def test_every_declared_field_of_every_method_refuses_hostile_values(method, whe
     """A method's new message fields get the protocol's strict checks for free: each hostile
     value of each declared field is refused, the honest ones accepted."""
     for bad in field.hostile():
-        extras = {**honest_extras(method), field.name: bad}
+        extras = {**honest_extras(method, where), field.name: bad}
         scalars = {k: v for k, v in extras.items() if not isinstance(v, np.ndarray)}
         arrays = {k: Array(v) for k, v in extras.items() if isinstance(v, np.ndarray)}
         message = fake_reply(scalars, arrays)
         with pytest.raises(protocol.ReplyError, match=field.name):
             protocol.read_fields([field], message["config"], message.get("arrays"))
-    honest = honest_extras(method)
+    honest = honest_extras(method, where)
     scalars = {k: v for k, v in honest.items() if not isinstance(v, np.ndarray)}
     arrays = {k: Array(v) for k, v in honest.items() if isinstance(v, np.ndarray)}
     message = fake_reply(scalars, arrays)

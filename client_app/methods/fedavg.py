@@ -16,7 +16,7 @@ from common.param_vector import model_to_vector
 
 
 class InitialVectorClient(ClientMethod):
-    reports = (protocol.Floats(protocol.INITIAL),)
+    reports = (protocol.Floats(protocol.INITIAL, required=False),)  # not if the server has w_0
 
     def report(self, session: Session, model: nn.Module) -> dict[str, Any]:
         return {protocol.INITIAL: model_to_vector(model).numpy().astype(np.float32)}
