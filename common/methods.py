@@ -150,6 +150,17 @@ METHODS: dict[str, Method] = {
             sends="the mean representation of each class it holds (prototypes)",
             models_note="a shared last layer",
         ),
+        Method(
+            "pfedla",
+            "baseline: per-client hypernetworks weigh every client's layers into its model",
+            "Ma et al., CVPR 2022",
+            f"{_HN}.pfedla:PFedLA",
+            "client_app.methods.pfedla:LayerWiseAggregationClient",
+            f"{_HN}.pfedla:PFedLASettings",
+            heterogeneous=False,
+            sends="Δθ, its tensor sizes and its initial vector once",
+            schedules=True,
+        ),
     )
 }
 
