@@ -161,6 +161,17 @@ METHODS: dict[str, Method] = {
             sends="Δθ, its tensor sizes and its initial vector once",
             schedules=True,
         ),
+        Method(
+            "fedakt",
+            "baseline (our reconstruction): a shared adapter beside each private model, "
+            "mutual feature distillation, the adapters averaged",
+            "Liu et al., J. Systems Architecture 159, 2025",
+            f"{_HN}.fedavg:FedAvg",
+            "client_app.methods.fedakt:AdapterClient",
+            "client_app.methods.fedakt:FedAKTSettings",
+            sends="Δ of the shared adapter, and the adapter's initial vector once",
+            models_note="a shared adapter of the representation's width",
+        ),
     )
 }
 
