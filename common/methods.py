@@ -172,6 +172,17 @@ METHODS: dict[str, Method] = {
             sends="Δ of the shared adapter, and the adapter's initial vector once",
             models_note="a shared adapter of the representation's width",
         ),
+        Method(
+            "pefll",
+            "baseline: an embedding network describes a client's data, a hypernetwork maps "
+            "the description to its model",
+            "Scott, Zakerinia and Lampert, ICLR 2024",
+            f"{_HN}.pefll:PeFLL",
+            "client_app.methods.pefll:DescriptorClient",
+            f"{_HN}.pefll:PeFLLSettings",
+            heterogeneous=False,
+            sends="Δθ, its data descriptor and the embedding network's gradient each round",
+        ),
     )
 }
 

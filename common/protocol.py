@@ -117,14 +117,17 @@ def instruction(
     server_round: int,
     config: Mapping[str, bool | int | float | str] | None = None,
     teacher: np.ndarray | None = None,
+    extras: Mapping[str, np.ndarray] | None = None,
 ) -> RecordDict:
-    """Content of a train/evaluate instruction (a query carries no vector)."""
+    """Content of a train/evaluate instruction (a query carries no vector); `extras`: a
+    method's own float32 arrays."""
     content = RecordDict({"config": ConfigRecord({SERVER_ROUND: server_round, **(config or {})})})
     arrays = {}
     if theta is not None:
         arrays[THETA] = _array(theta)
     if teacher is not None:
         arrays[TEACHER] = _array(teacher)
+    arrays.update({name: _array(value) for name, value in (extras or {}).items()})
     if arrays:
         content["arrays"] = ArrayRecord(arrays)
     return content
@@ -442,6 +445,21 @@ def _fused_evaluation(metrics) -> EvalResult | None:
     if f"{EVAL_PREFIX}{NUM_EXAMPLES}" not in metrics:
         return None
     return _evaluation(metrics, EVAL_PREFIX)
+
+
+def fields_reply(extras: Mapping[str, Any]) -> RecordDict:
+    """A reply of nothing but a method's fields (e.g. to one of its own message types)."""
+    return _content("metrics", {}, {}, extras)
+
+
+def parse_fields_reply(message: Message, fields: Sequence[Field]) -> dict[str, Any]:
+    """A `fields_reply`, strictly: its declared fields, no array it does not declare."""
+    metrics = _record(message, "metrics", MetricRecord)
+    arrays = _optional_arrays(message)
+    unexpected = sorted(set(arrays or ()) - {f.name for f in fields})
+    if unexpected:
+        raise ReplyError(f"reply carries {', '.join(repr(str(n)[:40]) for n in unexpected[:5])}")
+    return read_fields(fields, metrics, arrays)
 
 
 def parse_fused_evaluation(message: Message) -> EvalResult | None:
