@@ -91,3 +91,16 @@ def test_flwr_run_the_worked_examples_with_their_own_settings(
     assert rows[-1]["clients_trained"] == 2 and not rows[-1]["rejected"]
     config = (tmp_path / "out" / method / "config.yaml").read_text()
     assert f"{check}: {setting.split('=')[1]}" in config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedgh", "pefll"])
+def test_flwr_run_baselines_with_message_fields_and_types_of_their_own(method, mnist_npz, tmp_path):
+    """FedGH's prototype replies and PeFLL's own message types (`train.descriptor`,
+    `train.embedgrad`) go through Flower's routing and serialisation."""
+    models = 'clients.models="lenet,mlp"' if method == "fedgh" else 'clients.models="lenet"'
+    log, rows = simulate(mnist_npz, tmp_path, method, 2, f'method="{method}"', models,
+                         "rounds=1")  # fmt: skip
+    assert [r["round"] for r in rows] == [0, 1], log[-4000:]
+    assert rows[-1]["clients_trained"] == 2 and not rows[-1]["rejected"], log[-4000:]
+    assert 0.0 <= rows[-1]["accuracy"] <= 1.0
