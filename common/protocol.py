@@ -388,9 +388,19 @@ def _count(metrics, name: str) -> int:
 
 
 def _loss(metrics) -> float:
-    if "train-loss" not in metrics:
-        return float("nan")
-    return float(_field(metrics, "train-loss", (int, float)))
+    """The reported train loss: present and finite (it is averaged into the round's)."""
+    loss = float(_field(metrics, "train-loss", (int, float)))
+    if not np.isfinite(loss):
+        raise ReplyError(f"train-loss is {loss} (a finite number is required)")
+    return loss
+
+
+def printable(text: object, limit: int = 500) -> str:
+    """Client-controlled text made safe to log and show: control characters (newlines,
+    terminal escapes) written as escapes, at most `limit` characters."""
+    text = str(text)[:limit]
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)  # fmt: skip
 
 
 def _sparse_delta(arrays: ArrayRecord, expected_params: int) -> tuple[np.ndarray, int]:

@@ -115,6 +115,7 @@ class ClientDirectory:
         self.refused.pop(node, None)
 
     def refuse(self, node: int, reason: str, server_round: int) -> None:
+        reason = protocol.printable(reason)  # it may quote what the client sent
         previous = self.refused.get(node)
         count = 1 if previous is None else previous.count + 1
         retry = None

@@ -7,6 +7,7 @@ Lines are appended and flushed as each round ends, so a crashed run keeps what i
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,22 @@ from typing import Any
 
 from common.config import ExperimentConfig, to_yaml
 from server_app.events import RunObserver
+
+
+def json_line(row: Any) -> str:
+    """A row as strict JSON: a number that is not finite (a loss with nothing to average) is
+    null, never the bare NaN or Infinity that JSON readers refuse."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(row), allow_nan=False)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -42,18 +59,19 @@ class RunRecorder(RunObserver):
     def resume(cls, directory: Path, cfg: ExperimentConfig, history: list[dict[str, Any]]):
         """Continue a run's directory: metrics.jsonl becomes exactly the checkpoint's rounds."""
         recorder = cls(directory)
-        lines = "".join(json.dumps(row) + "\n" for row in history)
+        lines = "".join(json_line(row) + "\n" for row in history)
         _atomic_write(recorder.metrics_path, lines)
         _atomic_write(directory / "config.yaml", to_yaml(cfg))
         return recorder
 
     def round_finished(self, row: dict[str, Any], num_rounds: int) -> None:
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=False) + "\n")
+            f.write(json_line(row) + "\n")
             f.flush()
 
     def run_finished(self, summary: dict[str, Any]) -> None:
-        _atomic_write(self.directory / "summary.json", json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(json.loads(json_line(summary)), indent=2)
+        _atomic_write(self.directory / "summary.json", text + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -93,7 +93,9 @@ class RoundOutcome:
 
 
 def reject(server_round: int, who: str, reason: str) -> None:
-    """Refuse a reply: logged, and kept in the round's row by the loop (`collecting`)."""
+    """Refuse a reply: logged, and kept in the round's row by the loop (`collecting`); the
+    client's text is escaped (a forged log line cannot be made of it)."""
+    who, reason = protocol.printable(who), protocol.printable(reason)
     rejections.warning("round %d: rejected reply from %s: %s", server_round, who, reason,
                        extra={"client": who, "reason": reason})  # fmt: skip
 
@@ -202,6 +204,7 @@ class RoundLoop(Strategy):
             requery_rounds=cfg.server.requery_rounds,
         )
         self.delta_bound = DeltaNormBound(cfg.server.delta_norm_bound)
+        self.split_sizes: dict[str, list[int]] = {}  # key -> its test (and validation) size
         self.schedule = (
             schedule_named(cfg.hypernetwork.schedule) if self.method.schedules else Parallel()
         )
@@ -244,12 +247,14 @@ class RoundLoop(Strategy):
         return {
             "directory": self.directory.state_dict(),
             "delta_norms": self.delta_bound.state_dict(),
+            "split_sizes": dict(self.split_sizes),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """The inverse of strategy_state (an empty mapping for a new run)."""
         self.directory.load_state_dict(state.get("directory", {}))
         self.delta_bound.load_state_dict(state.get("delta_norms", {}))
+        self.split_sizes = {k: list(v) for k, v in state.get("split_sizes", {}).items()}
 
     # ---------------------------------------------------------------- nodes
     def wait_for_nodes(self, grid: Grid) -> None:
@@ -554,12 +559,21 @@ class RoundLoop(Strategy):
         return self.messages(protocol.EVALUATE, server_round, config, grid)
 
     def parse_evaluate(self, key: str, reply: Message) -> protocol.EvalResult:
-        """An evaluate reply, or the evaluation a train reply carries."""
-        if reply.metadata.message_type == protocol.EVALUATE:
-            return protocol.parse_evaluate_reply(reply)
-        evaluation = protocol.parse_fused_evaluation(reply)
-        if evaluation is None:
-            raise protocol.ReplyError("the train reply carries no evaluation")
+        """An evaluate reply, or the evaluation a train reply carries; its counts must be
+        those the client reported the first time (its test and validation splits do not
+        change), so a client cannot claim more examples to weigh more."""
+        if reply.metadata.message_type == protocol.TRAIN:
+            evaluation = protocol.parse_fused_evaluation(reply)
+            if evaluation is None:
+                raise protocol.ReplyError("the train reply carries no evaluation")
+        else:
+            evaluation = protocol.parse_evaluate_reply(reply)
+        validation = evaluation.validation
+        sizes = [evaluation.num_examples, 0 if validation is None else validation.num_examples]
+        known = self.split_sizes.setdefault(key, sizes)
+        if known != sizes:
+            raise protocol.ReplyError(f"evaluation counts {sizes} differ from the {known} this "
+                                      "client reported first")  # fmt: skip
         return evaluation
 
     def aggregate_evaluate(
@@ -573,25 +587,43 @@ class RoundLoop(Strategy):
     def evaluation_stats(self, results: Mapping[str, protocol.EvalResult]) -> dict[str, Any] | None:
         """Pooled (total correct / total samples) and per-client accuracy, pooled loss; the
         same pooled on validation splits, where clients hold one."""
-        total = sum(r.num_examples for r in results.values())
-        if not total:
+        accuracy, loss = self.pooled(results)
+        if accuracy is None:
             return None
         per_client = {  # a client with no test samples has no accuracy of its own
             k: r.correct / r.num_examples for k, r in sorted(results.items()) if r.num_examples
         }
         stats = {
-            "accuracy": sum(r.correct for r in results.values()) / total,
+            "accuracy": accuracy,
             "accuracy_client_mean": float(np.mean(list(per_client.values()))),
-            "loss": sum(r.loss_sum for r in results.values()) / total,
+            "loss": loss,
             "clients_evaluated": len(results),
             "client_accuracy": per_client,
         }
-        held_out = [r.validation for r in results.values() if r.validation is not None]
-        val_total = sum(v.num_examples for v in held_out)
-        if val_total:  # pooled over the clients that hold a validation split
-            stats["val_accuracy"] = sum(v.correct for v in held_out) / val_total
-            stats["val_loss"] = sum(v.loss_sum for v in held_out) / val_total
+        held_out = {k: r.validation for k, r in results.items() if r.validation is not None}
+        val_accuracy, val_loss = self.pooled(held_out)
+        if val_accuracy is not None:  # pooled over the clients that hold a validation split
+            stats["val_accuracy"], stats["val_loss"] = val_accuracy, val_loss
         return stats
+
+    def pooled(
+        self, results: Mapping[str, protocol.EvalResult]
+    ) -> tuple[float | None, float | None]:
+        """Pooled accuracy and loss (total correct / total examples): each client's count
+        weighs at most server.max_example_weight x the lower median, like a training
+        weight, so no client can carry the pool by claiming many examples."""
+        counts = {k: r.num_examples for k, r in results.items()}
+        total = sum(counts.values())
+        if not total:
+            return None, None
+        weights = bounded_weights(counts, self.cfg.server.max_example_weight)
+        if all(weights[k] == counts[k] for k in counts):  # nobody over the bound
+            return (sum(r.correct for r in results.values()) / total,
+                    sum(r.loss_sum for r in results.values()) / total)  # fmt: skip
+        scale = {k: weights[k] / counts[k] for k in counts if counts[k]}
+        bounded = sum(weights[k] for k in scale)
+        return (sum(results[k].correct * s for k, s in scale.items()) / bounded,
+                sum(results[k].loss_sum * s for k, s in scale.items()) / bounded)  # fmt: skip
 
     def evaluate_round(
         self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -15,6 +15,7 @@ rounds it already has, so no round appears twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -220,5 +221,10 @@ def hparam_values(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _metric_name(key: str) -> str:
-    """A client key as an MLflow metric name (letters, digits, _ - . / and spaces only)."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", key)[:200]
+    """A client key as a metric name MLflow always accepts, one per key: a plain key (letters,
+    digits, _ and -) as it is; any other with its other characters as _ and a hash of the
+    key, so that `a+b` and `a_b` stay apart and nothing like `x/../y` reaches a path."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,100}", key):
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)[:80]}-{digest}"

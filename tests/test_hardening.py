@@ -95,7 +95,7 @@ def all_finite(strategy) -> bool:
 
 
 def train_content(arrays: dict, metrics: dict | None = None) -> RecordDict:
-    metrics = {protocol.NUM_EXAMPLES: 10} if metrics is None else metrics
+    metrics = {protocol.NUM_EXAMPLES: 10, "train-loss": 0.5} if metrics is None else metrics
     return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
 
 
@@ -356,7 +356,9 @@ def test_the_delta_norm_bound_scales_an_outlier_down():
     attack, scaled = bound(-100 * honest)
     assert scaled and np.linalg.norm(attack) == pytest.approx(3 * np.linalg.norm(honest), rel=1e-5)
     assert np.allclose(attack / np.linalg.norm(attack), -honest / np.linalg.norm(honest))
-    assert bound(np.full(12, 5.0, np.float32))[1] is False  # another size K: its own history
+    # a K nobody else has is bounded by everyone's history from its first delta on
+    odd, scaled = bound(np.full(12, 5.0, np.float32))
+    assert scaled and np.linalg.norm(odd) / np.sqrt(12) == pytest.approx(0.3, rel=1e-5)
     off = DeltaNormBound(0.0)
     assert off(-100 * honest)[1] is False
 

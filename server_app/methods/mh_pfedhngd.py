@@ -243,11 +243,6 @@ class MHpFedHNGD(MHpFedHN):
             metrics.update({f"global_{k}": v for k, v in stats.items()})
         return metrics, [*exchanges, exchanged]
 
-    def parse_evaluate(self, key: str, reply: Message) -> protocol.EvalResult:
-        if reply.metadata.message_type == protocol.EVALUATE_GLOBAL:
-            return protocol.parse_evaluate_reply(reply)
-        return super().parse_evaluate(key, reply)
-
     def summary(self) -> None:
         super().summary()
         s = self.settings

@@ -1,0 +1,106 @@
+"""Results and state that one client must not be able to forge (the review of 2026-12,
+items 5-12): evaluation counts, the norm bound of a lone K, federation-wide values, memory,
+tensor heads, a non-finite loss, log lines, tracker names. Each test fails on the code before
+the fix (noted per test) and passes after."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from common import protocol
+from server_app.defences import DeltaNormBound
+from server_app.outputs import json_line
+from tests.test_hardening import app_with, honest_delta, setup
+
+
+def test_an_evaluation_with_a_forged_count_cannot_carry_the_pooled_accuracy():
+    """Before: c0 claiming 10^12 examples, all correct, made the pooled accuracy ~1.0."""
+
+    def forged(i, msg):
+        if i == 0:
+            return protocol.evaluate_reply(protocol.EvalResult(10**12, 10**12, 0.0))
+        return protocol.evaluate_reply(protocol.EvalResult(10, 2, 20.0))
+
+    strategy, grid = setup(app_with(evaluate=forged), rounds=1,
+                           **{"server.fuse_evaluation": False})  # fmt: skip
+    strategy.start(grid)
+    accuracy = strategy.history[0]["accuracy"]
+    assert accuracy < 0.75  # c0 weighs as 4 x the median count (10), not 10^12
+    assert accuracy == pytest.approx((40 * 1.0 + 10 * 0.2 + 10 * 0.2) / 60)
+
+
+def test_an_evaluation_count_that_changes_is_refused():
+    def growing(i, msg):
+        n = 10 if protocol.read_round(msg) == 0 or i else 1000  # c0 inflates from round 1
+        return protocol.evaluate_reply(protocol.EvalResult(n, n // 2, 1.0))
+
+    strategy, grid = setup(app_with(evaluate=growing), rounds=1,
+                           **{"server.fuse_evaluation": False})  # fmt: skip
+    strategy.start(grid)
+    reasons = [r["reason"] for r in strategy.history[-1]["rejected"]]
+    assert any("differ from the [10, 0]" in r for r in reasons)
+    assert strategy.history[-1]["clients_evaluated"] == 2
+
+
+def test_a_lone_k_is_bounded_by_everyones_deltas_from_its_first_one():
+    """Before: a client with a K of its own was measured against itself only, so its first
+    deltas passed unbounded (0 of 7 scaled with K=41 against 7 with K=40)."""
+    bound = DeltaNormBound(2.0, warmup=3)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        bound(rng.normal(0, 0.01, 40).astype(np.float32))
+    attack = -1000 * rng.normal(0, 0.01, 41).astype(np.float32)
+    bounded, scaled = bound(attack)
+    assert scaled and np.linalg.norm(bounded) < np.linalg.norm(attack) / 100
+
+
+def test_a_non_finite_train_loss_is_refused_and_rows_stay_strict_json():
+    """Before: NaN/inf losses were accepted and written as bare NaN/Infinity."""
+
+    def nan_loss(i, msg):
+        if i == 0:
+            return protocol.train_reply(honest_delta(protocol.read_theta(msg)), 10, float("nan"))
+        return None
+
+    strategy, grid = setup(app_with(train=nan_loss), rounds=1)
+    strategy.start(grid)
+    row = strategy.history[-1]
+    assert row["clients_trained"] == 2
+    assert any("train-loss is nan" in r["reason"] for r in row["rejected"])
+    line = json_line({"train_loss": float("nan"), "x": [float("inf")], "y": {"z": 1.0}})
+    assert json.loads(line) == {"train_loss": None, "x": [None], "y": {"z": 1.0}}
+
+
+def test_a_clients_text_cannot_forge_a_log_line(caplog):
+    """Before: an error reason with a newline wrote a fake `[round 1/1] accuracy` line."""
+    forged = "boom\n[round 1/1] accuracy 0.9990 \x1b[31m"
+
+    def failing(i, msg):
+        if i == 0:
+            raise RuntimeError(forged)
+        return None
+
+    strategy, grid = setup(app_with(train=failing), rounds=1)
+    with caplog.at_level(logging.WARNING, logger="flwr.mh_pfedhn"):
+        strategy.start(grid)
+    assert not any(line.startswith("[round 1/1] accuracy 0.9990") for line in
+                   caplog.text.splitlines())  # fmt: skip
+    assert "\\n[round 1/1] accuracy 0.9990 \\x1b[31m" in caplog.text
+    assert all(c.isprintable() for r in strategy.history[-1]["rejected"] for c in r["reason"])
+
+
+def test_client_keys_become_distinct_and_always_valid_metric_names():
+    """Before: `x/../y` was refused by MLflow (the tracker was dropped for the run) and
+    `a+b` and `a_b` shared one series."""
+    from server_app.tracking import _metric_name
+
+    names = {k: _metric_name(k) for k in ("a+b", "a_b", "x/../y", "partition-3", "é" * 300)}
+    assert len(set(names.values())) == len(names)
+    assert names["partition-3"] == "partition-3" and names["a_b"] == "a_b"
+    for name in names.values():
+        assert ".." not in name and "/" not in name and len(name) <= 100
+        assert all(c.isalnum() or c in "_-" for c in name)
