@@ -236,6 +236,12 @@ class ServerConfig(_Section):
         "Adam moments); a registration that would exceed it is refused before anything is "
         "allocated. auto: half the machine's memory, or 90% of the GPU's",
     )
+    client_memory_gb: float | Literal["auto"] = Field(
+        "auto",
+        description="the most memory one client's registration may add to the server's "
+        "learned state (its embeddings and a new head), so that no client takes the whole "
+        "budget; auto: a quarter of server.memory_budget_gb",
+    )
     max_delta_abs: float = Field(
         1e4,
         gt=0,

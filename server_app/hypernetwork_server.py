@@ -79,12 +79,15 @@ class HypernetworkServer:
         device: str | torch.device = "cpu",
         max_params: int = DEFAULT_MAX_PARAMS,
         memory_budget: float | str = "auto",
+        client_memory: float | str = "auto",
     ) -> None:
         self.settings = settings or HypernetworkSettings()
         self.registry = ClientRegistry(seed, max_params)
         self.seed = seed
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.memory_budget = memory_budget_bytes(memory_budget, self.device)
+        self.client_quota = (self.memory_budget // 4 if client_memory == "auto"
+                             else int(float(client_memory) * 1e9))  # fmt: skip
         s = self.settings
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed(seed, "feature_extractor"))
@@ -110,6 +113,7 @@ class HypernetworkServer:
             device=cfg.hypernetwork.device,
             max_params=cfg.server.max_params,
             memory_budget=cfg.server.memory_budget_gb,
+            client_memory=cfg.server.client_memory_gb,
         )
 
     # ------------------------------------------------------------- head hooks
@@ -177,11 +181,18 @@ class HypernetworkServer:
         for (key, _), k in zip(entries, ks, strict=True):
             if key in self.clients:
                 continue
-            weights += self.rows_for(key, k) * self.settings.embedding_dim
+            own = self.rows_for(key, k) * self.settings.embedding_dim
             head = self.head_for(key, k)
             if head not in self.hnet.heads and head not in new_heads:
                 new_heads.add(head)
-                weights += self.head_weights(key, k)
+                own += self.head_weights(key, k)
+            if own * BYTES_PER_WEIGHT > self.client_quota:
+                raise RegistrationError(
+                    f"registering {key!r} (K={k}) needs {own * BYTES_PER_WEIGHT / 1e9:.2f} GB "
+                    f"for the hypernetwork, more than one client may take "
+                    f"({self.client_quota / 1e9:.2f} GB: server.client_memory_gb)"
+                )
+            weights += own
         what = ", ".join(f"{key!r} (K={k})" for (key, _), k in zip(entries, ks, strict=True))
         self.check_budget(weights, what)
         return ks

@@ -274,10 +274,15 @@ class RoundLoop(Strategy):
             for n in nodes
         }
         replies, _ = Exchange(grid, *self.pull_intervals).run(queries, timeout)
+        identities: dict[int, protocol.Identity] = {}
         for label, reply in sorted(replies.items(), key=lambda item: int(item[0])):
-            node = int(label)
             try:
-                identity = protocol.parse_identity(reply, self.wire.reports)
+                identities[int(label)] = protocol.parse_identity(reply, self.wire.reports)
+            except protocol.ReplyError as err:
+                self.directory.refuse(int(label), str(err), server_round)
+        for node in self.admission_order(identities):
+            identity = identities[node]
+            try:
                 self.directory.authorize(identity, node)
                 record = self.admit(identity, server_round)
             except (protocol.ReplyError, RegistrationError) as err:
@@ -290,6 +295,22 @@ class RoundLoop(Strategy):
                 continue
             self.directory.bind(identity, node)
             self.log_admission(identity, record)
+
+    def federation_value(self, identity: protocol.Identity) -> Any:
+        """What the first admitted client fixes for the whole federation (FedAvg's K, the
+        size of MH-pFedHNGD's global model), or None if it fixes nothing."""
+        return None
+
+    def admission_order(self, identities: Mapping[int, protocol.Identity]) -> list[int]:
+        """Nodes by id; while the federation's value is still open, those that report the
+        value most of them report come first, so that no single client decides it."""
+        nodes = sorted(identities)
+        values = {n: self.federation_value(identities[n]) for n in nodes}
+        counted = [repr(v) for v in values.values() if v is not None]
+        if not counted or self.state.clients:
+            return nodes
+        common = max(sorted(set(counted)), key=counted.count)
+        return sorted(nodes, key=lambda n: repr(values[n]) != common)
 
     def check_admitted(self, grid: Grid) -> None:
         """Stop, naming every refusal, when fewer than server.min_clients were admitted."""

@@ -14,7 +14,7 @@ import pytest
 from common import protocol
 from server_app.defences import DeltaNormBound
 from server_app.outputs import json_line
-from tests.test_hardening import app_with, honest_delta, setup
+from tests.test_hardening import SIZE, app_with, honest_delta, proof_of, setup
 
 
 def test_an_evaluation_with_a_forged_count_cannot_carry_the_pooled_accuracy():
@@ -104,3 +104,64 @@ def test_client_keys_become_distinct_and_always_valid_metric_names():
     for name in names.values():
         assert ".." not in name and "/" not in name and len(name) <= 100
         assert all(c.isalnum() or c in "_-" for c in name)
+
+
+def test_a_lone_first_client_cannot_set_the_federations_sizes():
+    """Before: MH-pFedHNGD's K_g (and FedAvg's K) came from whoever registered first: one
+    client reporting another K_g got every honest client refused."""
+
+    def odd_first(i, msg):
+        k_g = SIZE + 8 if i == 0 else SIZE  # node 1000, the first, lies
+        return protocol.identity_reply(f"c{i}", SIZE, proof=proof_of(f"c{i}"),
+                                       extras={protocol.GLOBAL_NUM_PARAMS: k_g})  # fmt: skip
+
+    strategy, grid = setup(app_with(query=odd_first), nodes=3, method="mh_pfedhngd")
+    strategy.discover(grid, 5)
+    assert strategy.state.global_model.num_params == SIZE
+    assert sorted(strategy.state.clients) == ["c1", "c2"]
+    assert "K_g" in strategy.directory.refused[1000].reason
+    fixed, grid = setup(app_with(query=odd_first), nodes=3, method="mh_pfedhngd",
+                        **{"global_model.num_params": SIZE + 8})  # fmt: skip
+    fixed.discover(grid, 5)  # the server's own setting wins over any majority
+    assert fixed.state.global_model.num_params == SIZE + 8 and list(fixed.state.clients) == ["c0"]
+
+
+def test_fedavgs_initial_vector_is_checked_like_a_delta():
+    """Before: a first client's initial vector of 1e30 became everyone's w_0."""
+
+    def huge(i, msg):
+        initial = np.full(SIZE, 1e30 if i == 0 else 0.1, np.float32)
+        return protocol.identity_reply(f"c{i}", SIZE, proof=proof_of(f"c{i}"),
+                                       extras={protocol.INITIAL: initial})  # fmt: skip
+
+    strategy, grid = setup(app_with(query=huge), method="fedavg")
+    strategy.discover(grid, 5)
+    assert "max_delta_abs" in strategy.directory.refused[1000].reason
+    assert np.all(strategy.state.weights == np.float32(0.1))
+
+
+def test_one_client_cannot_take_the_whole_memory_budget():
+    """Before: a K of 30M was accepted (a 62 GB head) when the budget allowed it, and every
+    later client needing a new head was refused."""
+    from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
+
+    settings = HypernetworkSettings(chunk_size=16, embedding_dim=4, hidden_dim=8)
+    server = HypernetworkServer(settings, memory_budget=1e-3)  # 1 MB: a quarter per client
+    with pytest.raises(ValueError, match="client_memory_gb"):
+        server.register("greedy", 3000)  # 188 chunks: ~0.4 MB of head, over the 0.25 MB
+    server.register("honest", 40)
+    assert list(server.clients) == ["honest"]
+
+
+def test_a_model_with_too_many_tensors_is_refused():
+    """Before: 10,000 reported tensors made every pFedHN step 265x slower."""
+
+    def many(i, msg):
+        sizes = [1] * (SIZE if i else 2000)
+        return protocol.identity_reply(f"c{i}", sum(sizes), proof=proof_of(f"c{i}"),
+                                       extras={protocol.TENSOR_SIZES: sizes})  # fmt: skip
+
+    strategy, grid = setup(app_with(query=many), method="pfedhn")
+    strategy.discover(grid, 5)
+    assert "1 to 1024" in strategy.directory.refused[1000].reason
+    assert sorted(strategy.state.clients) == ["c1", "c2"]

@@ -378,7 +378,7 @@ def test_the_delta_norm_bound_in_a_round_limits_a_flipped_client():
 # --------------------------------------------------------------------- memory
 def test_a_registration_over_the_memory_budget_is_refused_before_allocating():
     settings = HypernetworkSettings(chunk_size=16, embedding_dim=4, hidden_dim=8)
-    server = HypernetworkServer(settings, memory_budget=1e-4)  # 100 kB
+    server = HypernetworkServer(settings, memory_budget=1e-4, client_memory=1)  # 100 kB in all
     server.register("small", 40)  # 3 chunks: a head of 3 * (8 * 16 + 16) weights = 6.9 kB
     before = server.num_parameters()
     with pytest.raises(RegistrationError, match=r"needs 0\.\d+ GB more.*server\.memory_budget_gb"):
@@ -390,7 +390,7 @@ def test_the_default_budget_fits_the_machine():
     server = HypernetworkServer()
     total = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
     assert 0.4 * total < server.memory_budget <= 0.5 * total
-    with pytest.raises(RegistrationError, match="budget"):
+    with pytest.raises(RegistrationError, match="client_memory_gb"):
         server.register("greedy", 50_000_000)  # the largest K allowed: ~100 GB of head
 
 

@@ -87,8 +87,17 @@ class FedAvg(RoundLoop):
     state_class = FedAvgServer
 
     def register(self, identity: protocol.Identity) -> ClientRecord:
+        """An initial vector is checked like a delta (finite, every entry within
+        server.max_delta_abs): the first one becomes everyone's w_0."""
         initial = identity.extras.get(protocol.INITIAL)
+        limit = self.cfg.server.max_delta_abs
+        if initial is not None and initial.size and float(np.abs(initial).max()) > limit:
+            raise RegistrationError(f"initial vector with an entry above {limit:g} in "
+                                    "absolute value (server.max_delta_abs)")  # fmt: skip
         return self.state.register_with_initial(identity.client_key, identity.num_params, initial)
+
+    def federation_value(self, identity: protocol.Identity) -> Any:
+        return identity.num_params  # one architecture: its K
 
     def apply_train(
         self, server_round: int, results: Mapping[str, protocol.TrainResult]

@@ -151,6 +151,9 @@ class FedGH(RoundLoop):
         rep_dim = identity.extras[REP_DIM]
         return self.state.register_header(identity.client_key, identity.num_params, rep_dim)
 
+    def federation_value(self, identity: protocol.Identity) -> Any:
+        return identity.num_params, identity.extras.get(REP_DIM)  # the header's shape
+
     def parse_train(self, key: str, reply: Message) -> protocol.TrainResult:
         """Prototypes, not a delta: n classes below C, n x d finite values within bounds."""
         result = protocol.parse_local_train_reply(reply, self.wire.returns)

@@ -50,6 +50,10 @@ class GlobalModelSettings(BaseModel):
         "regenerated after phase 1's step, or the client's own phase-1-trained copy",
     )
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients in phase 1")
+    num_params: int = Field(
+        0, ge=0, description="K_g, the global model's size on the clients' data; 0: the size "
+        "most clients of the first query report (a lone client cannot set it)",
+    )
 
 
 class GlobalModelHypernetwork(HypernetworkServer):
@@ -99,10 +103,11 @@ class MHpFedHNGD(MHpFedHN):
         are checked before anything is registered."""
         k_g = identity.extras[protocol.GLOBAL_NUM_PARAMS]
         known = self.state.global_model
-        if known is not None and k_g != known.num_params:
+        expected = self.settings.num_params or (known.num_params if known else None)
+        if expected is not None and k_g != expected:
             raise RegistrationError(
                 f"client reports a global model of K_g={k_g}, but the global model has "
-                f"K_g={known.num_params}: its data has other classes or channels"
+                f"K_g={expected}: its data has other classes or channels"
             )
         self.state.check((identity.client_key, identity.num_params), (GLOBAL_MARKER, k_g))
         record = super().register(identity)
@@ -111,6 +116,9 @@ class MHpFedHNGD(MHpFedHN):
             logger.info("global model %s: K=%d, tau=%d", self.settings.architecture,
                         glob.num_params, glob.tau)  # fmt: skip
         return record
+
+    def federation_value(self, identity: protocol.Identity) -> Any:
+        return identity.extras.get(protocol.GLOBAL_NUM_PARAMS)  # K_g
 
     def sample_global(self, server_round: int, keys: list[str]) -> list[str]:
         """Seeded share of the sampled clients that run phase 1 (paper C.10)."""

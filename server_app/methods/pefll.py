@@ -211,6 +211,10 @@ class PeFLL(RoundLoop):
         sizes = identity.extras[protocol.TENSOR_SIZES]
         return self.state.register_client(identity.client_key, identity.num_params, sizes, shape)
 
+    def federation_value(self, identity: protocol.Identity) -> Any:
+        sizes = tuple(identity.extras.get(protocol.TENSOR_SIZES) or ())
+        return sizes, tuple(identity.extras.get(n) for n in DATA_SHAPE)
+
     def fuses_evaluation(self, server_round: int, num_rounds: int) -> bool:
         return False  # an evaluation's model comes from the full-data descriptor
 

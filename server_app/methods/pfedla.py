@@ -195,6 +195,9 @@ class PFedLA(RoundLoop):
                                           identity.extras[protocol.TENSOR_SIZES],
                                           identity.extras.get(protocol.INITIAL))  # fmt: skip
 
+    def federation_value(self, identity: protocol.Identity) -> Any:
+        return tuple(identity.extras.get(protocol.TENSOR_SIZES) or ())  # the architecture
+
     def apply_train(
         self, server_round: int, results: Mapping[str, protocol.TrainResult]
     ) -> dict[str, str]:
