@@ -325,6 +325,12 @@ class ServerConfig(_Section):
         "(fewer idle calls to the SuperLink); = pull_interval_s: a fixed wait",
     )
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints; 0 = never")
+    checkpoint_key_file: str = Field(
+        "",
+        description="the server's secret key that authenticates its checkpoints (made on "
+        "first use, mode 0600); a checkpoint altered, or made under another key, is refused; "
+        "'' = ~/.config/mh-pfedhn/checkpoint.key",
+    )
     resume: str = Field("", description="a run directory to continue from its checkpoint")
 
     @model_validator(mode="after")

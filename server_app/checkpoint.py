@@ -1,20 +1,25 @@
-"""Server checkpoints, written atomically, so a stopped run can resume.
+"""Server checkpoints, written atomically and privately, so a stopped run can resume.
 
 A checkpoint holds the server state (for the hypernetwork methods: hypernetwork, embeddings,
 Adam state, the client registry of key -> K), the last completed round, the metrics so far,
 what the Strategy keeps (novel clients' roles, the salted hashes that bind client keys) and
 the settings that define the run. It is written to a temporary file in the same directory
 and renamed over the old one, so a crash mid-write never leaves a truncated checkpoint
-behind. The file is a header with the SHA-256 of the payload, then the payload, which is
-loaded with `weights_only=True`: a damaged file is detected and a crafted one cannot run code.
+behind. The file is a header with an HMAC-SHA256 of the payload under a key the server keeps
+(server.checkpoint_key_file, made on first use, readable by its owner only), then the payload,
+which is loaded with `weights_only=True`: a damaged or altered file is refused (a reader of
+the run folder cannot forge one that binds a client key to another secret), and a crafted one
+cannot run code. The file is readable by its owner only: it holds every client's model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import os
 import pickle
+import secrets
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -24,8 +29,10 @@ from typing import Any
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT = 2
+FORMAT = 3  # 2: an unkeyed SHA-256 header, refused now (anyone could re-hash a forgery)
 MAGIC = b"MH-pFedHN checkpoint\n"
+DEFAULT_KEY_FILE = "~/.config/mh-pfedhn/checkpoint.key"
+PRIVATE = 0o600
 
 
 class CheckpointError(ValueError):
@@ -41,7 +48,31 @@ class Checkpoint:
     settings: dict[str, Any] = field(default_factory=dict)  # config.defining_settings()
 
 
-def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+def checkpoint_key(key_file: str | Path = "") -> bytes:
+    """The server's checkpoint key: read from `key_file` (default DEFAULT_KEY_FILE), or made
+    there (32 random bytes, mode 0600, its folder 0700) when there is none yet."""
+    path = Path(key_file or DEFAULT_KEY_FILE).expanduser()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
+        except FileExistsError:  # made meanwhile by another process: use that one
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+    key = path.read_bytes()
+    if len(key) < 16:
+        raise CheckpointError(f"{path} holds {len(key)} bytes: a checkpoint key needs 16 or more")
+    return key
+
+
+def _mac(key: bytes, payload: bytes | memoryview) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint, key: bytes | None = None) -> None:
+    key = checkpoint_key() if key is None else key
     state = {
         "format": FORMAT,
         "kind": type(checkpoint.server).__name__,
@@ -55,8 +86,9 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     torch.save(state, buffer)
     payload = buffer.getbuffer()
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE), "wb") as f:
+        f.write(MAGIC + _mac(key, payload) + b"\n")
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
@@ -64,14 +96,18 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
 
 
 def load_checkpoint(
-    path: Path, server_class: type, device: str | torch.device = "cpu", **server_options: Any
+    path: Path,
+    server_class: type,
+    device: str | torch.device = "cpu",
+    key: bytes | None = None,
+    **server_options: Any,
 ) -> Checkpoint:
     path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a write that was killed
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path} (server.resume must name a run directory)"
         )
-    state = _read(path)
+    state = _read(path, checkpoint_key() if key is None else key)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: checkpoint format {found}, expected {FORMAT}")
@@ -89,16 +125,18 @@ def load_checkpoint(
     )
 
 
-def _read(path: Path) -> Any:
-    """The verified payload; a damaged or foreign file raises CheckpointError."""
+def _read(path: Path, key: bytes) -> Any:
+    """The verified payload; a damaged, altered or foreign file raises CheckpointError."""
     damaged = (f"{path} is damaged or not a checkpoint of this project ({{}}): resume from a "
                "copy, or start the run again without server.resume")  # fmt: skip
     data = path.read_bytes()
     header, _, payload = data[len(MAGIC) :].partition(b"\n")
     if not data.startswith(MAGIC) or len(header) != 64:
         raise CheckpointError(damaged.format("no checkpoint header"))
-    if hashlib.sha256(payload).hexdigest().encode() != header:
-        raise CheckpointError(damaged.format("its checksum does not match: bytes changed"))
+    if not hmac.compare_digest(_mac(key, payload), header):
+        raise CheckpointError(damaged.format(
+            "its authentication does not match: bytes changed, or it was made by another "
+            "server (another server.checkpoint_key_file) or by a version before format 3"))
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
@@ -110,9 +148,12 @@ class CheckpointWriter:
     their state in, on this machine) also a copy of it as it was at that round, so that a
     resumed run continues with every client's own state exactly as the server left it."""
 
-    def __init__(self, path: Path, client_state: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, client_state: Path | None = None, key: bytes | None = None
+    ) -> None:
         self.path = path
         self.client_state = client_state
+        self.key = key
 
     def _snapshot(self, server_round: int) -> Path:
         assert self.client_state is not None
@@ -129,9 +170,10 @@ class CheckpointWriter:
                 shutil.copytree(self.client_state, tmp)
             else:
                 tmp.mkdir(parents=True)
+            os.chmod(tmp, 0o700)  # the clients' secrets and models are in it
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-        save_checkpoint(self.path, checkpoint)
+        save_checkpoint(self.path, checkpoint, self.key)
         if self.client_state is not None:
             keep = self._snapshot(checkpoint.round).name
             for old in self.client_state.parent.glob(f"{self.client_state.name}.round*"):

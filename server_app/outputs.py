@@ -52,6 +52,7 @@ class RunRecorder(RunObserver):
             name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
         directory = Path(cfg.server.output_root).expanduser().resolve() / name
         directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)  # the checkpoint in it holds every client's model
         _atomic_write(directory / "config.yaml", to_yaml(cfg))
         return cls(directory)
 

@@ -11,7 +11,12 @@ from typing import Any
 from flwr.serverapp import Grid
 
 from common.config import ConfigError, ExperimentConfig, settings_changed
-from server_app.checkpoint import CHECKPOINT_NAME, CheckpointWriter, load_checkpoint
+from server_app.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointWriter,
+    checkpoint_key,
+    load_checkpoint,
+)
 from server_app.events import ConsoleProgress, RunObserver
 from server_app.outputs import RunRecorder
 from server_app.round_loop import ResumePoint, RoundLoop
@@ -39,7 +44,8 @@ def build_strategy(
 def checkpoint_writer(cfg: ExperimentConfig, directory: Path) -> CheckpointWriter:
     """The run's checkpoints; simulated clients' state (client.state_dir) travels with them."""
     state_dir = Path(cfg.client.state_dir).expanduser().resolve() if cfg.client.state_dir else None
-    return CheckpointWriter(directory / CHECKPOINT_NAME, state_dir)
+    key = checkpoint_key(cfg.server.checkpoint_key_file)
+    return CheckpointWriter(directory / CHECKPOINT_NAME, state_dir, key)
 
 
 def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRecorder]:
@@ -49,6 +55,7 @@ def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRe
         directory / CHECKPOINT_NAME,
         cfg.method_spec.strategy_class().state_class,
         cfg.hypernetwork.device,
+        key=checkpoint_key(cfg.server.checkpoint_key_file),
         memory_budget=cfg.server.memory_budget_gb,
     )
     changed = settings_changed(checkpoint.settings, cfg)

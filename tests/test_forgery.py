@@ -165,3 +165,39 @@ def test_a_model_with_too_many_tensors_is_refused():
     strategy.discover(grid, 5)
     assert "1 to 1024" in strategy.directory.refused[1000].reason
     assert sorted(strategy.state.clients) == ["c1", "c2"]
+
+
+def test_checkpoints_are_private_and_a_rehashed_forgery_is_refused(tmp_path):
+    """Before: run folders were 0755 and checkpoint.pt 0644 (a reader regenerates every
+    client's model), and the header was an unkeyed SHA-256: re-hashing a forged payload
+    (a client key rebound to an attacker's secret) made it load."""
+    import hashlib
+    import stat
+
+    from server_app.checkpoint import (
+        CHECKPOINT_NAME,
+        MAGIC,
+        CheckpointError,
+        checkpoint_key,
+        load_checkpoint,
+    )
+    from server_app.methods.mh_pfedhn import MHpFedHN
+    from tests.test_checkpoint import run
+
+    key_file = tmp_path / "key"
+    strategy = run(tmp_path, "private", rounds=1)
+    folder = tmp_path / "private"
+    path = folder / CHECKPOINT_NAME
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    data = path.read_bytes()
+    payload = data[len(MAGIC) + 65 :].replace(b"partition", b"impostors")
+    forged = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    path.write_bytes(forged)
+    with pytest.raises(CheckpointError, match="authentication does not match"):
+        load_checkpoint(path, MHpFedHN.state_class)
+    path.write_bytes(data)
+    assert load_checkpoint(path, MHpFedHN.state_class).round == 1
+    with pytest.raises(CheckpointError, match="another server"):
+        load_checkpoint(path, MHpFedHN.state_class, key=checkpoint_key(key_file))
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and strategy.history
