@@ -39,6 +39,7 @@ from client_app.process import STARTED_ENV  # when the SuperExec's process start
 PRELOAD = ("numpy", "torch", "yaml", "pydantic", "flwr.clientapp", "flwr.supernode.cli",
            "flwr.supernode.runtime.run_clientapp")  # fmt: skip
 SOCKET_ENV = "MH_PFEDHN_WARM_SOCKET"
+REQUEST_TIMEOUT = 2.0  # seconds a connected process has to send its request
 SWITCH_ENV = "MH_PFEDHN_WARM_CLIENTAPP"
 
 # The `flwr-clientapp` the SuperExec finds first. Only the standard library, started with -S
@@ -142,13 +143,24 @@ class WarmServer:
         self.reap()
 
     def _accept(self) -> None:
+        """One request: a process that connects and sends nothing within REQUEST_TIMEOUT is
+        dropped (it must not hold up every ClientApp start at this site), and a malformed
+        request is refused with every descriptor it passed closed."""
         conn, _ = self.listener.accept()
+        conn.settimeout(REQUEST_TIMEOUT)
+        fds: list[int] = []
         try:
             data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
             request = json.loads(data)
+            if not isinstance(request, dict) or len(fds) != 3 or not _well_formed(request):
+                raise ValueError("not a request of the shim")
         except (OSError, ValueError):
+            for fd in fds:
+                with suppress(OSError):
+                    os.close(fd)
             conn.close()
             return
+        conn.settimeout(None)
         pid = os.fork()
         if pid == 0:
             self.listener.close()
@@ -176,6 +188,12 @@ class WarmServer:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         self.listener.close()
+
+
+def _well_formed(request: dict) -> bool:
+    return (isinstance(request.get("argv"), list) and isinstance(request.get("env"), dict)
+            and isinstance(request.get("cwd"), str)
+            and isinstance(request.get("started"), int | float))  # fmt: skip
 
 
 def find(command: str) -> str | None:

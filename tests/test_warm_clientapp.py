@@ -153,3 +153,44 @@ def test_flower_superexec_runs_with_the_warm_flwr_clientapp_first_on_its_path(tm
     found = out.stdout.splitlines()[0].split()
     assert found[0] == "found" and "warm-clientapp-" in found[1] and found[2] == "--insecure"
     assert "--token" in out.stdout  # Flower's own flwr-clientapp usage, printed by the child
+
+
+def test_a_process_that_connects_and_sends_nothing_does_not_hold_up_the_site(warm):
+    """Before: the single-threaded server waited on such a connection forever, and no
+    ClientApp of the site could start."""
+    import socket
+
+    _, shim, env = warm
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    silent.connect(env[SOCKET_ENV])
+    try:
+        done = subprocess.run([str(shim), "report"], env=env, capture_output=True, text=True,
+                              timeout=30)  # fmt: skip
+    finally:
+        silent.close()
+    assert done.returncode == 3 and json.loads(done.stdout.splitlines()[0])["site"] == "site-a"
+
+
+def test_a_malformed_request_leaks_no_descriptor(tmp_path):
+    """Before: the descriptors a non-JSON request passed stayed open in the warm process."""
+    import socket
+
+    from deployment.warm_clientapp import WarmServer
+
+    server = WarmServer(tmp_path / "socket", entry=lambda: None)
+    read, write = os.pipe()
+    try:
+        for payload in (b"not json", json.dumps({"argv": "x"}).encode()):
+            before = len(os.listdir("/proc/self/fd"))
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            client.connect(str(tmp_path / "socket"))
+            socket.send_fds(client, [payload], [read, write, read])
+            server.serve_once(5)
+            assert client.recv(64) == b""  # refused: closed without a child
+            client.close()
+            assert len(os.listdir("/proc/self/fd")) == before
+            assert not server.children
+    finally:
+        os.close(read)
+        os.close(write)
+        server.stop()
