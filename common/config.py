@@ -287,6 +287,13 @@ class ServerConfig(_Section):
     min_nodes: int = Field(
         2, gt=0, description="nodes to wait for (wait_for_nodes_s) before round 0"
     )
+    max_clients: int = Field(
+        0,
+        ge=0,
+        description="the most clients the federation admits (first come, refused after: a "
+        "flood of fake nodes cannot crowd it); 0: no limit (with SuperNode authentication "
+        "on, only registered nodes can join at all)",
+    )
     min_clients: int = Field(
         1,
         ge=0,

@@ -226,6 +226,14 @@ class RoundLoop(Strategy):
             )
         return self.register(identity)
 
+    def check_room(self, identity: protocol.Identity) -> None:
+        """Refuse a new key once server.max_clients keys are admitted."""
+        limit = self.cfg.server.max_clients
+        known = identity.client_key in self.directory.node_of
+        if limit and not known and len(self.directory.node_of) >= limit:
+            raise RegistrationError(f"the federation is full: {limit} clients "
+                                    "(server.max_clients)")  # fmt: skip
+
     def register(self, identity: protocol.Identity) -> ClientRecord:
         """The registration itself; methods that need more from a client extend this."""
         return self.state.register(identity.client_key, identity.num_params)
@@ -284,6 +292,7 @@ class RoundLoop(Strategy):
             identity = identities[node]
             try:
                 self.directory.authorize(identity, node)
+                self.check_room(identity)
                 record = self.admit(identity, server_round)
             except (protocol.ReplyError, RegistrationError) as err:
                 self.directory.refuse(node, str(err), server_round)

@@ -120,6 +120,9 @@ def fuzzed_app(draws, attacked_types: set[str], method: str) -> ClientApp:
         drawn = draws()
         if drawn == "error":
             return Message(Error(2, "fuzz"), reply_to=msg)
+        if isinstance(drawn, tuple) and msg.metadata.message_type.startswith("evaluate"):
+            _, n, _ = drawn  # a hostile count, every example right
+            return Message(protocol.evaluate_reply(protocol.EvalResult(n, n, 0.0)), reply_to=msg)
         if isinstance(drawn, tuple):
             _, n, scale = drawn
             theta = protocol.read_theta(msg) if "arrays" in msg.content else np.zeros(SIZE)
@@ -194,6 +197,9 @@ def test_random_hostile_replies_never_crash_and_rejected_ones_change_nothing(
     draws = lambda: data.draw(REPLIES)  # noqa: E731
     strategy = run(fuzzed_app(draws, attacked, method), method, schedule)
     assert [r["round"] for r in strategy.history] == [0, 1, 2, 3]
+    for row in strategy.history:  # honest: 3 + i of 10 right; two attackers weigh <= 4x each
+        accuracy = row.get("accuracy")
+        assert accuracy is None or 0.0 <= accuracy <= (18 + 4 * 10 + 4 * 10) / (40 + 80)
     if method in ("fedavg", "local", "fedgh"):
         shared = {"fedavg": lambda s: s.weights, "fedgh": lambda s: s.vector()}.get(method)
         if shared is not None:

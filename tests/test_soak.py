@@ -156,3 +156,65 @@ def test_a_long_run_full_of_faults_finishes_and_loses_nothing_honest(schedule):
     settled = memory.by_round[10:]
     assert max(settled) - min(settled) < 40, settled  # MB: flat after warm-up
     assert torch.isfinite(strategy.state.embedding("c2")).all()
+
+
+def sybil_run(mnist_npz, tmp_path, attackers: int, **settings) -> tuple[list[dict], object]:
+    """4 honest clients (the real ClientApp, 5% of MNIST) among `attackers` fake nodes that
+    claim keys of their own: a third report a huge model (to take the memory budget), the
+    others send their update flipped and scaled by -100."""
+    from client_app.app import app as client_app
+    from server_app.run import run_experiment
+    from tests.test_hardening import honest_delta, proof_of
+
+    def fake(i: int, msg):
+        kind = msg.metadata.message_type
+        if kind == "query":
+            size = 10**6 if i % 3 == 0 else SIZE_OF_HONEST
+            return protocol.identity_reply(f"sybil-{i}", size, proof=proof_of(f"sybil-{i}"))
+        if kind == "train":
+            return protocol.train_reply(-100 * honest_delta(protocol.read_theta(msg)), 50, 0.1)
+        return protocol.evaluate_reply(protocol.EvalResult(50, 50, 0.0))
+
+    def app(message, context):
+        sybil = context.node_config.get("sybil")
+        if sybil is None:
+            return client_app(message, context)
+        return Message(fake(int(sybil), message), reply_to=message)
+
+    run_cfg = {"data.source": f"npz:{mnist_npz}", "data.fraction": 0.05, "data.num_clients": 4,
+               "data.cache_dir": str(tmp_path / "cache"), "clients.models": "lenet",
+               "rounds": 3, "server.min_nodes": 4, "server.wait_for_nodes_s": 0,
+               "server.output_root": str(tmp_path / "out"), "server.run_name": f"s{attackers}",
+               "server.checkpoint_every": 0, "server.memory_budget_gb": 2.0,
+               **settings}  # fmt: skip
+    nodes = [{"partition-id": i, "num-partitions": 4} for i in range(4)]
+    nodes += [{"sybil": i} for i in range(attackers)]
+    grid = InProcessGrid(app, nodes, {"experiment": "default", **run_cfg})
+    strategy = run_experiment(grid, resolve_config("default", run_cfg), "sybil")
+    return strategy.history, strategy
+
+
+SIZE_OF_HONEST = 181_878  # LeNet on MNIST's 1-channel 28x28 images: the honest clients' K
+
+
+@pytest.mark.slow
+def test_sybil_and_budget_hogging_clients_leave_the_honest_ones_learning(
+    mnist_npz, tmp_path, caplog
+):
+    honest, _ = sybil_run(mnist_npz, tmp_path, 0)
+    limits = {"server.max_clients": 6, "server.delta_norm_bound": 2.0}
+    with caplog.at_level("WARNING", logger="flwr.mh_pfedhn"):
+        attacked, strategy = sybil_run(mnist_npz, tmp_path, 12, **limits)
+    assert len(strategy.directory.node_of) <= 6, sorted(strategy.state.clients)
+    assert "server.max_clients" in caplog.text and "client_memory_gb" in caplog.text
+    assert not any(k in strategy.state.clients for k in ("sybil-0", "sybil-3"))  # the hogs
+    honest_keys = {f"partition-{i}" for i in range(4)}
+    assert honest_keys <= set(strategy.state.clients)  # the first come are the honest ones
+    mean = lambda rows: np.mean([rows[-1]["client_accuracy"][k] for k in sorted(honest_keys)])  # noqa: E731
+    assert attacked[-1]["accuracy"] is not None and all_finite(strategy)
+    # two fakes got in before the cap (flipping their updates, norm-bounded): the honest
+    # clients still learn, most of what they learn undisturbed (measured: 0.00 -> 0.71
+    # alone, 0.05 -> 0.54 beside them)
+    first = lambda rows: np.mean([rows[0]["client_accuracy"][k] for k in sorted(honest_keys)])  # noqa: E731
+    assert mean(attacked) - first(attacked) > 0.3, (first(attacked), mean(attacked))
+    assert mean(attacked) > 0.6 * mean(honest), (mean(attacked), mean(honest))
