@@ -7,7 +7,7 @@ common/methods.py); they live in a section named after the method (or the model'
 e.g. `fedavgm.momentum`, and are validated with the rest.
 Every leaf setting is also a key of `[tool.flwr.app.config]` in pyproject.toml with the value
 "" (meaning "keep the YAML's value"), because Flower only accepts overrides for keys the app
-declares; `python -m common.config --sync-pyproject` writes that list from the schema, and a
+declares; `python -m common.generated --write` writes that list from the schema, and a
 test fails when it is stale. `flwr run . -c 'client.lr=0.005 fedavgm.momentum=0.5'` then works.
 """
 
@@ -762,7 +762,7 @@ def to_yaml(config: ExperimentConfig) -> str:
 
 # ------------------------------------------------------- the run-config key list
 PYPROJECT = PROJECT_ROOT / "pyproject.toml"
-_BEGIN = "# --- run-config keys: written by `python -m common.config --sync-pyproject` ---"
+_BEGIN = "# --- run-config keys: written by `python -m common.generated --write` ---"
 _END = "# --- end of run-config keys ---"
 
 
@@ -779,31 +779,3 @@ def synced_pyproject(text: str) -> str:
     if begin < 0 or end < begin:
         raise ConfigError(f"{PYPROJECT.name} has no run-config key block ({_BEGIN!r} ... {_END!r})")
     return text[:begin] + pyproject_keys_block() + text[end + len(_END) :]
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m common.config",
-        description="Check or write pyproject.toml's run-config keys (one per setting of the "
-        "schema and of every registered method), which Flower needs to accept -c overrides.",
-    )
-    parser.add_argument("--sync-pyproject", action="store_true", help="write them")
-    args = parser.parse_args(argv)
-    text = PYPROJECT.read_text()
-    synced = synced_pyproject(text)
-    if synced == text:
-        print(f"{PYPROJECT.name}: the run-config keys are up to date")
-        return 0
-    if args.sync_pyproject:
-        PYPROJECT.write_text(synced)
-        print(f"{PYPROJECT.name}: run-config keys written ({len(leaf_keys())} settings)")
-        return 0
-    print(f"{PYPROJECT.name}: the run-config keys are stale; run python -m common.config "
-          "--sync-pyproject")  # fmt: skip
-    return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

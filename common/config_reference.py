@@ -253,7 +253,7 @@ Later wins: **schema defaults < experiment file < preset < run config**.
 A typo, an unknown key or an invalid value stops the run with a message that names the key;
 a renamed key says what it is called now. Flower accepts a run-config key only if the app
 declares it, so `pyproject.toml` lists every key below
-(`python -m common.config --sync-pyproject` writes that list; a test checks it).
+(`python -m common.generated --write` writes that list; a test checks it).
 
 A method's own settings live in a section named after it (`fedavgm.momentum`; MH-pFedHNGD's in
 `global_model`) and are validated with the rest. How to add a method and its settings:

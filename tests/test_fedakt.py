@@ -3,8 +3,6 @@ each private model, averaged by the server; each rule against an independent com
 
 from __future__ import annotations
 
-import tempfile
-
 import numpy as np
 import pytest
 import torch
@@ -12,10 +10,9 @@ import torch.nn.functional as F
 
 from client_app.methods.fedakt import Adapter, AdapterObjective, WithAdapter
 from common import protocol
-from common.config import resolve_config
 from common.models import build_model
-from simulation.run import run_inprocess
 from tests.test_client_app import context_for, run_config, send
+from tests.tiny_runs import mnist_accuracies
 
 
 def composite(architecture: str = "lenet") -> WithAdapter:
@@ -82,12 +79,7 @@ def mnist_run(mnist_npz, broken: bool, monkeypatch) -> list[float]:
         from client_app.session import Session
 
         monkeypatch.setattr(Session, "save_local_model", lambda self, model: None)
-    overrides = {"method": "fedakt", "rounds": 4, "data.source": f"npz:{mnist_npz}",
-                 "data.fraction": 0.1, "data.num_clients": 4, "clients.models": "lenet,mlp",
-                 "client.epochs": 1, "server.min_nodes": 1, "server.checkpoint_every": 0,
-                 "server.output_root": tempfile.mkdtemp()}  # fmt: skip
-    return [r["accuracy"] for r in run_inprocess(resolve_config("default", overrides),
-                                                 overrides).history]  # fmt: skip
+    return mnist_accuracies(mnist_npz, "fedakt", 4)
 
 
 @pytest.mark.slow

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import tempfile
-
 import numpy as np
 import pytest
 import torch
@@ -19,8 +17,8 @@ from common.models import build_model
 from server_app.methods.fedgh import FedGHServer, FedGHSettings
 from server_app.run import build_strategy
 from simulation.grid import InProcessGrid
-from simulation.run import run_inprocess
 from tests.test_client_app import context_for, run_config, send
+from tests.tiny_runs import mnist_accuracies
 
 
 def test_prototypes_are_the_class_means_of_the_headers_input():
@@ -124,12 +122,7 @@ def mnist_run(mnist_npz, shift: bool, rounds: int, monkeypatch) -> list[float]:
         original = FedGHServer.update
         monkeypatch.setattr(FedGHServer, "update", lambda self, pairs, r: original(
             self, [((c + 1) % self.num_classes, v) for c, v in pairs], r))  # fmt: skip
-    overrides = {"method": "fedgh", "rounds": rounds, "data.source": f"npz:{mnist_npz}",
-                 "data.fraction": 0.1, "data.num_clients": 4, "clients.models": "lenet,mlp",
-                 "client.epochs": 1, "server.min_nodes": 1, "server.checkpoint_every": 0,
-                 "server.output_root": tempfile.mkdtemp()}  # fmt: skip
-    return [r["accuracy"] for r in run_inprocess(resolve_config("default", overrides),
-                                                 overrides).history]  # fmt: skip
+    return mnist_accuracies(mnist_npz, "fedgh", rounds)
 
 
 @pytest.mark.slow

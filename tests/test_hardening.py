@@ -174,7 +174,9 @@ HOSTILE_QUERY = {
         }
     ),  # fmt: skip
     "more tensor sizes than any model has": lambda: protocol.identity_reply(
-        "c0", SIZE, proof=proof_of("c0"),
+        "c0",
+        SIZE,
+        proof=proof_of("c0"),
         extras={protocol.TENSOR_SIZES: [1] * (protocol.MAX_TENSORS + 1)},
     ),  # fmt: skip
     "arrays a ConfigRecord": lambda: RecordDict(

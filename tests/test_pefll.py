@@ -4,7 +4,6 @@ rule split between server and client (docs/design/baselines.md, section 4)."""
 from __future__ import annotations
 
 import copy
-import tempfile
 
 import numpy as np
 import pytest
@@ -12,11 +11,10 @@ import torch
 
 from client_app.methods.pefll import DATA_SHAPE, DescriptorNet
 from common import protocol
-from common.config import resolve_config
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server_app.methods.pefll import PeFLLServer, PeFLLSettings
-from simulation.run import run_inprocess
 from tests.test_client_app import context_for, run_config, send
+from tests.tiny_runs import mnist_accuracies
 
 SIZES = (12, 3)
 
@@ -136,13 +134,8 @@ def mnist_run(mnist_npz, flip: bool, rounds: int, monkeypatch) -> list[float]:
         original = PeFLLServer.gradients
         monkeypatch.setattr(PeFLLServer, "gradients",
                             lambda self, key, delta: original(self, key, -delta))  # fmt: skip
-    overrides = {"method": "pefll", "rounds": rounds, "data.source": f"npz:{mnist_npz}",
-                 "data.fraction": 0.1, "data.num_clients": 4, "clients.models": "lenet",
-                 "client.lr": 0.05, "client.epochs": 2, "pefll.lr": 1e-3,
-                 "server.min_nodes": 1, "server.checkpoint_every": 0,
-                 "server.output_root": tempfile.mkdtemp()}  # fmt: skip
-    return [r["accuracy"] for r in run_inprocess(resolve_config("default", overrides),
-                                                 overrides).history]  # fmt: skip
+    return mnist_accuracies(mnist_npz, "pefll", rounds, **{"clients.models": "lenet",
+                            "client.lr": 0.05, "client.epochs": 2, "pefll.lr": 1e-3})  # fmt: skip
 
 
 @pytest.mark.slow

@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import copy
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 
-from common.config import resolve_config
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server_app.methods.pfedla import PFedLAServer, PFedLASettings, mixed, normalised
 from server_app.server_state import RegistrationError
-from simulation.run import run_inprocess
+from tests.tiny_runs import mnist_accuracies
 
 SIZES = [6, 2, 4]  # three tensors, K = 12
 
@@ -112,13 +110,8 @@ def test_the_state_resumes_bit_for_bit(tmp_path):
 def mnist_run(mnist_npz, broken: bool, monkeypatch) -> list[float]:
     if broken:  # the server never keeps what clients trained: the models cannot improve
         monkeypatch.setattr(PFedLAServer, "keep", lambda self, key, trained: None)
-    overrides = {"method": "pfedla", "rounds": 4, "data.source": f"npz:{mnist_npz}",
-                 "data.fraction": 0.1, "data.num_clients": 4, "clients.models": "lenet",
-                 "client.lr": 0.05, "client.epochs": 2, "server.min_nodes": 1,
-                 "server.checkpoint_every": 0,
-                 "server.output_root": tempfile.mkdtemp()}  # fmt: skip
-    return [r["accuracy"] for r in run_inprocess(resolve_config("default", overrides),
-                                                 overrides).history]  # fmt: skip
+    settings = {"clients.models": "lenet", "client.lr": 0.05, "client.epochs": 2}
+    return mnist_accuracies(mnist_npz, "pfedla", 4, **settings)
 
 
 @pytest.mark.slow

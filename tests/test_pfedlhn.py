@@ -4,7 +4,6 @@ Head_l(fc1(C_i[l] E)); each rule against a small independent computation, then l
 from __future__ import annotations
 
 import copy
-import tempfile
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from server_app.hypernetwork_server import HypernetworkSettings
 from server_app.methods.pfedlhn import PFedLHNServer
 from server_app.run import build_state
 from server_app.schedules import OneByOne
-from simulation.run import run_inprocess
+from tests.tiny_runs import mnist_accuracies
 
 SMALL = HypernetworkSettings(embedding_dim=3, hidden_dim=8, embedding_std=0.002)
 
@@ -107,12 +106,7 @@ def mnist_run(mnist_npz, flip: bool, rounds: int, monkeypatch) -> list[float]:
         original = OneByOne.apply
         monkeypatch.setattr(OneByOne, "apply", lambda self, server, deltas, r: original(
             self, server, {k: -v for k, v in deltas.items()}, r))  # fmt: skip
-    overrides = {"method": "pfedlhn", "rounds": rounds, "data.source": f"npz:{mnist_npz}",
-                 "data.fraction": 0.1, "data.num_clients": 4, "clients.models": "lenet,mlp",
-                 "client.epochs": 1, "server.min_nodes": 1, "server.checkpoint_every": 0,
-                 "server.output_root": tempfile.mkdtemp()}  # fmt: skip
-    strategy = run_inprocess(resolve_config("default", overrides), overrides)
-    return [r["accuracy"] for r in strategy.history]
+    return mnist_accuracies(mnist_npz, "pfedlhn", rounds)
 
 
 @pytest.mark.slow
