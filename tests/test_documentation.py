@@ -93,7 +93,7 @@ def test_the_documents_quote_commands():
     modules = {module for _, module, _ in COMMANDS}
     sources = {source for source, _, _ in COMMANDS}
     assert len(COMMANDS) >= 25 and {"experiments.runner", "experiments.report"} <= modules
-    assert {"common.config", "common.config_reference"} <= modules
+    assert {"common.generated", "common.config_reference"} <= modules
     assert {"README.md", "docs/simulations.md", "docs/results.md"} <= sources
 
 
