@@ -227,7 +227,9 @@ def sparse_reply(indices, values):
     arrays = ArrayRecord(
         {protocol.DELTA_INDICES: Array(np.asarray(indices)), protocol.DELTA_VALUES: Array(values)}
     )
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({protocol.NUM_EXAMPLES: 3})})
+    content = RecordDict(
+        {"arrays": arrays, "metrics": MetricRecord({protocol.NUM_EXAMPLES: 3, "train-loss": 0.5})}
+    )
     return Message(content, dst_node_id=1, message_type=protocol.TRAIN)
 
 
