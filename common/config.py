@@ -213,13 +213,26 @@ class HypernetworkConfig(_Section):
     grad_clip: float = Field(
         50.0, gt=0, description="each update's gradient is clipped to this norm"
     )
-    schedule: Literal["one_by_one", "parallel_sequential", "parallel_mean"] = Field(
+    schedule: Literal["one_by_one", "cohorts", "parallel_sequential", "parallel_mean"] = Field(
         "one_by_one",
         description="how a round's client updates reach the hypernetwork "
         "(docs/concepts/schedules.md): one_by_one (generate, train, step, client after "
-        "client: the authors' code); parallel_sequential (all train the round-start theta, "
-        "then one Adam step per delta in a seeded order); parallel_mean (one step on the "
-        "mean VJP)",
+        "client: the authors' code, with hypernetwork.in_flight clients training at once); "
+        "cohorts (in_flight clients at a time train vectors of one state, then step one by "
+        "one); parallel_sequential (all train the round-start theta, then one Adam step per "
+        "delta in a seeded order); parallel_mean (one step on the mean VJP)",
+    )
+    in_flight: int = Field(
+        1,
+        ge=1,
+        description="one_by_one: clients training at once; each delta is applied in the "
+        "seeded order at most in_flight - 1 steps after its vector was generated (1: the "
+        "authors' round, exactly). cohorts: the size of a cohort",
+    )
+    vjp_at: Literal["generated", "current"] = Field(
+        "current",
+        description="with clients in flight, where a delta's VJP is taken: at the state "
+        "its vector was generated from, or at the state when it is applied",
     )
     device: str = Field(
         "auto",

@@ -134,9 +134,12 @@ def _read(path: Path, key: bytes) -> Any:
     if not data.startswith(MAGIC) or len(header) != 64:
         raise CheckpointError(damaged.format("no checkpoint header"))
     if not hmac.compare_digest(_mac(key, payload), header):
-        raise CheckpointError(damaged.format(
-            "its authentication does not match: bytes changed, or it was made by another "
-            "server (another server.checkpoint_key_file) or by a version before format 3"))
+        raise CheckpointError(
+            damaged.format(
+                "its authentication does not match: bytes changed, or it was made by another "
+                "server (another server.checkpoint_key_file) or by a version before format 3"
+            )
+        )
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:

@@ -27,6 +27,7 @@ from torch import nn
 
 from common.config import DEFAULT_MAX_PARAMS, ExperimentConfig
 from common.seeding import stable_seed
+from server_app.generated_from import GeneratedFrom
 from server_app.hypernetwork import ChunkHead, MultiHeadHypernetwork, num_chunks
 from server_app.memory import BYTES_PER_WEIGHT, fused_adam, memory_budget_bytes, resolve_device
 from server_app.server_state import ClientRecord, ClientRegistry, RegistrationError
@@ -65,7 +66,7 @@ class HypernetworkSettings:
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> HypernetworkSettings:
-        return cls(**cfg.hypernetwork.model_dump(exclude={"device"}))
+        return cls(**cfg.hypernetwork.model_dump(exclude={"device", "in_flight", "vjp_at"}))
 
 
 class HypernetworkServer:
@@ -101,6 +102,7 @@ class HypernetworkServer:
         self.clients: dict[str, EmbeddedClient] = self.registry.clients  # type: ignore[assignment]
         self.registered: list[EmbeddedClient] = []  # every embedding owner, in order
         self.frozen = FrozenParts()
+        self.generated_from = GeneratedFrom()  # what in-flight vectors came from (vjp_at)
         self.optimizer = torch.optim.Adam(
             self.hnet.feature_extractor.parameters(), lr=s.lr, fused=fused_adam(self.device)
         )
@@ -125,7 +127,6 @@ class HypernetworkServer:
         self.hnet.feature_extractor = module.to(self.device)
         self.optimizer = torch.optim.Adam(module.parameters(), lr=self.settings.lr,
                                           fused=fused_adam(self.device))  # fmt: skip
-
 
     def rows_for(self, key: str, num_params: int) -> int:
         """Embedding vectors of a client of K parameters: tau = ceil(K / N) chunks."""
@@ -270,6 +271,13 @@ class HypernetworkServer:
         depend on which other clients are generated with it (partial participation, a client
         that drops out, an evaluation riding on a train exchange)."""
         return {key: self.vector(self.record(key)) for key in keys}
+
+    def remember_generation(self, keys: Sequence[str]) -> None:
+        """Keep the values these clients' vectors were just generated from, until their
+        deltas are applied (`hypernetwork.vjp_at: generated`)."""
+        for key in keys:
+            record = self.record(key)
+            self.generated_from.remember(key, self.trainable_parameters([record]))
 
     def vector(self, record: EmbeddedClient) -> np.ndarray:
         with torch.no_grad():

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from server_app.generated_from import values_at
 from server_app.hypernetwork_server import EmbeddedClient, HypernetworkServer
 from server_app.server_state import UpdateRejected
 
@@ -37,10 +38,12 @@ def gradients(
     server: HypernetworkServer,
     deltas: Sequence[tuple[EmbeddedClient, torch.Tensor]],
     scale: float = 1.0,
+    at: Mapping[torch.nn.Parameter, torch.Tensor] | None = None,
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
     """scale * sum_i J_i^T delta_i for the parameters that produced the thetas (those not
     frozen); returns {param: grad}. Clients of one tau are generated together, the groups in
-    the order their first client appears."""
+    the order their first client appears. The Jacobians are taken at the parameters' current
+    values, or at the values `at` gives (where the thetas were generated from)."""
     by_tau: dict[int, list[tuple[EmbeddedClient, torch.Tensor]]] = {}
     for record, delta in deltas:
         by_tau.setdefault(record.tau, []).append((record, delta))
@@ -49,9 +52,10 @@ def gradients(
     params = server.trainable_parameters(records)
     if not params:
         return {}
-    outputs = server.thetas(records)
     grad_outputs = [delta.to(server.device, torch.float32) * scale for _, delta in ordered]
-    grads = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
+    with values_at(at):
+        outputs = server.thetas(records)
+        grads = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
     return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
 
 
@@ -77,6 +81,7 @@ def clipped_step(server: HypernetworkServer, grads: Mapping[torch.nn.Parameter, 
         raise UpdateRejected("its update overflows (non-finite gradient norm)") from None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    server.generated_from.stepped()
     return float(norm)
 
 

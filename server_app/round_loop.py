@@ -20,6 +20,7 @@ a reason (logged and kept in the round's metrics row); they never reach the serv
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -41,7 +42,7 @@ from server_app.checkpoint import Checkpoint, CheckpointWriter
 from server_app.client_directory import ClientDirectory
 from server_app.defences import DeltaNormBound
 from server_app.events import Observers, RunObserver
-from server_app.exchange import Exchange
+from server_app.exchange import Exchange, Posted
 from server_app.round_log import RoundLog, pending_from_state, pending_state, run_summary
 from server_app.schedules import Parallel, schedule_named
 from server_app.server_state import (
@@ -80,6 +81,15 @@ class Exchanged:
     seconds: float = 0.0
     bytes_down: int = 0
     timings: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Sent:
+    """An exchange pushed and not yet received: its messages by client key."""
+
+    messages: dict[str, Message]
+    posted: Posted
+    started: float  # time.perf_counter() when pushed
 
 
 @dataclass
@@ -205,8 +215,11 @@ class RoundLoop(Strategy):
         )
         self.delta_bound = DeltaNormBound(cfg.server.delta_norm_bound)
         self.split_sizes: dict[str, list[int]] = {}  # key -> its test (and validation) size
+        hn = cfg.hypernetwork
         self.schedule = (
-            schedule_named(cfg.hypernetwork.schedule) if self.method.schedules else Parallel()
+            schedule_named(hn.schedule, hn.in_flight, hn.vjp_at)
+            if self.method.schedules
+            else Parallel()
         )
         self.history: list[dict[str, Any]] = []  # one row per round, as the run reports it
 
@@ -387,12 +400,21 @@ class RoundLoop(Strategy):
     ) -> Exchanged:
         """Send the messages; the replies that arrive in time, by client key. Error replies,
         replies from another node than the one asked, and silence are refused here."""
+        return self.receive(grid, self.send(grid, messages), timeout, phase)
+
+    def send(self, grid: Grid, messages: Iterable[Message]) -> Sent:
+        """Push the messages (one exchange, collected later by `receive`)."""
         by_key = {self.key_of(m): m for m in messages}
-        bytes_down = sum(_payload(m) for m in by_key.values())
-        timings: list[dict[str, float]] = []
-        server_round = next((protocol.read_round(m) for m in by_key.values()), 0)
         started = time.perf_counter()
-        replies, missing = Exchange(grid, *self.pull_intervals).run(by_key, timeout)
+        posted = Exchange(grid, *self.pull_intervals).post(by_key)
+        return Sent(by_key, posted, started)
+
+    def receive(self, grid: Grid, sent: Sent, timeout: float, phase: str = "") -> Exchanged:
+        """The replies of a sent exchange that arrive within `timeout` of sending."""
+        by_key = sent.messages
+        server_round = next((protocol.read_round(m) for m in by_key.values()), 0)
+        replies, missing = Exchange(grid, *self.pull_intervals).collect(sent.posted, timeout)
+        timings: list[dict[str, float]] = []
         accepted = {}
         for key, reply in replies.items():
             timings.append(protocol.read_timings(reply))
@@ -405,7 +427,8 @@ class RoundLoop(Strategy):
                 accepted[key] = reply
         for key in missing:
             reject(server_round, f"{key}{phase}", "no reply before the timeout")
-        seconds = time.perf_counter() - started if by_key else 0.0
+        seconds = time.perf_counter() - sent.started if by_key else 0.0
+        bytes_down = sum(_payload(m) for m in by_key.values())
         return Exchanged(accepted, len(by_key), seconds, bytes_down, [t for t in timings if t])
 
     def parse_all(
@@ -523,36 +546,73 @@ class RoundLoop(Strategy):
         timeout: float,
         evaluate_previous: bool,
     ) -> RoundOutcome:
-        """The sampled clients train, cohort by cohort as the schedule says. With
-        `evaluate_previous` (the previous round's evaluation is due and nothing changed
-        since), the first exchange also carries it: training clients evaluate what they
-        receive before training, idle ones get an evaluate message."""
+        """The sampled clients train, cohort by cohort as the schedule says, with up to
+        `schedule.in_flight` cohorts sent before the first of them is received: cohort j is
+        configured (its vectors generated) once cohort j - in_flight is applied, and cohorts
+        are applied in the schedule's order whatever the order their replies arrive in, so
+        no applied delta is older than in_flight - 1 steps and a deployed run takes the steps
+        a simulated one takes. With `evaluate_previous` (the previous round's evaluation is
+        due and nothing changed since), the first exchange also carries it: training clients
+        evaluate what they receive before training, idle ones get an evaluate message."""
         clients = self.sample(
             server_round, self.eligible(server_round, self.connected_clients(grid))
         )
+        planned = list(self.schedule.cohorts(self.state.seed, clients, server_round))
         outcome = RoundOutcome()
         cohorts: list[dict[str, Any]] = []
-        for cohort in self.schedule.cohorts(self.state.seed, clients, server_round):
+        open_: collections.deque[Sent] = collections.deque()
+        peak_in_flight = 0
+
+        def send_next() -> None:
+            nonlocal peak_in_flight
+            index = len(outcome.exchanges) + len(open_)
+            cohort = planned[index]
             train_config = ConfigRecord(dict(config))
             extra: list[Message] = []
-            if evaluate_previous and not outcome.exchanges:
+            if evaluate_previous and index == 0:
                 train_config[protocol.EVALUATE_FIRST] = True
                 idle = [k for k in self.connected_clients(grid) if k not in cohort]
                 extra = list(self.configure_evaluate(server_round, arrays, ConfigRecord(),
                                                      self.view(grid, idle)))  # fmt: skip
             train = list(self.configure_train(server_round, arrays, train_config,
                                               self.view(grid, cohort)))  # fmt: skip
-            exchanged = self.exchange(grid, train + extra, timeout)
-            outcome.exchanges.append(exchanged)
-            trained = [r for r in exchanged.replies.values()
-                       if r.metadata.message_type == protocol.TRAIN]  # fmt: skip
-            _, metrics = self.aggregate_train(server_round, trained)  # `arrays` stay the round's
-            cohorts.append(from_metrics(metrics))
-            if evaluate_previous and len(outcome.exchanges) == 1:
-                evaluation = self.aggregate_evaluate(server_round, exchanged.replies.values())
-                outcome.evaluation = from_metrics(evaluation)
+            open_.append(self.send(grid, train + extra))
+            peak_in_flight = max(peak_in_flight, sum(_training(s) for s in open_))
+
+        while len(outcome.exchanges) + len(open_) < len(planned):
+            if len(open_) == self.schedule.in_flight:
+                self.apply_exchange(grid, server_round, open_.popleft(), timeout, outcome,
+                                    cohorts, evaluate_previous)  # fmt: skip
+            send_next()
+        while open_:
+            self.apply_exchange(grid, server_round, open_.popleft(), timeout, outcome, cohorts,
+                                evaluate_previous)  # fmt: skip
         outcome.metrics = self.combine(cohorts)
+        if planned:
+            outcome.metrics["clients_in_flight"] = peak_in_flight
         return outcome
+
+    def apply_exchange(
+        self,
+        grid: Grid,
+        server_round: int,
+        sent: Sent,
+        timeout: float,
+        outcome: RoundOutcome,
+        cohorts: list[dict[str, Any]],
+        evaluate_previous: bool,
+    ) -> None:
+        """Receive a cohort's replies and apply its training (and the evaluation the first
+        exchange carries); its metrics go into `cohorts`."""
+        exchanged = self.receive(grid, sent, timeout)
+        outcome.exchanges.append(exchanged)
+        trained = [r for r in exchanged.replies.values()
+                   if r.metadata.message_type == protocol.TRAIN]  # fmt: skip
+        _, metrics = self.aggregate_train(server_round, trained)  # `arrays` stay the round's
+        cohorts.append(from_metrics(metrics))
+        if evaluate_previous and len(outcome.exchanges) == 1:
+            evaluation = self.aggregate_evaluate(server_round, exchanged.replies.values())
+            outcome.evaluation = from_metrics(evaluation)
 
     def combine(self, cohorts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """A round's train metrics from its cohorts': counts add up, the train loss is the
@@ -797,6 +857,11 @@ class RoundLoop(Strategy):
     def final_arrays(self) -> ArrayRecord:
         """What the run learned, as the Result's arrays: the shared parameters, if any."""
         return self.global_arrays()
+
+
+def _training(sent: Sent) -> int:
+    """How many of an exchange's messages are train messages."""
+    return sum(m.metadata.message_type == protocol.TRAIN for m in sent.messages.values())
 
 
 def _payload(message: Message) -> int:

@@ -7,6 +7,14 @@ deltas become steps of the hypernetwork. One class each; `hypernetwork.schedule`
 - `parallel_sequential`: every client trains the round-start theta_i at once; the deltas are
   then applied one Adam step each, in the seeded order, each VJP at the already moved state.
 - `parallel_mean`: the same round, one Adam step on the mean VJP at the round-start state.
+- `cohorts`: `hypernetwork.in_flight` clients at a time train the vectors generated at the
+  same state, then step one by one in the seeded order (parallel_sequential in groups of c).
+
+Clients in flight (`hypernetwork.in_flight` c, one_by_one): the next client's vector is
+generated as soon as the delta c clients back has been applied, so c clients train at once,
+and every delta is applied in the seeded order, at most c - 1 steps after its vector was
+generated (bounded staleness, as in FedAsync and FedBuff). c = 1 is the authors' round. Its
+VJP is taken at the state the vector came from or at the current one (`hypernetwork.vjp_at`).
 
 Methods without a hypernetwork (Local, FedAvg) train every round in one cohort (`Parallel`)
 and aggregate their own way. Pure logic: no Flower.
@@ -49,6 +57,21 @@ class Parallel:
     name = "parallel"
     one_exchange = True  # the round's train messages all carry the round-start vectors
 
+    def __init__(self, in_flight: int = 1, vjp_at: str = "current") -> None:
+        self.size = in_flight  # clients per cohort (`cohorts` only)
+        self.vjp_at = vjp_at
+
+    @property
+    def in_flight(self) -> int:
+        """Cohorts sent before the first of them is applied."""
+        return 1
+
+    @property
+    def remembers_generation(self) -> bool:
+        """Whether a delta's VJP is taken where its vector came from, and that can differ
+        from the state at its step (only then are the values kept)."""
+        return self.vjp_at == "generated"
+
     def cohorts(self, seed: int, keys: Sequence[str], server_round: int) -> Iterator[list[str]]:
         """The groups of clients trained in one exchange each, in order."""
         yield list(keys)
@@ -68,11 +91,13 @@ class ParallelSequential(Parallel):
 
     def apply(self, server, deltas, server_round) -> Applied:
         tensors = steps.as_tensors(server, deltas)
-        return _each(server, tensors, client_order(server.seed, list(tensors), server_round))
+        order = client_order(server.seed, list(tensors), server_round)
+        return _each(server, tensors, order, self.remembers_generation)
 
 
 class ParallelMean(Parallel):
     name = "parallel_mean"
+    remembers_generation = False  # its one step is at the round-start state anyway
 
     def apply(self, server, deltas, server_round) -> Applied:
         tensors = steps.as_tensors(server, deltas)
@@ -82,9 +107,31 @@ class ParallelMean(Parallel):
         return Applied(norms, rejected)
 
 
+class Cohorts(ParallelSequential):
+    name = "cohorts"
+    one_exchange = False
+
+    def cohorts(self, seed: int, keys: Sequence[str], server_round: int) -> Iterator[list[str]]:
+        order = client_order(seed, keys, server_round)
+        for start in range(0, len(order), self.size):
+            yield order[start : start + self.size]
+
+    @property
+    def remembers_generation(self) -> bool:
+        return self.vjp_at == "generated" and self.size > 1
+
+
 class OneByOne(Parallel):
     name = "one_by_one"
     one_exchange = False  # every client's vector comes after the step before it
+
+    @property
+    def in_flight(self) -> int:
+        return self.size
+
+    @property
+    def remembers_generation(self) -> bool:
+        return self.vjp_at == "generated" and self.size > 1
 
     def cohorts(self, seed: int, keys: Sequence[str], server_round: int) -> Iterator[list[str]]:
         for key in client_order(seed, keys, server_round):
@@ -92,33 +139,39 @@ class OneByOne(Parallel):
 
     def apply(self, server, deltas, server_round) -> Applied:
         tensors = steps.as_tensors(server, deltas)
-        return _each(server, tensors, list(tensors))
+        return _each(server, tensors, list(tensors), self.remembers_generation)
 
 
 def _each(
-    server: HypernetworkServer, tensors: Mapping[str, torch.Tensor], order: Sequence[str]
+    server: HypernetworkServer,
+    tensors: Mapping[str, torch.Tensor],
+    order: Sequence[str],
+    at_generation: bool = False,
 ) -> Applied:
-    """One step per client, in `order`, each at the state the previous one left."""
+    """One step per client, in `order`, each at the state the previous one left (its VJP
+    there, or where its vector came from: `at_generation`)."""
     applied = Applied()
     for key in order:
+        at = server.generated_from.take(key) if at_generation else None
+        pairs = [(server.record(key), tensors[key])]
         try:
-            applied.norms.append(
-                steps.clipped_step(
-                    server, steps.gradients(server, [(server.record(key), tensors[key])])
-                )  # fmt: skip
-            )
+            applied.norms.append(steps.clipped_step(server, steps.gradients(server, pairs, at=at)))
         except UpdateRejected as err:
             applied.rejected[key] = str(err)
     return applied
 
 
 SCHEDULES: dict[str, type[Parallel]] = {
-    s.name: s for s in (OneByOne, ParallelSequential, ParallelMean)
+    s.name: s for s in (OneByOne, Cohorts, ParallelSequential, ParallelMean)
 }
 
 
-def schedule_named(name: str) -> Parallel:
+def schedule_named(name: str, in_flight: int = 1, vjp_at: str = "current") -> Parallel:
+    """The schedule of this name; `in_flight` is one_by_one's clients in flight and the
+    size of a `cohorts` cohort."""
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be at least 1, got {in_flight}")
     try:
-        return SCHEDULES[name]()
+        return SCHEDULES[name](in_flight, vjp_at)
     except KeyError:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}") from None

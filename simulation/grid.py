@@ -5,6 +5,10 @@ runtimes). The ClientApp receives a copy of the message, with the message id the
 as a runtime delivers what it deserialised; the server's own Message objects stay untouched.
 Used by the fast tests and by sweeps that do not need Flower's scheduler; the server and
 client code are exactly those that `flwr run` executes.
+
+Pushed messages wait until a pull asks for a reply that is not there yet; then every waiting
+message is answered, together: the clients a round keeps in flight are trained as one batch
+(by `BatchedGrid`), as a deployment's sites would train them at the same time.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class InProcessGrid(Grid):
                 run_id, node_id, dict(node_config), RecordDict(), dict(run_config)
             )
         self.disconnected: set[int] = set()
+        self._queued: list[Message] = []  # pushed, not yet answered
         self._replies: dict[str, Message] = {}
         self._ids = itertools.count(1)
         # Messages built by the server need the identity a Flower runtime would provide.
@@ -84,16 +89,21 @@ class InProcessGrid(Grid):
         return [n for n in self.contexts if n not in self.disconnected]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids, delivered = [], []
+        ids = []
         for message in messages:
             message_id = f"m{next(self._ids)}"
             ids.append(message_id)
             node = message.metadata.dst_node_id
             if node in self.disconnected or node not in self.contexts:
                 continue  # like an unreachable node: no reply arrives
-            delivered.append(_received(message, message_id))
-        self.deliver(delivered)
+            self._queued.append(_received(message, message_id))
         return ids
+
+    def answer_queued(self) -> None:
+        """Answer every message pushed and not yet answered (together)."""
+        queued, self._queued = self._queued, []
+        if queued:
+            self.deliver(queued)
 
     def deliver(self, messages: list[Message]) -> None:
         """Hand each message to the ClientApp with its node's context, one after another."""
@@ -112,6 +122,9 @@ class InProcessGrid(Grid):
         self._replies[message.metadata.message_id] = reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
+        if any(i not in self._replies for i in message_ids):
+            self.answer_queued()
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(

@@ -22,7 +22,7 @@ TIMINGS = {"seconds", "exchange_seconds", "client_seconds", "server_update_secon
 
 
 def run(method: str, tiny_npz, tmp_path, name: str, rounds: int, engine: str = "loop",
-        resume: str = "") -> list[dict]:  # fmt: skip
+        resume: str = "", **extra) -> list[dict]:  # fmt: skip
     models = "lenet,mlp" if METHODS[method].heterogeneous else "lenet"
     run_cfg = {
         "method": method,
@@ -42,6 +42,7 @@ def run(method: str, tiny_npz, tmp_path, name: str, rounds: int, engine: str = "
         "global_model.architecture": "lenet",
         "hypernetwork.hidden_dim": 16,  # small heads: this is about the round, not the size
         "pfedlhn.hidden_dim": 16,
+        **extra,
     }
     cfg = resolve_config("default", run_cfg)
     grid_class = BatchedGrid if engine == "batched" else InProcessGrid

@@ -44,16 +44,31 @@ def run(tiny_npz, tmp_path, schedule, name, rounds, **extra):
     return run_experiment(InProcessGrid.simulation(client_app, CLIENTS, run_cfg), cfg, name)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_every_schedule_keeps_the_features_and_resumes_bit_for_bit(schedule, tiny_npz, tmp_path):
-    whole = run(tiny_npz, tmp_path, schedule, "whole", rounds=4).history
+IN_FLIGHT = [  # (schedule, in_flight, vjp_at): clients in flight, both ways of their VJP
+    ("one_by_one", 3, "current"),
+    ("one_by_one", 2, "generated"),
+    ("cohorts", 2, "generated"),
+]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "in_flight", "vjp_at"),
+    [(s, 1, "current") for s in SCHEDULES if s != "cohorts"] + IN_FLIGHT,
+)
+def test_every_schedule_keeps_the_features_and_resumes_bit_for_bit(
+    schedule, in_flight, vjp_at, tiny_npz, tmp_path
+):
+    flight = {"hypernetwork.in_flight": in_flight, "hypernetwork.vjp_at": vjp_at}
+    whole = run(tiny_npz, tmp_path, schedule, "whole", rounds=4, **flight).history
     assert [r["round"] for r in whole] == [0, 1, 2, 3, 4]
     assert [r["clients_trained"] for r in whole[1:]] == [3, 3, 1, 1]  # 75% of 4, then novel
     assert whole[-1]["novel_clients"] == 1 and whole[-1]["novel_accuracy"] is not None
     dense_up = 4 * 233_718  # a whole LeNet delta would be this many bytes
     assert all(r["bytes_up"] < dense_up * r["clients_trained"] for r in whole[1:])
-    run(tiny_npz, tmp_path, schedule, "split", rounds=3)
+    if in_flight > 1:  # three clients train: all of them are in flight at once
+        assert [r["clients_in_flight"] for r in whole[1:3]] == [min(3, in_flight)] * 2
+    run(tiny_npz, tmp_path, schedule, "split", rounds=3, **flight)
     resume = {"server.resume": str(tmp_path / "out" / "split")}
-    split = run(tiny_npz, tmp_path, schedule, "split", rounds=4, **resume).history
+    split = run(tiny_npz, tmp_path, schedule, "split", rounds=4, **flight, **resume).history
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in split]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in whole]

@@ -51,6 +51,7 @@ class FaultyGrid(InProcessGrid):
             if self.down[node] <= 0:
                 del self.down[node]
         ids = super().push_messages(messages)
+        self.answer_queued()  # the faults below act on the replies
         for message_id in ids:
             draw = self.rng.random()
             if message_id not in self._replies:

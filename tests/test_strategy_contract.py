@@ -120,6 +120,7 @@ class _DelayedGrid(InProcessGrid):
         for message in messages:
             started = time.monotonic()
             ids += list(super().push_messages([message]))
+            self.answer_queued()
             self.ready[ids[-1]] = time.monotonic() - started + time.monotonic()
         return ids
 

@@ -9,14 +9,17 @@ MH-pFedHNGD and pFedHN are this round with a global model, or with other heads."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 
 from common import protocol
 from common.config import ExperimentConfig
 from server_app.hypernetwork_server import EmbeddedClient, HypernetworkServer
 from server_app.novel_clients import NOVEL, TRAINING, NovelClients
-from server_app.round_loop import RoundLoop, logger, reject
+from server_app.round_loop import RoundLoop, RoundOutcome, logger, reject
 from server_app.server_state import ClientRecord
 
 
@@ -60,6 +63,31 @@ class MHpFedHN(RoundLoop):
                 reject(server_round, key, reason)
 
     # ---------------------------------------------------------------- train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The train messages; with clients in flight and `vjp_at: generated`, the state keeps
+        what their vectors were generated from until their deltas are applied."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.schedule.remembers_generation:
+            self.state.remember_generation([self.key_of(m) for m in messages])
+        return messages
+
+    def train_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+        evaluate_previous: bool,
+    ) -> RoundOutcome:
+        try:
+            return super().train_round(grid, server_round, arrays, config, timeout,
+                                       evaluate_previous)  # fmt: skip
+        finally:  # whatever did not come back is no longer in flight
+            self.state.generated_from.clear()
+
     def apply_train(
         self, server_round: int, results: Mapping[str, protocol.TrainResult]
     ) -> dict[str, str]:

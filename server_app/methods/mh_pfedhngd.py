@@ -51,7 +51,9 @@ class GlobalModelSettings(BaseModel):
     )
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients in phase 1")
     num_params: int = Field(
-        0, ge=0, description="K_g, the global model's size on the clients' data; 0: the size "
+        0,
+        ge=0,
+        description="K_g, the global model's size on the clients' data; 0: the size "
         "most clients of the first query report (a lone client cannot set it)",
     )
 
