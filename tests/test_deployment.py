@@ -159,6 +159,28 @@ def test_superlink_and_three_supernodes_with_a_plug_in_model(mnist_npz, tmp_path
     assert not any(p.poll() is None for p in cluster.processes.values())
 
 
+@pytest.mark.slow
+def test_a_deployed_round_keeps_every_site_training(mnist_npz, tmp_path):
+    """one_by_one with 3 clients in flight on 3 SuperNodes: the server keeps the 3 train
+    messages outstanding at once, so every site trains the vector of the round's start (the
+    one it evaluated at the end of the round before), not one holding another site's step."""
+    nodes = default_nodes(3, ["lenet", "mlp", "lenet"])
+    logs = {n.index: tmp_path / f"received-{n.index}.jsonl" for n in nodes}
+    extra = {i: f'message-log="{path}"' for i, path in logs.items()}
+    flight = {"hypernetwork.in_flight": "3", "server.timeout_s": "120"}
+    with LocalCluster(nodes, tmp_path, extra_node_config=extra) as cluster:
+        done = cluster.flwr_run(mnist_run_config(mnist_npz, tmp_path / "out", 2, **flight))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = read_metrics(tmp_path / "out" / "deployed" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients_in_flight"] for r in rows[1:]] == [3, 3]
+    assert all(r["clients_trained"] == 3 and not r["rejected"] for r in rows[1:])
+    for path in logs.values():
+        received = {(e["round"], e["type"]): e["sha256"] for e in read_log(path)}
+        for server_round in (1, 2):
+            assert received[server_round, "train"] == received[server_round - 1, "evaluate"]
+
+
 def read_log(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.methods import METHODS
 from server_app import hypernetwork_steps as steps
 from server_app.generated_from import GeneratedFrom, values_at
 from server_app.schedules import client_order
@@ -96,6 +97,14 @@ def test_clients_in_flight_follow_the_definition_bit_for_bit(c, vjp_at):
     assert not torch.equal(want["hnet.feature_extractor.0.weight"],
                            authors["hnet.feature_extractor.0.weight"])  # fmt: skip
     assert len(strategy.state.generated_from) == 0  # nothing kept once the round is over
+
+
+@pytest.mark.parametrize("c", [5, 8])
+def test_as_many_in_flight_as_clients_is_parallel_sequential(c):
+    """Every client trains the round-start vector and the steps follow the seeded order."""
+    strategy, _, _ = run("one_by_one", rounds=2, **in_flight(c))
+    parallel, _, _ = run("parallel_sequential", rounds=2)
+    assert_same(parameters(strategy.state), parameters(parallel.state))
 
 
 @pytest.mark.parametrize("c", [1, 2, 3, 5])
@@ -212,3 +221,28 @@ def test_the_batched_engine_trains_the_clients_in_flight_together(
     phase2 = [] if method == "mh_pfedhngd" else [2, 1]  # distilling jobs go one by one
     phase1 = [] if method == "mh_pfedhn" else [3]
     assert groups == (phase1 + phase2) * 2
+
+
+@pytest.mark.parametrize("method", sorted(n for n, m in METHODS.items() if m.schedules))
+def test_every_scheduled_method_runs_with_clients_in_flight(method, tiny_npz, tmp_path):
+    """pFedHN, pFedLHN, pFedLA and the MH family keep 2 clients in flight with partial
+    participation on the real ClientApp, and nothing is refused."""
+    from tests.test_every_method import run as run_method
+
+    rows = run_method(method, tiny_npz, tmp_path, "flight", 2, **in_flight(2, "generated"))
+    assert [r["clients_in_flight"] for r in rows[1:]] == [2, 2]
+    assert all(r["clients_trained"] == 3 and not r["rejected"] for r in rows[1:]), rows
+
+
+def test_the_deployed_round_model():
+    """n sites, exchange E, server step S: one at a time costs n(E + S) + E (the evaluation);
+    all at once E + nS + E; the server's steps bound how fast any c can be."""
+    from experiments.in_flight_deployed import modelled_round_seconds
+
+    assert modelled_round_seconds(50, 1, 3.0, 0.1) == pytest.approx(50 * 3.1 + 3.0)
+    assert modelled_round_seconds(50, 50, 3.0, 0.1) == pytest.approx(3.0 + 5.0 + 3.0)
+    times = [modelled_round_seconds(50, c, 3.0, 0.1) for c in (1, 5, 10, 25, 50)]
+    assert times == sorted(times, reverse=True)
+    # waves of 10: each starts when the first of the wave before is stepped (3.1 s apart);
+    # the last wave's 10 steps end 3.1 * 5 + 0.9 s in, then the evaluation
+    assert modelled_round_seconds(50, 10, 3.0, 0.1) == pytest.approx(3.1 * 5 + 0.9 + 3.0)
