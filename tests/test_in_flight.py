@@ -246,3 +246,40 @@ def test_the_deployed_round_model():
     # waves of 10: each starts when the first of the wave before is stepped (3.1 s apart);
     # the last wave's 10 steps end 3.1 * 5 + 0.9 s in, then the evaluation
     assert modelled_round_seconds(50, 10, 3.0, 0.1) == pytest.approx(3.1 * 5 + 0.9 + 3.0)
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("vjp_at", ["current", "generated"])
+def test_a_run_interrupted_mid_round_resumes_bit_for_bit(vjp_at, tiny_npz, tmp_path, monkeypatch):
+    """The server dies while round 2's clients are in flight (at its third train message,
+    after the first delta was applied); resumed from round 1's checkpoint, with the clients'
+    state as it was then, the run ends exactly where an uninterrupted one does."""
+    from common import protocol
+    from tests import test_schedule_features as features
+
+    class DiesInRoundTwo(InProcessGrid):
+        sent = 0
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == protocol.TRAIN and protocol.read_round(m) == 2
+                   for m in messages):  # fmt: skip
+                DiesInRoundTwo.sent += 1
+                if DiesInRoundTwo.sent == 3:
+                    raise Interrupted
+            return super().push_messages(messages)
+
+    flight = {**in_flight(2, vjp_at), "server.checkpoint_every": 1}
+    whole = features.run(tiny_npz, tmp_path, "one_by_one", "whole", rounds=4, **flight).history
+    monkeypatch.setattr(features, "InProcessGrid", DiesInRoundTwo)
+    with pytest.raises(Interrupted):
+        features.run(tiny_npz, tmp_path, "one_by_one", "split", rounds=4, **flight)
+    monkeypatch.undo()
+    resume = {"server.resume": str(tmp_path / "out" / "split")}
+    split = features.run(tiny_npz, tmp_path, "one_by_one", "split", rounds=4, **flight,
+                         **resume).history  # fmt: skip
+    strip = [{k: v for k, v in r.items() if k not in features.TIMING} for r in split]
+    assert strip == [{k: v for k, v in r.items() if k not in features.TIMING} for r in whole]
