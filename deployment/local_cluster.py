@@ -6,6 +6,11 @@
 Starts a SuperLink, the ServerApp's SuperExec, and per client a SuperNode and its ClientApp
 SuperExec (process isolation, as in compose.yml, same commands), runs the app with `flwr run`,
 then stops every process it started, their children included. Logs go to <workdir>/logs/.
+
+Locked by default, as compose.yml: credentials made in <workdir>/credentials (TLS, SuperExec
+secrets, the sites' keys, registered with `flwr supernode register` before the sites start),
+the sites connect through the gateway (nginx, passing the Fleet API alone). `--insecure` runs
+the laptop mode: no TLS, no authentication, anyone who reaches a port controls everything.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +30,8 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from common.config import toml_value
+from deployment.credentials import Credentials, make_credentials
+from deployment.gateway import nginx_config
 from deployment.processes import free_port, kill_tree, wait_for_listen, wait_for_port
 from deployment.topology import TLS, Node, Service, default_nodes, services
 
@@ -62,6 +70,7 @@ class LocalCluster:
         nodes: list[Node],
         workdir: Path,
         *,
+        insecure: bool = False,
         tls: TLS | None = None,
         host: str = HOST,
         extra_node_config: dict[int, str] | None = None,
@@ -78,7 +87,10 @@ class LocalCluster:
             for n in nodes
         ]
         self.workdir = workdir
-        self.tls = tls
+        self.tls = tls  # TLS alone (no authentication): kept for comparisons
+        # locked unless told otherwise (or given TLS alone); made when the cluster starts
+        self.locked = not insecure and tls is None
+        self.credentials: Credentials | None = None
         self.host = host
         self.extra_node_config = extra_node_config or {}
         # the sites share this machine: their training threads split its cores (unless
@@ -92,6 +104,7 @@ class LocalCluster:
         self.extra_args = extra_args or {}
         self.service_env = service_env or {}  # over every service's own (e.g. poll intervals)
         self.superlink_port = free_port()
+        self.gateway_port = free_port()
         self.node_ports = {n.index: free_port() for n in nodes}
         self.env = flower_environment(workdir / "flwr-home")
         self.logs = workdir / "logs"
@@ -109,6 +122,9 @@ class LocalCluster:
             bind_host=lambda name: self.binds.get(name, self.host),
             database=str(self.workdir / "superlink.db"),
             tls=self.tls,
+            credentials=self.credentials,
+            gateway_port=self.gateway_port,
+            gateway_config=str(self.workdir / "gateway" / "nginx.conf"),
         )
         for service in out:
             index = _node_index(service.name, "supernode-")
@@ -149,11 +165,58 @@ class LocalCluster:
         return self
 
     def start_link(self) -> None:
-        """The SuperLink and the ServerApp's SuperExec (start() = this + every node)."""
+        """The SuperLink and the ServerApp's SuperExec, and when locked the gateway and the
+        sites' registration (start() = this + every node)."""
+        if self.locked:
+            self._make_credentials()
         self._write_connection()
         self._launch(self._service("superlink"))
         self._wait_listening("superlink", self.superlink_port)
         self._launch(self._service("serverapp"))
+        if self.locked:
+            self._launch(self._service("gateway"))
+            self._wait_listening("gateway", self.gateway_port)
+            for node in self.nodes:
+                self.register_node(node.index)
+
+    def _make_credentials(self) -> None:
+        if shutil.which("nginx") is None:
+            raise RuntimeError(
+                "the locked deployment's gateway needs nginx (apt-get install nginx-light); "
+                "LocalCluster(insecure=True) / --insecure runs the unlocked laptop mode"
+            )
+        self.credentials = make_credentials(
+            self.workdir / "credentials",
+            len(self.nodes),
+            # nginx checks the SuperLink's certificate by a DNS name, as compose names it
+            link_hosts=[self.host_of("superlink"), "superlink"],
+            gateway_hosts=[self.host_of("gateway")],
+        )
+        runtime = self.workdir / "gateway"
+        runtime.mkdir(parents=True, exist_ok=True)
+        (runtime / "nginx.conf").write_text(nginx_config(
+            listen=f"{self.binds.get('gateway', self.host)}:{self.gateway_port}",
+            upstream=f"{self.host_of('superlink')}:{self.superlink_port}",
+            upstream_name="superlink",
+            cert=self.credentials.gateway_cert,
+            key=self.credentials.gateway_key,
+            ca=self.credentials.ca,
+            runtime_dir=str(runtime),
+            user="root" if os.geteuid() == 0 else None,
+        ))  # fmt: skip
+
+    def register_node(self, index: int) -> None:
+        """The operator registers site `index`'s public key (Control API, direct to the
+        SuperLink), so that its SuperNode may connect."""
+        assert self.credentials is not None
+        done = subprocess.run(
+            [*self.prefix.get("flwr", []), str(Path(sys.executable).parent / "flwr"),
+             "supernode", "register", self.credentials.node_public_key(index), CONNECTION],
+            env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode != 0 or "registered" not in done.stdout + done.stderr:
+            raise RuntimeError(f"registering site {index}'s key failed:\n"
+                               f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
 
     def _wait_listening(self, name: str, port: int) -> None:
         if name in self.prefix:  # maybe another network namespace: look from the process
@@ -192,11 +255,10 @@ class LocalCluster:
     def _write_connection(self) -> None:
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
-        security = (
-            "insecure = true"
-            if self.tls is None
-            else f'root-certificates = "{Path(self.tls.ca).resolve()}"'
-        )
+        ca = self.tls.ca if self.tls is not None else None
+        if self.credentials is not None:
+            ca = self.credentials.ca
+        security = f'root-certificates = "{Path(ca).resolve()}"' if ca else "insecure = true"
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "{self.host_of("superlink")}:{self.superlink_port}"\n{security}\n'
@@ -282,7 +344,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated; client i runs models[i mod len]")  # fmt: skip
     parser.add_argument("--data-source", default="", help="data.source for every client")
     parser.add_argument("--run-config", default="", help="flwr run --run-config overrides")
-    parser.add_argument("--tls-dir", type=Path, help="folder with ca.crt, server.pem, server.key")
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="TLS alone, no authentication: a folder with ca.crt, server.pem, "
+        "server.key (default: locked, credentials made in the workdir)",
+    )
+    parser.add_argument("--insecure", action="store_true",
+                        help="INSECURE laptop mode: no TLS, no authentication, no gateway; "
+                        "anyone who reaches a port can run code on every site")  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="logs and state (default: a temp folder)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mh-pfedhn-cluster-"))
@@ -294,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     source = absolute_data_path(args.data_source, cwd) if args.data_source else ""
     nodes = default_nodes(args.clients, args.models.split(","), source)
     started = time.monotonic()
-    with LocalCluster(nodes, workdir, tls=tls) as cluster:
-        print(f"cluster up: SuperLink {cluster.host}:{cluster.superlink_port}, "
+    if args.insecure:
+        print("WARNING: insecure laptop mode: no TLS, no authentication", file=sys.stderr)
+    with LocalCluster(nodes, workdir, tls=tls, insecure=args.insecure) as cluster:
+        mode = "locked" if cluster.locked else ("TLS only" if tls else "INSECURE")
+        print(f"cluster up ({mode}): SuperLink {cluster.host}:{cluster.superlink_port}, "
               f"{len(nodes)} SuperNodes, logs in {cluster.logs}", flush=True)  # fmt: skip
         done = cluster.flwr_run(absolute_data_paths(args.run_config, cwd))
         sys.stdout.write(done.stdout)

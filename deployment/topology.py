@@ -16,10 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.models import PAPER_HETEROGENEOUS_MODELS
+from deployment.credentials import Credentials
 
 FLOWER_VERSION = "1.42.0"
 SUPERLINK_PORT = 9091
 SUPERNODE_PORT = 9094
+GATEWAY_PORT = 9443
+GATEWAY_IMAGE = "nginxinc/nginx-unprivileged:1.27"
+GATEWAY_CONFIG = "/etc/nginx/nginx.conf"
 APP_IMAGE = "mh-pfedhn:latest"
 # flower-superexec, its ClientApp processes forked warm (deployment/warm_clientapp.py)
 WARM_SUPEREXEC = "mh-pfedhn-superexec"
@@ -78,6 +82,10 @@ def default_nodes(num_clients: int, models: Sequence[str] = PAPER_HETEROGENEOUS_
     ]
 
 
+def _locked_tls(credentials: Credentials) -> TLS:
+    return TLS(credentials.ca, credentials.link_cert, credentials.link_key)
+
+
 def _security(tls: TLS | None, server: bool) -> list[str]:
     if tls is None:
         return ["--insecure"]
@@ -95,14 +103,25 @@ def services(
     bind_host: str | Callable[[str], str] = "0.0.0.0",
     database: str = "/app/superlink.db",
     tls: TLS | None = None,
+    credentials: Credentials | None = None,
+    gateway_port: int = GATEWAY_PORT,
+    gateway_config: str = GATEWAY_CONFIG,
 ) -> list[Service]:
     """Every process of the deployment, with the command line it runs.
 
     host_of(name): the address other services reach service `name` at; bind_host: the address
     the SuperLink and SuperNodes listen on (or a function of the service name).
+    With `credentials` the deployment is locked (docs/deployment.md, "Locked by default"):
+    TLS, SuperNode authentication, SuperExec secrets (one for the SuperLink side, one per
+    site), and the sites reach the SuperLink only through the gateway (an nginx that passes
+    the Fleet API alone). Without, `tls` alone or nothing (`--insecure`: a laptop only).
     """
     bind_of = bind_host if callable(bind_host) else lambda name: bind_host
     link = f"{host_of('superlink')}:{superlink_port}"
+    if credentials is not None:
+        tls = _locked_tls(credentials)
+    link_secret = [] if credentials is None else ["--superexec-auth-secret-file",
+                                                  credentials.link_secret]  # fmt: skip
     out = [
         Service(
             "superlink",
@@ -118,6 +137,8 @@ def services(
                 "--database",
                 database,
                 "--disable-runtime-dependency-installation",
+                *([] if credentials is None else ["--enable-supernode-auth"]),
+                *link_secret,
             ],
             f"flwr/superlink:{FLOWER_VERSION}",
         ),
@@ -128,14 +149,22 @@ def services(
                 *_security(tls, server=False),
                 "--runtime-api-address",
                 link,
+                *link_secret,
             ],
             APP_IMAGE,
             dict(SUPEREXEC_POLL),
         ),
     ]
+    if credentials is not None:
+        out.append(Service("gateway", ["nginx", "-e", "stderr", "-c", gateway_config, "-g",
+                                       "daemon off;"], GATEWAY_IMAGE))  # fmt: skip
+        link = f"{host_of('gateway')}:{gateway_port}"
     for node in nodes:
         name = f"supernode-{node.index}"
         port = supernode_port(node)
+        site: list[str] = []
+        if credentials is not None:
+            site = ["--superexec-auth-secret-file", credentials.site_secret(node.index)]
         out.append(
             Service(
                 name,
@@ -144,18 +173,21 @@ def services(
                     *_security(tls, server=False),
                     "--superlink",
                     link,
+                    *([] if credentials is None else [
+                        "--auth-supernode-private-key", credentials.node_key(node.index)]),
                     "--isolation",
                     "process",
                     "--host",
                     bind_of(name),
                     "--port",
                     str(port),
+                    *site,
                     "--node-config",
                     node.node_config(),
                 ],
                 f"flwr/supernode:{FLOWER_VERSION}",
             )
-        )
+        )  # fmt: skip
         out.append(
             Service(
                 f"clientapp-{node.index}",
@@ -164,6 +196,7 @@ def services(
                     "--insecure",  # the SuperNode's Runtime API is local to the site
                     "--runtime-api-address",
                     f"{host_of(name)}:{port}",
+                    *site,  # only this site's SuperExec may claim its ClientApp tasks
                 ],
                 APP_IMAGE,
                 dict(SUPEREXEC_POLL),

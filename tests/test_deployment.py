@@ -181,6 +181,97 @@ def test_a_deployed_round_keeps_every_site_training(mnist_npz, tmp_path):
             assert received[server_round, "train"] == received[server_round - 1, "evaluate"]
 
 
+def claim_task(address: str, task_type: str, ca: str | None = None) -> str:
+    """What a process without the SuperExec secret gets when it asks a Runtime API for a
+    task (Flower's own client, as a rogue site would use it): 'token', 'none' or the error."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=ca is None, root_certificates=ca,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+    )  # fmt: skip
+    try:
+        reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type]))
+    except Exception as err:  # noqa: BLE001 - the refusal is what this returns
+        return f"{type(err).__name__}: {err}"
+    return "token" if reply.token else "none"
+
+
+def flwr_through(cluster: LocalCluster, address: str, home: Path, *args: str):
+    """`flwr ARGS site` from a site's point of view: only the CA certificate, and the
+    address it knows (the gateway)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "site"\n[superlink.site]\n'
+        f'address = "{address}"\nroot-certificates = "{cluster.credentials.ca}"\n'
+    )
+    env = {**cluster.env, "FLWR_HOME": str(home)}
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args, "site"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_locked_cluster_refuses_what_a_site_could_try(mnist_npz, tmp_path):
+    """Locked by default: through the gateway (all a site reaches) no Control API (no
+    `flwr ls`, no key registration); a SuperNode whose key the operator did not register
+    stays out (no Sybils); a process without a site's SuperExec secret cannot claim that
+    site's ClientApp tasks, nor the ServerApp's on the SuperLink; the honest sites train."""
+    from deployment.credentials import node_key_pair
+
+    nodes = default_nodes(2, ["lenet", "mlp"])
+    with LocalCluster(nodes, tmp_path) as cluster:
+        assert cluster.locked
+        gateway = f"{cluster.host}:{cluster.gateway_port}"
+        listed = flwr_through(cluster, gateway, tmp_path / "site-home", "ls")
+        assert listed.returncode != 0 and "403" in listed.stdout + listed.stderr, listed
+        node_key_pair(tmp_path / "rogue.key")
+        register = flwr_through(cluster, gateway, tmp_path / "site-home", "supernode",
+                                "register", str(tmp_path / "rogue.key.pub"))  # fmt: skip
+        assert "registered successfully" not in register.stdout + register.stderr, register
+        with (tmp_path / "logs" / "sybil.log").open("wb") as log:
+            sybil = subprocess.Popen(
+                ["flower-supernode", "--root-certificates", cluster.credentials.ca,
+                 "--superlink", gateway, "--auth-supernode-private-key",
+                 str(tmp_path / "rogue.key"), "--isolation", "process", "--host", "127.0.0.1",
+                 "--port", str(cluster.node_ports[0] + 1), "--max-retries", "2",
+                 "--node-config", 'client-key="sybil" model="lenet" partition-id=0 '
+                 "num-partitions=2"],
+                env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        assert sybil.wait(timeout=120) != 0  # refused: its key is not registered
+        site = f"{cluster.host}:{cluster.node_ports[0]}"
+        assert "401" in claim_task(site, "flwr-clientapp")
+        link = f"{cluster.host}:{cluster.superlink_port}"
+        assert "401" in claim_task(link, "flwr-serverapp", cluster.credentials.ca)
+        done = cluster.flwr_run(mnist_run_config(mnist_npz, tmp_path / "out", rounds=1))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = read_metrics(tmp_path / "out" / "deployed" / "metrics.jsonl")
+    assert rows[-1]["clients_trained"] == 2 and not rows[-1]["rejected"]
+    assert set(rows[-1]["client_accuracy"]) == {"site-0", "site-1"}
+
+
+@pytest.mark.slow
+def test_the_insecure_laptop_mode_is_what_the_locked_one_refuses(tmp_path):
+    """The same probes against `insecure=True` get in: why it is named so (and what main
+    before the locked deployment gave every peer)."""
+    nodes = default_nodes(1, ["lenet"])
+    with LocalCluster(nodes, tmp_path, insecure=True) as cluster:
+        assert not cluster.locked
+        home = tmp_path / "peer-home"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "peer"\n[superlink.peer]\n'
+            f'address = "{cluster.host}:{cluster.superlink_port}"\ninsecure = true\n'
+        )
+        listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "peer"],
+                                env={**cluster.env, "FLWR_HOME": str(home)},
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert listed.returncode == 0, listed
+        assert claim_task(f"{cluster.host}:{cluster.node_ports[0]}", "flwr-clientapp") == "none"
+
+
 def read_log(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
