@@ -65,3 +65,28 @@ http {{
   }}
 }}
 """
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from deployment.credentials import Credentials
+
+    parser = argparse.ArgumentParser(description="Print the gateway's nginx.conf.")
+    parser.add_argument("--listen", default="0.0.0.0:9443", help="where the sites connect")
+    parser.add_argument("--upstream", default="127.0.0.1:9091", help="the SuperLink's address")
+    parser.add_argument(
+        "--credentials", type=Path, required=True, help="the folder deployment.credentials wrote"
+    )
+    parser.add_argument("--runtime-dir", default="/tmp", help="nginx's pid and temporary files")
+    args = parser.parse_args(argv)  # fmt: skip
+    c = Credentials.in_folder(args.credentials.resolve())
+    print(nginx_config(listen=args.listen, upstream=args.upstream, upstream_name="superlink",
+                       cert=c.gateway_cert, key=c.gateway_key, ca=c.ca,
+                       runtime_dir=args.runtime_dir), end="")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -90,7 +90,7 @@ class LocalCluster:
         self.tls = tls  # TLS alone (no authentication): kept for comparisons
         # locked unless told otherwise (or given TLS alone); made when the cluster starts
         self.locked = not insecure and tls is None
-        self.credentials: Credentials | None = None
+        self.credentials = Credentials.in_folder(workdir / "credentials") if self.locked else None
         self.host = host
         self.extra_node_config = extra_node_config or {}
         # the sites share this machine: their training threads split its cores (unless
@@ -186,7 +186,7 @@ class LocalCluster:
                 "LocalCluster(insecure=True) / --insecure runs the unlocked laptop mode"
             )
         self.credentials = make_credentials(
-            self.workdir / "credentials",
+            Path(self.credentials.ca).parent,
             len(self.nodes),
             # nginx checks the SuperLink's certificate by a DNS name, as compose names it
             link_hosts=[self.host_of("superlink"), "superlink"],

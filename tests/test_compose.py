@@ -1,6 +1,7 @@
-"""docker/compose.yml for real: a Docker engine, Flower's images (local stand-ins where they
-cannot be pulled: docker/standin/build.sh), three sites on MNIST, `flwr run` from the compose
-network's `flwr` service, a site restarted, and the TLS overlay.
+"""docker/compose.yml for real, locked as shipped: a Docker engine, Flower's images and the
+gateway's nginx (local stand-ins where they cannot be pulled: docker/standin/build.sh),
+credentials made by deployment/credentials.py, the sites' keys registered by the operator's
+`flwr`, three sites on MNIST, `flwr run`, a site restarted, and what a site cannot reach.
 
 Skipped, with the reason, where Docker cannot run here. Starts dockerd itself if none runs
 (data in /tmp/mh-pfedhn-docker, stopped afterwards) and removes every container, network and
@@ -20,7 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from deployment.topology import COMPOSE_TLS, SUPERLINK_PORT, Node, services
+from deployment.credentials import make_credentials
+from deployment.topology import (
+    COMPOSE_CREDENTIALS,
+    GATEWAY_PORT,
+    IMAGE_USER,
+    SUPERLINK_PORT,
+    SUPERNODE_PORT,
+    Node,
+    services,
+    site_address,
+)
 from server_app.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,15 +126,18 @@ def images(docker_engine):
 
 
 class Compose:
-    """One compose project: docker/compose.yml (+ the TLS overlay) + this test's override."""
+    """One compose project: docker/compose.yml + this test's override (small models on MNIST,
+    this test's credentials instead of docker/secrets)."""
 
-    def __init__(self, workdir: Path, name: str, data: Path, certs: Path | None = None):
-        self.files = [ROOT / "docker" / "compose.yml"]
-        if certs is not None:
-            self.files.append(ROOT / "docker" / "compose.tls.yml")
+    def __init__(self, workdir: Path, name: str, data: Path):
+        secrets = workdir / "secrets"
+        make_credentials(secrets, len(MODELS), ["superlink"], ["gateway"])
+        uid = int(IMAGE_USER.split(":")[0])
+        for path in secrets.iterdir():  # the images' user reads them (0600)
+            os.chown(path, uid, -1)
         override = workdir / f"{name}.override.yml"
-        override.write_text(json.dumps(_override(data, certs), indent=1))  # JSON is YAML
-        self.files.append(override)
+        override.write_text(json.dumps(_override(data, secrets), indent=1))  # JSON is YAML
+        self.files = [ROOT / "docker" / "compose.yml", override]
         self.name = f"mh-pfedhn-test-{name}-{os.getpid()}"
         self.log = workdir / f"{name}.log"
 
@@ -145,12 +159,26 @@ class Compose:
         assert done.returncode == 0, f"{' '.join(args)}:\n{(done.stdout + done.stderr)[-3000:]}"
         return done.stdout
 
-    def wait_for_superlink(self, timeout: float = 90) -> None:
-        probe = f"import socket; socket.create_connection(('127.0.0.1', {SUPERLINK_PORT}), 2)"
+    def python(self, service: str, code: str) -> subprocess.CompletedProcess:
+        return self("exec", "-T", service, "python", "-c", code)
+
+    def wait_for(self, service: str, port: int, timeout: float = 90) -> None:
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"
         deadline = time.monotonic() + timeout
-        while self("exec", "-T", "superlink", "python", "-c", probe).returncode != 0:
-            assert time.monotonic() < deadline, self("logs", "superlink").stdout[-3000:]
+        while self.python(service, probe).returncode != 0:
+            assert time.monotonic() < deadline, self("logs", service).stdout[-3000:]
             time.sleep(1)
+
+    def start_locked(self) -> None:
+        """As docker/compose.yml's header says: the SuperLink side, the operator registers
+        every site's key, then the sites."""
+        self.check("up", "-d", "--no-build", "superlink", "serverapp", "gateway")
+        self.wait_for("superlink", SUPERLINK_PORT)
+        for index in range(len(MODELS)):
+            out = self.check("run", "--rm", "-T", "flwr", "supernode", "register",
+                             f"/keys/site-{index}.pub", timeout=300)  # fmt: skip
+            assert "registered successfully" in out, out
+        self.check("up", "-d", "--no-build")
 
     def flwr_run(self, run_config: str) -> None:
         done = self("run", "--rm", "-T", "flwr", "run", ".", "--stream", "--run-config",
@@ -166,25 +194,35 @@ class Compose:
         self("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=300)
 
 
-def _override(data: Path, certs: Path | None) -> dict:
-    """The compose files' services, but small models on MNIST from `data`, a message log for
-    the site that is restarted, and certificates from `certs` (not docker/certs)."""
+def _override(data: Path, secrets: Path) -> dict:
+    """The compose file's services, but small models on MNIST from `data`, a message log for
+    the site that is restarted, and every ./secrets/ file from `secrets`."""
+    import yaml
+
     nodes = [Node(i, 3, model, f"site-{i}", "npz:/data/mnist.npz", "/state")
              for i, model in enumerate(MODELS)]  # fmt: skip
+    shipped = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())
     out: dict[str, dict] = {}
-    for service in services(nodes, tls=COMPOSE_TLS if certs else None):
+    sites = {f"supernode-{n.index}": site_address(n.index) for n in nodes}
+    made = services(nodes, credentials=COMPOSE_CREDENTIALS,
+                    host_of=lambda name: sites.get(name, name),
+                    bind_host=lambda name: sites.get(name, "0.0.0.0"))  # fmt: skip
+    for service in made:
         if service.name.startswith("supernode-"):
             command = service.argv[1:]
             if service.name == f"supernode-{RESTARTED}":
                 command[-1] += f' message-log="{MESSAGE_LOG}"'
             out[service.name] = {"command": command}
-        elif service.name.startswith("clientapp-"):
-            out[service.name] = {"volumes": [f"{data}:/data:ro"]}
-    if certs is not None:
-        out.setdefault("superlink", {})["volumes"] = [f"{certs}:/certs:ro"]
-        for name in ["serverapp", "flwr", *(n for n in out if n.startswith("supernode-"))]:
-            out.setdefault(name, {})["volumes"] = [f"{certs / 'ca.crt'}:{COMPOSE_TLS.ca}:ro"]
-    return {"services": out}
+    for name, service in shipped["services"].items():
+        mounts = [v.replace("./secrets/", f"{secrets}/") for v in service.get("volumes", [])
+                  if v.startswith("./secrets/")]  # fmt: skip
+        if name.startswith("clientapp-"):
+            mounts.append(f"{data}:/data:ro")
+        if mounts:
+            out.setdefault(name, {})["volumes"] = mounts
+    files = {k: {"file": v["file"].replace("./secrets/", f"{secrets}/")}
+             for k, v in shipped["secrets"].items()}  # fmt: skip
+    return {"services": out, "secrets": files}
 
 
 def run_config(rounds: int, **extra: str) -> str:
@@ -233,10 +271,9 @@ def data(mnist_npz, tmp_path) -> Path:
 def test_compose_runs_two_rounds_and_a_restarted_site_gets_its_own_embeddings(
     images, data, tmp_path
 ):
-    compose = Compose(tmp_path, "plain", data)
+    compose = Compose(tmp_path, "locked", data)
     try:
-        compose.check("up", "-d", "--no-build")
-        compose.wait_for_superlink()
+        compose.start_locked()
         compose.flwr_run(run_config(rounds=2))
         assert_two_rounds_learned(metrics(compose, tmp_path))
         before = message_log(compose)[-1]
@@ -256,24 +293,46 @@ def test_compose_runs_two_rounds_and_a_restarted_site_gets_its_own_embeddings(
         compose.down()
 
 
-def test_compose_with_the_tls_overlay_runs_two_rounds(images, data, tmp_path):
-    certs = tmp_path / "certs"
-    subprocess.run(
-        ["bash", str(ROOT / "deployment" / "make_certs.sh"), str(certs), "superlink"],
-        check=True,
-        capture_output=True,
-    )
-    os.chown(certs / "server.key", 49999, -1)  # Flower's SuperLink image runs as uid 49999
-    compose = Compose(tmp_path, "tls", data, certs=certs)
+def test_compose_keeps_each_site_to_itself(images, data, tmp_path):
+    """What a site's containers can reach, locked: a ClientApp only its own SuperNode (not
+    another site's Runtime API, not the SuperLink, not the gateway); a SuperNode the gateway,
+    which answers the Control API with 403, but no other SuperNode's Runtime API; every
+    container runs as the images' user, and none holds the CA key."""
+    compose = Compose(tmp_path, "sites", data)
     try:
-        compose.check("up", "-d", "--no-build")
-        compose.wait_for_superlink()
-        compose.flwr_run(run_config(rounds=2))
-        assert_two_rounds_learned(metrics(compose, tmp_path))
-        plain_http = (  # a TLS SuperLink does not answer it
-            f"import http.client as h; c = h.HTTPConnection('127.0.0.1', {SUPERLINK_PORT}, "
-            "timeout=5); c.request('GET', '/'); c.getresponse()"
+        compose.start_locked()
+
+        def reaches(service: str, host: str, port: int, wait: float = 0.0) -> bool:
+            code = f"import socket; socket.create_connection(({host!r}, {port}), 3)"
+            deadline = time.monotonic() + wait
+            while compose.python(service, code).returncode != 0:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(1)
+            return True
+
+        # once every site is up (its SuperNode listening), what each container reaches
+        assert reaches("clientapp-1", site_address(1), SUPERNODE_PORT, wait=120)  # its own
+        assert reaches("clientapp-0", site_address(0), SUPERNODE_PORT, wait=120)
+        assert not reaches("clientapp-1", site_address(0), SUPERNODE_PORT)
+        assert not reaches("clientapp-1", "superlink", SUPERLINK_PORT)
+        assert not reaches("clientapp-1", "gateway", GATEWAY_PORT)
+        assert not reaches("supernode-1", site_address(0), SUPERNODE_PORT)
+        assert not reaches("supernode-1", "superlink", SUPERLINK_PORT)
+        assert reaches("supernode-1", "gateway", GATEWAY_PORT, wait=30)
+        control = (  # the Control API's `flwr ls`, from a site, through the gateway
+            "import ssl, urllib.request as u\n"
+            "ctx = ssl.create_default_context(cafile='/certs/ca.crt')\n"
+            f"r = u.Request('https://gateway:{GATEWAY_PORT}/v1/control/list-runs', data=b'', "
+            "method='POST')\n"
+            "try:\n    u.urlopen(r, context=ctx, timeout=10)\n"
+            "except u.HTTPError as e:\n    print(e.code)\n"
         )
-        assert compose("exec", "-T", "superlink", "python", "-c", plain_http).returncode != 0
+        assert compose.python("supernode-1", control).stdout.strip() == "403"
+        for service in ("superlink", "serverapp", "gateway", "supernode-0", "clientapp-0"):
+            assert compose("exec", "-T", service, "id", "-u").stdout.strip() == "49999", service
+            held = compose("exec", "-T", service, "sh", "-c",
+                           "ls /certs /run/secrets 2>/dev/null").stdout  # fmt: skip
+            assert "ca.key" not in held, service
     finally:
         compose.down()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -15,17 +16,23 @@ import pytest
 from deployment.local_cluster import LocalCluster
 from deployment.topology import (
     APP_IMAGE,
-    TLS,
+    COMPOSE_CREDENTIALS,
+    GATEWAY_IMAGE,
     compose_nodes,
-    compose_tls_yaml,
     compose_yaml,
     default_nodes,
-    services,
+    gateway_conf,
+    site_address,
 )
 from server_app.outputs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUG_IN = ROOT / "examples" / "plug_in_model"
+# the locked local cluster's gateway is an nginx (CI installs it)
+needs_gateway = pytest.mark.skipif(
+    shutil.which("nginx") is None, reason="the locked cluster's gateway needs nginx "
+    "(apt-get install nginx-light)"
+)
 
 
 # ----------------------------------------------------------- compose.yml checks
@@ -39,9 +46,18 @@ def compose_services() -> dict[str, dict]:
     return yaml_file("compose.yml")["services"]
 
 
-def test_compose_file_is_the_generated_topology():
+def test_compose_files_are_the_generated_topology():
     assert (ROOT / "docker" / "compose.yml").read_text() == compose_yaml(3), (
         "regenerate with: python -m deployment.topology --clients 3 > docker/compose.yml"
+    )
+    laptop = ROOT / "docker" / "compose.insecure-laptop.yml"
+    assert laptop.read_text() == compose_yaml(3, insecure=True), (
+        "regenerate with: python -m deployment.topology --clients 3 --insecure-laptop "
+        "> docker/compose.insecure-laptop.yml"
+    )
+    assert (ROOT / "docker" / "gateway" / "nginx.conf").read_text() == gateway_conf(), (
+        "regenerate with: python -m deployment.topology --gateway-config "
+        "> docker/gateway/nginx.conf"
     )
 
 
@@ -51,11 +67,12 @@ def accepted_flags(program: str) -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
 
 
-def test_every_compose_command_uses_flags_the_installed_flower_accepts():
+@pytest.mark.parametrize("file", ["compose.yml", "compose.insecure-laptop.yml"])
+def test_every_compose_command_uses_flags_the_installed_flower_accepts(file):
     help_cache: dict[str, set[str]] = {}
-    for name, service in compose_services().items():
-        if "command" not in service:
-            continue  # the flwr service: its command is given at `docker-compose run`
+    for name, service in yaml_file(file)["services"].items():
+        if "command" not in service or name == "gateway":
+            continue  # flwr: its command comes at `docker-compose run`; gateway: nginx
         program = (
             service["entrypoint"][0]
             if "entrypoint" in service
@@ -69,31 +86,99 @@ def test_every_compose_command_uses_flags_the_installed_flower_accepts():
         assert used <= flags, f"{name}: {sorted(used - flags)} not accepted by {program}"
 
 
-def test_compose_network_is_internal_and_flwr_runs_inside_it():
+def test_compose_networks_keep_each_site_to_itself():
+    """Item 2 of the security review: one internal network per site (its SuperNode's
+    Runtime API bound to that network's address, its ClientApp on nothing else); the
+    SuperNodes reach the SuperLink side only through the gateway; nothing has a way out."""
     compose = yaml_file("compose.yml")
-    assert compose["networks"] == {"default": {"internal": True}}
-    assert not any("ports" in s or "networks" in s for s in compose["services"].values())
-    flwr = compose["services"]["flwr"]
+    svc = compose["services"]
+    assert all(net.get("internal") for net in compose["networks"].values())
+    assert not any("ports" in s for s in svc.values())
+
+    def networks(name: str) -> set[str]:
+        return set(svc[name]["networks"])
+
+    assert networks("superlink") == networks("serverapp") == networks("flwr") == {"link"}
+    assert networks("gateway") == {"link", "fleet"}
+    for i in range(3):
+        node, app = svc[f"supernode-{i}"], svc[f"clientapp-{i}"]
+        assert networks(f"supernode-{i}") == {"fleet", f"site-{i}"}
+        assert node["networks"][f"site-{i}"]["ipv4_address"] == site_address(i)
+        cmd = node["command"]
+        assert cmd[cmd.index("--host") + 1] == site_address(i)  # not 0.0.0.0: not on fleet
+        assert cmd[cmd.index("--superlink") + 1] == "gateway:9443"
+        assert networks(f"clientapp-{i}") == {f"site-{i}"}
+        assert app["command"][app["command"].index("--runtime-api-address") + 1] == (
+            f"{site_address(i)}:9094"
+        )
+        secret = COMPOSE_CREDENTIALS.site_secret(i)
+        for command in (cmd, app["command"]):  # the site's own SuperExec secret, both ends
+            assert command[command.index("--superexec-auth-secret-file") + 1] == secret
+    flwr = svc["flwr"]
     assert flwr["image"] == APP_IMAGE and flwr["profiles"] == ["cli"]
     script = flwr["entrypoint"][2]
     assert 'address = "superlink:9091"' in script and script.endswith('exec flwr "$$@"')
-    assert "FLWR_SECURITY=insecure = true" in flwr["environment"]
+    assert 'FLWR_SECURITY=root-certificates = "/certs/ca.crt"' in flwr["environment"]
+
+
+def test_compose_is_locked_non_root_and_never_mounts_the_ca_key():
+    """Items 1, 3 and 4: TLS, SuperNode authentication, SuperExec secrets; every service a
+    non-root user without capabilities; the CA's key nowhere; each private file only where
+    it is used."""
+    compose = yaml_file("compose.yml")
+    svc = compose["services"]
+    link = svc["superlink"]["command"]
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert link[link.index("--isolation") + 1] == "process"
+    assert "--superexec-auth-secret-file" in link and "--ssl-keyfile" in link
+    for name, service in svc.items():
+        if name != "flwr":
+            assert service["user"] == "49999:49999" and service["cap_drop"] == ["ALL"], name
+            assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert "--insecure" not in service.get("command", []) or name.startswith("clientapp")
+        mounts = " ".join(service.get("volumes", [])) + " ".join(service.get("secrets", []))
+        assert "ca.key" not in mounts, name
+    assert "ca.key" not in json.dumps(compose["secrets"])
+    users = {}
+    for name, service in svc.items():
+        for secret in service.get("secrets", []):
+            users.setdefault(secret, set()).add(name)
+    assert users["superlink_key"] == {"superlink"} and users["gateway_key"] == {"gateway"}
+    assert users["link_secret"] == {"superlink", "serverapp"}
+    for i in range(3):
+        assert users[f"site{i}_key"] == {f"supernode-{i}"}
+        assert users[f"site{i}_secret"] == {f"supernode-{i}", f"clientapp-{i}"}
+    gateway = svc["gateway"]
+    assert gateway["image"] == GATEWAY_IMAGE and gateway["networks"] == ["link", "fleet"]
+    conf = (ROOT / "docker" / "gateway" / "nginx.conf").read_text()
+    assert "location /v1/fleet/ {" in conf and "location / { return 403; }" in conf
+    assert "proxy_ssl_verify on;" in conf
+
+
+def test_the_insecure_laptop_file_is_named_and_marked_so():
+    text = (ROOT / "docker" / "compose.insecure-laptop.yml").read_text()
+    assert "INSECURE LAPTOP MODE" in text.splitlines()[1]
+    svc = yaml_file("compose.insecure-laptop.yml")["services"]
+    assert svc["superlink"]["command"][0] == "--insecure"
 
 
 def test_compose_ports_and_node_configs_are_consistent():
     svc = compose_services()
-    link_port = svc["superlink"]["command"][svc["superlink"]["command"].index("--port") + 1]
-    assert svc["serverapp"]["command"][-1] == f"superlink:{link_port}"
-    database = svc["superlink"]["command"][svc["superlink"]["command"].index("--database") + 1]
-    assert svc["superlink"]["volumes"] == ["superlink-state:/app"] and database.startswith("/app/")
+    link = svc["superlink"]["command"]
+    link_port = link[link.index("--port") + 1]
+    server = svc["serverapp"]["command"]
+    assert server[server.index("--runtime-api-address") + 1] == f"superlink:{link_port}"
+    assert f"proxy_pass https://superlink:{link_port};" in gateway_conf()
+    database = link[link.index("--database") + 1]
+    assert svc["superlink"]["volumes"][0] == "superlink-state:/app" and database.startswith("/app/")
     keys, partitions = set(), set()
     nodes = sorted(n for n in svc if n.startswith("supernode-"))
     for name in nodes:
         cmd = svc[name]["command"]
-        assert cmd[cmd.index("--superlink") + 1] == f"superlink:{link_port}"
         port = cmd[cmd.index("--port") + 1]
         index = name.split("-")[1]
-        assert svc[f"clientapp-{index}"]["command"][-1] == f"{name}:{port}"
+        app = svc[f"clientapp-{index}"]["command"]
+        assert app[app.index("--runtime-api-address") + 1] == f"{site_address(int(index))}:{port}"
         config = dict(
             pair.split("=", 1) for pair in shlex.split(cmd[cmd.index("--node-config") + 1])
         )
@@ -109,18 +194,30 @@ def test_compose_ports_and_node_configs_are_consistent():
 def test_local_cluster_runs_the_same_commands_as_compose(tmp_path):
     nodes = compose_nodes(3)
     cluster = LocalCluster(nodes, tmp_path)
+    assert cluster.locked  # by default, as compose.yml
     local = {s.name: s.argv for s in cluster.services()}
-    compose = {s.name: s.argv for s in services(nodes)}
+    compose = {
+        name: [service.get("entrypoint", ["IMAGE"])[0], *service["command"]]
+        for name, service in compose_services().items()
+        if "command" in service
+    }
+    compose["gateway"] = compose["gateway"][1:]  # nginx images: the command is all of it
+    local["superlink"][0] = local["supernode-0"][0] = local["supernode-1"][0] = "IMAGE"
+    local["supernode-2"][0] = "IMAGE"
     assert local.keys() == compose.keys()
 
     def normalise(argv: list[str]) -> list[str]:
         out = []
         for arg in argv:
-            arg = re.sub(r"^(superlink|supernode-\d+|127\.0\.0\.1):\d+$", "HOST:PORT", arg)
-            arg = re.sub(r"^(0\.0\.0\.0|127\.0\.0\.1)$", "BIND", arg)
+            arg = re.sub(r"^(superlink|gateway|supernode-\d+|127\.0\.0\.1|172\.30\.\d+\.2):\d+$",
+                         "HOST:PORT", arg)  # fmt: skip
+            arg = re.sub(r"^(0\.0\.0\.0|127\.0\.0\.1|172\.30\.\d+\.2)$", "BIND", arg)
             arg = re.sub(r"^\d{4,5}$", "PORT", arg)
             arg = re.sub(r".*superlink\.db$", "DB", arg)
-            out.append(arg)
+            arg = re.sub(r"^.*/(ca\.crt|nginx\.conf)$", r"\1", arg)
+            arg = re.sub(r"^/run/secrets/|^/certs/|^.*/credentials/", "CRED/", arg)
+            arg = arg.replace("_", ".").replace(".pem", "").replace("site.", "site-")
+            out.append(re.sub(r"CRED/site(\d)\.", r"CRED/site-\1.", arg))
         return out
 
     for name in compose:
@@ -143,6 +240,7 @@ def mnist_run_config(mnist_npz: Path, out: Path, rounds: int, **extra: str) -> s
 
 
 @pytest.mark.slow
+@needs_gateway
 def test_superlink_and_three_supernodes_with_a_plug_in_model(mnist_npz, tmp_path):
     nodes = default_nodes(3, ["lenet", "site_models:small_cnn", "mlp"])
     cluster = LocalCluster(nodes, tmp_path, client_env={"PYTHONPATH": str(PLUG_IN)})
@@ -160,6 +258,7 @@ def test_superlink_and_three_supernodes_with_a_plug_in_model(mnist_npz, tmp_path
 
 
 @pytest.mark.slow
+@needs_gateway
 def test_a_deployed_round_keeps_every_site_training(mnist_npz, tmp_path):
     """one_by_one with 3 clients in flight on 3 SuperNodes: the server keeps the 3 train
     messages outstanding at once, so every site trains the vector of the round's start (the
@@ -213,6 +312,7 @@ def flwr_through(cluster: LocalCluster, address: str, home: Path, *args: str):
 
 
 @pytest.mark.slow
+@needs_gateway
 def test_the_locked_cluster_refuses_what_a_site_could_try(mnist_npz, tmp_path):
     """Locked by default: through the gateway (all a site reaches) no Control API (no
     `flwr ls`, no key registration); a SuperNode whose key the operator did not register
@@ -277,6 +377,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@needs_gateway
 def test_a_killed_supernode_comes_back_with_its_own_embeddings(mnist_npz, tmp_path):
     """Kill site-2 while round 2 runs: the round and the run finish with the others. The site
     restarts (new node id, same key and secret) and a resumed run sends it the vector it had
@@ -315,57 +416,6 @@ def test_a_killed_supernode_comes_back_with_its_own_embeddings(mnist_npz, tmp_pa
     assert rows[-1]["clients_trained"] == 3
 
 
-# ------------------------------------------------------- compose.tls.yml checks
-def tls_overlay_services() -> dict[str, dict]:
-    """The overlay's services but `flwr` (its connection; test_compose_tls_overlay_...)."""
-    services = yaml_file("compose.tls.yml")["services"]
-    del services["flwr"]
-    return services
-
-
-def test_compose_tls_overlay_is_the_generated_one():
-    assert (ROOT / "docker" / "compose.tls.yml").read_text() == compose_tls_yaml(3), (
-        "regenerate with: python -m deployment.topology --clients 3 --tls > docker/compose.tls.yml"
-    )
-    nodes = compose_nodes(3)
-    tls = TLS("/certs/ca.crt", "/certs/server.pem", "/certs/server.key")
-    expected = {s.name: s.argv[1:] for s in services(nodes, tls=tls)}
-    for name, service in tls_overlay_services().items():
-        assert service["command"] == expected[name], name
-
-
-def test_compose_tls_overlay_only_swaps_insecure_for_certificates_and_flower_accepts_it():
-    base, overlay = compose_services(), tls_overlay_services()
-    assert set(overlay) == {"superlink", "serverapp"} | {n for n in base if "supernode" in n}
-    server_flags = ["--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "/certs/server.pem",
-                    "--ssl-keyfile", "/certs/server.key"]  # fmt: skip
-    help_cache: dict[str, set[str]] = {}
-    for name, service in overlay.items():
-        swap = server_flags if name == "superlink" else ["--root-certificates", "/certs/ca.crt"]
-        command = base[name]["command"]
-        assert "--insecure" not in service["command"], name
-        assert service["command"] == swap + [a for a in command if a != "--insecure"], name
-        expected = "./certs:/certs:ro" if name == "superlink" else "./certs/ca.crt:/certs/ca.crt:ro"
-        assert service["volumes"] == [expected], name
-        program = (
-            base[name]["entrypoint"][0]
-            if "entrypoint" in base[name]
-            else {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}[
-                base[name]["image"].split(":")[0]
-            ]
-        )
-        flags = help_cache.setdefault(program, accepted_flags(program))
-        used = {a for a in service["command"] if a.startswith("--")}
-        assert used <= flags, f"{name}: {sorted(used - flags)} not accepted by {program}"
-    # the ClientApps' SuperExecs talk to their own SuperNode and stay as compose.yml has them
-    assert all(base[n]["command"][0] == "--insecure" for n in base if n.startswith("clientapp"))
-    # flwr in the network trusts the same CA instead of `insecure = true`
-    assert yaml_file("compose.tls.yml")["services"]["flwr"] == {
-        "environment": ['FLWR_SECURITY=root-certificates = "/certs/ca.crt"'],
-        "volumes": ["./certs/ca.crt:/certs/ca.crt:ro"],
-    }
-
-
 # ------------------------------------------------------------------ the traps
 def test_relative_data_paths_are_made_absolute_from_where_the_command_runs(tmp_path):
     from deployment.local_cluster import absolute_data_path, absolute_data_paths
@@ -386,6 +436,7 @@ def test_a_relative_path_that_is_not_there_says_from_where_it_was_looked_up(tmp_
 
 
 @pytest.mark.slow
+@needs_gateway
 def test_a_deployment_where_no_client_can_load_its_data_fails_loudly(tmp_path):
     """Every SuperNode refuses (its data path does not exist): the run stops with each
     node's reason and flwr run exits non-zero, instead of running rounds with no client."""

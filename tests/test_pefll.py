@@ -135,7 +135,8 @@ def mnist_run(mnist_npz, flip: bool, rounds: int, monkeypatch) -> list[float]:
         monkeypatch.setattr(PeFLLServer, "gradients",
                             lambda self, key, delta: original(self, key, -delta))  # fmt: skip
     return mnist_accuracies(mnist_npz, "pefll", rounds, **{"clients.models": "lenet",
-                            "client.lr": 0.05, "client.epochs": 2, "pefll.lr": 1e-3})  # fmt: skip
+                            "client.lr": 0.05, "client.epochs": 2, "client.weight_decay": 1e-4,
+                            "pefll.lr": 1e-3})  # fmt: skip
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
-"""TLS between real separate hosts: the SuperLink, two client sites and a workstation each in
-their own Linux network namespace, wired through a bridge, as on a LAN (needs root and `ip`).
+"""The locked deployment between real separate hosts: the SuperLink's host, two client sites,
+a rogue and a workstation each in their own Linux network namespace, wired through a bridge,
+as on a LAN (needs root, `ip` and nginx).
 
-    switch namespace:  bridge br0 ── veth ──┬─ link    10.231.0.1   SuperLink + ServerApp SuperExec
+    switch namespace:  bridge br0 ── veth ──┬─ link    10.231.0.1   SuperLink (on its loopback),
+                                            │                       ServerApp SuperExec, gateway,
+                                            │                       the operator's `flwr`
                                             ├─ site0   10.231.0.10  SuperNode + ClientApp SuperExec
                                             ├─ site1   10.231.0.11  SuperNode + ClientApp SuperExec
-                                            ├─ rogue   10.231.0.66  a SuperNode without TLS
-                                            └─ ws      10.231.0.100 `flwr run`
+                                            ├─ rogue   10.231.0.66  what a stranger on the LAN tries
+                                            └─ ws      10.231.0.100 a workstation on the LAN
 """
 
 from __future__ import annotations
@@ -21,17 +24,15 @@ from pathlib import Path
 
 import pytest
 
+from deployment.credentials import node_key_pair
 from deployment.local_cluster import LocalCluster
 from deployment.processes import kill_tree, listening_ports, process_tree
-from deployment.topology import TLS, Node, default_nodes
+from deployment.topology import Node, default_nodes
 from server_app.outputs import read_metrics
 from tests.test_deployment import mnist_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SUBNET = "10.231.0"
 ADDRESSES = {"link": 1, "site0": 10, "site1": 11, "rogue": 66, "ws": 100}
-# what a plain-HTTP SuperNode reports when it reaches the SuperLink's TLS port
-NO_REPLY_REASONS = ("Server disconnected without sending a response", "Connection reset by peer")
 
 
 def ip(*args: str) -> str:
@@ -116,25 +117,14 @@ def hosts():
         assert not left, f"namespaces left behind: {left}"
 
 
-def make_certs(hosts: Hosts, folder: Path) -> TLS:
-    """make_certs.sh for the SuperLink's address on the LAN."""
-    made = subprocess.run(
-        [str(ROOT / "deployment" / "make_certs.sh"), str(folder), hosts.address("link")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    assert "server.pem" in made.stdout
-    assert (folder / "server.key").stat().st_mode & 0o777 == 0o600
-    assert (folder / "ca.key").stat().st_mode & 0o777 == 0o600
-    return TLS(str(folder / "ca.crt"), str(folder / "server.pem"), str(folder / "server.key"))
-
-
-def cluster_on(hosts: Hosts, nodes: list[Node], workdir: Path, tls: TLS, **kwargs) -> LocalCluster:
-    """SuperLink and ServerApp SuperExec on `link`, site i's two processes on `site<i>`,
-    `flwr run` on `ws`: the services' own commands, behind `ip netns exec <host>`."""
+def cluster_on(hosts: Hosts, nodes: list[Node], workdir: Path, **kwargs) -> LocalCluster:
+    """Locked: the SuperLink on the `link` host's loopback (the ServerApp's SuperExec and the
+    operator's `flwr` run there too), the gateway on its LAN address; site i's two processes
+    on `site<i>`, its SuperNode's Runtime API on that host's loopback. The services' own
+    commands, behind `ip netns exec <host>`."""
     link = hosts.address("link")
     prefix = {"superlink": hosts.exec("link"), "serverapp": hosts.exec("link"),
-              "flwr": hosts.exec("ws")}  # fmt: skip
+              "gateway": hosts.exec("link"), "flwr": hosts.exec("link")}  # fmt: skip
     for node in nodes:
         prefix[f"supernode-{node.index}"] = hosts.exec(f"site{node.index}")
         prefix[f"clientapp-{node.index}"] = hosts.exec(f"site{node.index}")
@@ -142,11 +132,9 @@ def cluster_on(hosts: Hosts, nodes: list[Node], workdir: Path, tls: TLS, **kwarg
     return LocalCluster(
         nodes,
         workdir,
-        tls=tls,
         prefix=prefix,
-        # the SuperLink is reached over the LAN; each SuperNode only by its own ClientApps
-        hosts={"superlink": link, **local},
-        binds={"superlink": link, **local},
+        hosts={"superlink": "127.0.0.1", "gateway": link, **local},
+        binds={"superlink": "127.0.0.1", "gateway": link, **local},
         **kwargs,
     )
 
@@ -164,28 +152,52 @@ def flwr_run(cluster: LocalCluster, config: str):
 
 
 @pytest.mark.slow
-def test_tls_across_network_namespaces(hosts, mnist_npz, tmp_path):
-    tls = make_certs(hosts, tmp_path / "certs")
+def test_the_locked_deployment_across_network_namespaces(hosts, mnist_npz, tmp_path):
+    if shutil.which("nginx") is None:
+        pytest.skip("the gateway needs nginx (apt-get install nginx-light)")
     nodes = default_nodes(2, ["lenet", "mlp"])
     link = hosts.address("link")
-    cluster = cluster_on(hosts, nodes, tmp_path, tls)
+    cluster = cluster_on(hosts, nodes, tmp_path)
     rogue = None
     started = time.monotonic()
     try:
         cluster.start()
         pids = {name: p.pid for name, p in cluster.processes.items()}
-        # separate hosts: the SuperLink's port is open on `link` only, not on a site's loopback
+        # separate hosts: the SuperLink listens on its own host's loopback only; the sites
+        # reach the gateway on the LAN
         assert cluster.superlink_port in listening_ports(pids["superlink"])
         assert cluster.superlink_port not in listening_ports(pids["supernode-0"])
+        assert cluster.gateway_port in listening_ports(pids["gateway"])
         assert cluster.node_ports[0] not in listening_ports(pids["superlink"])
+        probe = [*hosts.exec("rogue"), sys.executable, "-c"]
 
-        # a SuperNode without TLS (and no CA) on another host: it must not get in
+        def from_rogue(code: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*probe, code], capture_output=True, text=True, timeout=60)
+
+        # from the LAN: the SuperLink's port is not there at all
+        connect = f"import socket; socket.create_connection(({link!r}, %d), 5)"
+        assert from_rogue(connect % cluster.superlink_port).returncode != 0
+        assert from_rogue(connect % cluster.gateway_port).returncode == 0
+        # through the gateway: the Control API answers 403 (no `flwr ls`, no registering)
+        control = (
+            "import ssl, urllib.request as u\n"
+            f"ctx = ssl.create_default_context(cafile={cluster.credentials.ca!r})\n"
+            f"r = u.Request('https://{link}:{cluster.gateway_port}/v1/control/list-runs', "
+            "data=b'', method='POST')\n"
+            "try:\n    u.urlopen(r, context=ctx, timeout=10)\n"
+            "except u.HTTPError as e:\n    print(e.code)\n"
+        )
+        assert from_rogue(control).stdout.strip() == "403"
+
+        # a SuperNode on the rogue host with a key of its own: refused (not registered)
+        node_key_pair(tmp_path / "rogue.key")
         with (tmp_path / "logs" / "rogue.log").open("wb") as rogue_log:
             rogue = subprocess.Popen(
-                [*hosts.exec("rogue"), "flower-supernode", "--insecure", "--superlink",
-                 f"{link}:{cluster.superlink_port}", "--max-retries", "3",
-                 "--max-wait-time", "30", "--isolation", "process", "--host", "127.0.0.1",
-                 "--port", "9094", "--node-config",
+                [*hosts.exec("rogue"), "flower-supernode", "--root-certificates",
+                 cluster.credentials.ca, "--superlink", f"{link}:{cluster.gateway_port}",
+                 "--auth-supernode-private-key", str(tmp_path / "rogue.key"),
+                 "--max-retries", "3", "--max-wait-time", "30", "--isolation", "process",
+                 "--host", "127.0.0.1", "--port", "9094", "--node-config",
                  'client-key="rogue" model="lenet" partition-id=0 num-partitions=2'],
                 env=cluster.env, cwd=tmp_path, stdout=rogue_log, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -205,17 +217,11 @@ def test_tls_across_network_namespaces(hosts, mnist_npz, tmp_path):
         assert set(last["client_accuracy"]) == {"site-0", "site-1"}
 
         # the model vectors really went through the switch, between the hosts
-        for host in ("link", "site0", "site1", "ws"):
+        for host in ("link", "site0", "site1"):
             assert hosts.bytes_through_switch(host) > 10_000, host
-        # the plain-HTTP node reached the SuperLink's port but got no reply (TLS there), gave
-        # up with an error and never took part
         rogue_rc = rogue.wait(timeout=120)
         rogue_text = (tmp_path / "logs" / "rogue.log").read_text()
-        assert rogue_rc != 0, rogue_text[-2000:]
-        # the TLS side answers the plain-HTTP hello by closing or by resetting the connection
-        # (which one depends on timing); either way the node exits with Flower's code 305
-        assert "Exit Code: 305" in rogue_text, rogue_text[-2000:]
-        assert any(reason in rogue_text for reason in NO_REPLY_REASONS), rogue_text[-2000:]
+        assert rogue_rc != 0 and "Failed to activate SuperNode" in rogue_text, rogue_text[-2000:]
         tree = process_tree(set(pids.values()))
     finally:
         cluster.stop()
@@ -227,7 +233,7 @@ def test_tls_across_network_namespaces(hosts, mnist_npz, tmp_path):
     # nothing left: not our processes (by pid), nothing in the namespaces, nothing in `ps`
     assert not hosts.pids()
     ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
-    markers = (f"{link}:{cluster.superlink_port}", str(tmp_path))
+    markers = (f"{link}:{cluster.gateway_port}", str(tmp_path))
     alive = [
         line
         for line in ps.splitlines()
@@ -235,64 +241,4 @@ def test_tls_across_network_namespaces(hosts, mnist_npz, tmp_path):
         and not line.split()[1].startswith("Z")
     ]
     assert not alive, "\n".join(alive)
-    print(f"2 rounds over TLS across namespaces: {run_s:.0f} s")
-
-
-@pytest.mark.slow
-def test_supernode_authentication_across_network_namespaces(hosts, mnist_npz, tmp_path):
-    """--enable-supernode-auth: site-0's key is registered from the workstation and it trains;
-    site-1's key is not, and the SuperLink refuses it."""
-    tls = make_certs(hosts, tmp_path / "certs")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for site in ("site0", "site1"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(keys / site)],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-    node0, node1 = default_nodes(2, ["lenet", "mlp"])
-    cluster = cluster_on(
-        hosts, [node0], tmp_path, tls,
-        extra_args={"superlink": ["--enable-supernode-auth"],
-                    "supernode-0": ["--auth-supernode-private-key", str(keys / "site0")]},
-    )  # fmt: skip
-    link = f"{hosts.address('link')}:{cluster.superlink_port}"
-    stranger = None
-    try:
-        cluster.start_link()
-        flwr = [*hosts.exec("ws"), str(Path(sys.executable).parent / "flwr")]
-        done = subprocess.run(
-            [*flwr, "supernode", "register", str(keys / "site0.pub"), "cluster"],
-            env=cluster.env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert done.returncode == 0 and "registered" in done.stdout, done.stdout + done.stderr
-        cluster.start_node(0)
-
-        # site-1: TLS and a key, but one the SuperLink does not know
-        stranger_log = tmp_path / "logs" / "unregistered.log"
-        with stranger_log.open("wb") as log:
-            stranger = subprocess.Popen(
-                [*hosts.exec("site1"), "flower-supernode", "--root-certificates", tls.ca,
-                 "--superlink", link, "--auth-supernode-private-key", str(keys / "site1"),
-                 "--max-retries", "3", "--max-wait-time", "30", "--isolation", "process",
-                 "--host", "127.0.0.1", "--port", "9094", "--node-config", node1.node_config()],
-                env=cluster.env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        stranger_rc = stranger.wait(timeout=120)
-        text = stranger_log.read_text()
-        assert stranger_rc != 0 and "Failed to activate SuperNode" in text, text[-2000:]
-
-        out = tmp_path / "out"
-        config = mnist_run_config(mnist_npz, out, rounds=1, **{"server.timeout_s": "60"})
-        flwr_run(cluster, config)
-        rows = read_metrics(out / "deployed" / "metrics.jsonl")
-        assert [r["round"] for r in rows] == [0, 1]
-        assert rows[-1]["clients_trained"] == 1 and not rows[-1]["rejected"]
-        assert set(rows[-1]["client_accuracy"]) == {"site-0"}
-    finally:
-        cluster.stop()
-        if stranger is not None:
-            kill_tree({stranger.pid}, grace=1.0)
-            stranger.wait(timeout=10)
-    assert not hosts.pids()
+    print(f"2 rounds, locked, across namespaces: {run_s:.0f} s")

@@ -3,7 +3,8 @@
 #
 #   sudo docker/standin/build.sh [--force]
 #
-# tags flwr/superlink:1.42.0, flwr/supernode:1.42.0 and flwr/superexec:1.42.0, so that
+# tags flwr/superlink:1.42.0, flwr/supernode:1.42.0 and flwr/superexec:1.42.0, and the
+# gateway's nginxinc/nginx-unprivileged:1.27 (Debian's nginx-light), so that
 # docker/compose.yml runs unchanged. Like Flower's images (flwr/base): Python in
 # /python/venv (first on PATH), user app (uid 49999) in /app, entrypoint flower-superlink /
 # flower-supernode / flower-superexec. Unlike them: Debian bookworm from debootstrap with its
@@ -26,6 +27,7 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 declare -A ENTRYPOINT=(
     [superlink]=flower-superlink [supernode]=flower-supernode [superexec]=flower-superexec
 )
+GATEWAY=nginxinc/nginx-unprivileged:1.27
 
 force=0
 [[ ${1:-} == --force ]] && force=1
@@ -46,6 +48,13 @@ for name in superlink supernode superexec; do
         todo+=("$name")
     fi
 done
+rc=0
+standin "$GATEWAY" || rc=$?
+if ((rc == 1)); then
+    echo "$GATEWAY is the real image: kept"
+elif ((rc == 2 || force)); then
+    todo+=(gateway)
+fi
 if ((${#todo[@]} == 0)); then
     echo "stand-in images present (--force rebuilds them)"
     exit 0
@@ -61,7 +70,7 @@ started=$SECONDS
 root=$work/rootfs
 
 echo "debootstrap bookworm (minbase + python3-venv) from $MIRROR ..."
-debootstrap --variant=minbase --include=python3-venv bookworm "$root" "$MIRROR" \
+debootstrap --variant=minbase --include=python3-venv,nginx-light bookworm "$root" "$MIRROR" \
     >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/{doc,man,info,locale}
 chroot "$root" python3 -m venv --without-pip /python/venv  # pip: the one copied below
@@ -82,6 +91,12 @@ changes=(
 tar -C "$root" -c . | docker import "${changes[@]}" - "$BASE" >/dev/null
 for name in "${todo[@]}"; do
     [[ $name == superexec ]] && continue
+    if [[ $name == gateway ]]; then  # no entrypoint: compose gives the whole nginx command
+        printf 'FROM %s\n' "$BASE" |
+            docker build --quiet --network none -t "$GATEWAY" - >/dev/null
+        echo "built $GATEWAY (stand-in)"
+        continue
+    fi
     printf 'FROM %s\nENTRYPOINT ["%s"]\n' "$BASE" "${ENTRYPOINT[$name]}" |
         docker build --quiet --network none -t "flwr/$name:$FLOWER_VERSION" - >/dev/null
     echo "built flwr/$name:$FLOWER_VERSION (stand-in)"
