@@ -200,6 +200,11 @@ class ClientTrainConfig(_Section):
     )
 
 
+#: `hypernetwork.in_flight: auto` on Flower's deployment runtime (measured: docs/results.md,
+#: "Clients in flight").
+DEPLOYED_IN_FLIGHT = 10
+
+
 class HypernetworkConfig(_Section):
     chunk_size: int = Field(
         3072,
@@ -229,13 +234,22 @@ class HypernetworkConfig(_Section):
         "one); parallel_sequential (all train the round-start theta, then one Adam step per "
         "delta in a seeded order); parallel_mean (one step on the mean VJP)",
     )
-    in_flight: int = Field(
-        1,
-        ge=1,
+    in_flight: int | Literal["auto"] = Field(
+        "auto",
         description="one_by_one: clients training at once; each delta is applied in the "
         "seeded order at most in_flight - 1 steps after its vector was generated (1: the "
-        "authors' round, exactly). cohorts: the size of a cohort",
+        "authors' round, exactly). cohorts: the size of a cohort. auto: 1 in simulation (the "
+        f"authors' round), {DEPLOYED_IN_FLIGHT} when deployed (sites train at once; "
+        "docs/concepts/schedules.md)",
     )
+
+    @field_validator("in_flight")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError("must be at least 1, or auto")
+        return value
+
     vjp_at: Literal["generated", "current"] = Field(
         "current",
         description="with clients in flight, where a delta's VJP is taken: at the state "

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from common import protocol
-from common.config import ExperimentConfig, defining_settings
+from common.config import DEPLOYED_IN_FLIGHT, ExperimentConfig, defining_settings
 from common.seeding import seeded_share
 from server_app.checkpoint import Checkpoint, CheckpointWriter
 from server_app.client_directory import ClientDirectory
@@ -56,6 +56,16 @@ from server_app.server_state import (
 logger = logging.getLogger("flwr.mh_pfedhn")
 rejections = logging.getLogger("flwr.mh_pfedhn.rejected")
 PER_CLIENT = "/"  # MetricRecord keys "client_accuracy/<key>": a per-client value
+
+
+def deployed(grid: Grid) -> bool:
+    """Whether the grid reaches SuperNodes on Flower's deployment runtime: neither Flower's
+    simulation engine (InMemoryGrid) nor an in-process grid of this project (`simulated`)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    while isinstance(grid, NodesView):
+        grid = grid.grid
+    return not (isinstance(grid, InMemoryGrid) or getattr(grid, "simulated", False))
 
 
 class RunAborted(RuntimeError):
@@ -215,13 +225,27 @@ class RoundLoop(Strategy):
         )
         self.delta_bound = DeltaNormBound(cfg.server.delta_norm_bound)
         self.split_sizes: dict[str, list[int]] = {}  # key -> its test (and validation) size
-        hn = cfg.hypernetwork
-        self.schedule = (
-            schedule_named(hn.schedule, hn.in_flight, hn.vjp_at)
-            if self.method.schedules
-            else Parallel()
-        )
+        self.schedule = self.make_schedule(1 if cfg.hypernetwork.in_flight == "auto" else
+                                           cfg.hypernetwork.in_flight)  # fmt: skip
         self.history: list[dict[str, Any]] = []  # one row per round, as the run reports it
+
+    def make_schedule(self, in_flight: int) -> Parallel:
+        """The configured round schedule with this many clients in flight (methods without
+        a schedule: one parallel cohort)."""
+        if not self.method.schedules:
+            return Parallel()
+        hn = self.cfg.hypernetwork
+        return schedule_named(hn.schedule, in_flight, hn.vjp_at)
+
+    def choose_in_flight(self, grid: Grid) -> None:
+        """`hypernetwork.in_flight: auto`: the authors' one client at a time in simulation,
+        DEPLOYED_IN_FLIGHT on Flower's deployment runtime, where every idle site is time lost."""
+        if self.cfg.hypernetwork.in_flight != "auto" or not self.method.schedules:
+            return
+        in_flight = DEPLOYED_IN_FLIGHT if deployed(grid) else 1
+        self.schedule = self.make_schedule(in_flight)
+        logger.info("%d client(s) in flight (hypernetwork.in_flight=auto, %s)", in_flight,
+                    "deployed" if in_flight > 1 else "simulated")  # fmt: skip
 
     @classmethod
     def build_state(cls, cfg: ExperimentConfig) -> ServerState:
@@ -803,6 +827,7 @@ class RoundLoop(Strategy):
             self.set_initial_arrays(initial_arrays)
         pending = pending_from_state(resume.strategy.get("pending_round"))
         result = Result()
+        self.choose_in_flight(grid)
         self.summary()
         first = 0 if self.evaluation_due(0, num_rounds) else 1
         first = max(first, resume.completed_round + 1)

@@ -254,6 +254,7 @@ def test_superlink_and_three_supernodes_with_a_plug_in_model(mnist_npz, tmp_path
     assert last["clients_trained"] == 3 and last["clients_evaluated"] == 3 and not last["rejected"]
     assert set(last["client_accuracy"]) == {"site-0", "site-1", "site-2"}
     assert last["accuracy"] > rows[0]["accuracy"]
+    assert last["clients_in_flight"] == 3  # deployed, `in_flight: auto` keeps every site busy
     assert not any(p.poll() is None for p in cluster.processes.values())
 
 

@@ -283,3 +283,31 @@ def test_a_run_interrupted_mid_round_resumes_bit_for_bit(vjp_at, tiny_npz, tmp_p
                          **resume).history  # fmt: skip
     strip = [{k: v for k, v in r.items() if k not in features.TIMING} for r in split]
     assert strip == [{k: v for k, v in r.items() if k not in features.TIMING} for r in whole]
+
+
+def test_auto_keeps_the_authors_round_in_simulation_and_sites_busy_when_deployed():
+    """`hypernetwork.in_flight: auto`: 1 on the in-process grid and Flower's simulation engine,
+    DEPLOYED_IN_FLIGHT on any other grid (Flower's deployment runtime)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    from common.config import DEPLOYED_IN_FLIGHT, resolve_config
+    from server_app.round_loop import NodesView, deployed
+    from server_app.run import build_strategy
+
+    class RemoteGrid(InProcessGrid):
+        simulated = False
+
+    memory = InMemoryGrid.__new__(InMemoryGrid)  # only its type matters here
+    assert not deployed(memory) and not deployed(InProcessGrid(None, [], {}))
+    assert deployed(RemoteGrid(None, [], {}))
+    assert deployed(NodesView(RemoteGrid(None, [], {}), []))
+    cfg = resolve_config("default", {"rounds": 1})
+    assert cfg.hypernetwork.in_flight == "auto"
+    strategy = build_strategy(cfg)
+    strategy.choose_in_flight(InProcessGrid(None, [], {}))
+    assert strategy.schedule.in_flight == 1
+    strategy.choose_in_flight(RemoteGrid(None, [], {}))
+    assert strategy.schedule.in_flight == DEPLOYED_IN_FLIGHT
+    pinned = build_strategy(resolve_config("default", {"preset": "paper"}))
+    pinned.choose_in_flight(RemoteGrid(None, [], {}))
+    assert pinned.schedule.in_flight == 1  # the paper preset keeps the authors' round
