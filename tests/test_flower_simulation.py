@@ -40,6 +40,7 @@ def test_flwr_run_simulation_with_mixed_architectures(method, mnist_npz, tmp_pat
     assert [r["round"] for r in rows] == [0, 1, 2], log[-4000:]
     assert rows[-1]["clients_trained"] == 4
     assert rows[-1]["clients_evaluated"] == 4
+    assert rows[-1]["clients_in_flight"] == 1  # in_flight auto: the authors' round in simulation
     assert not rows[-1]["rejected"]
     assert 0.0 <= rows[-1]["accuracy"] <= 1.0
     assert rows[-1]["accuracy"] > rows[0]["accuracy"]
