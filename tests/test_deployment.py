@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import DEPLOYED_IN_FLIGHT
 from deployment.local_cluster import LocalCluster
 from deployment.topology import (
     APP_IMAGE,
@@ -254,7 +255,7 @@ def test_superlink_and_three_supernodes_with_a_plug_in_model(mnist_npz, tmp_path
     assert last["clients_trained"] == 3 and last["clients_evaluated"] == 3 and not last["rejected"]
     assert set(last["client_accuracy"]) == {"site-0", "site-1", "site-2"}
     assert last["accuracy"] > rows[0]["accuracy"]
-    assert last["clients_in_flight"] == 3  # deployed, `in_flight: auto` keeps every site busy
+    assert last["clients_in_flight"] == DEPLOYED_IN_FLIGHT  # deployed, `in_flight: auto`
     assert not any(p.poll() is None for p in cluster.processes.values())
 
 
