@@ -377,12 +377,12 @@ def markdown(
 
 
 def plot(runs: list[RunResult], directory: Path) -> list[Path]:
-    """accuracy.png (a panel per experiment) and accuracy-<experiment>.png."""
+    """accuracy.png (a panel per experiment), accuracy-<experiment>.png, and for a sweep of
+    variants (one method per experiment) accuracy-variants.png with every variant on one axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     by_experiment: dict[str, dict[str, list[RunResult]]] = {}
     for (experiment, method), members in groups(runs).items():
@@ -391,24 +391,11 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
         return []
 
     def draw(ax, experiment: str, first: int = 0) -> None:
-        seeds = 0
-        for method, members in by_experiment[experiment].items():
-            seeds = max(seeds, len(members))
-            rounds = sorted({r for m in members for r in m.curve if r >= first})
-            values = [[100 * m.curve[r] for m in members if r in m.curve] for r in rounds]
-            mean = [statistics.fmean(v) for v in values]
-            (line,) = ax.plot(rounds, mean, marker="o", markersize=3, label=method)
-            ax.fill_between(
-                rounds, [min(v) for v in values], [max(v) for v in values],
-                color=line.get_color(), alpha=0.2, linewidth=0,
-            )  # fmt: skip
+        lines = by_experiment[experiment]
+        seeds = max(len(members) for members in lines.values())
         title = f"{experiment} (mean of {seeds} seed{'s' * (seeds != 1)}, min-max band)"
-        ax.set_title(title if first == 0 else f"rounds {first}+ (the late mean's window)")
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("pooled test accuracy (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+        _draw_curves(ax, lines, title if first == 0 else
+                     f"rounds {first}+ (the late mean's window)", first)  # fmt: skip
 
     written = []
     for experiment in by_experiment:
@@ -436,7 +423,38 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
     path = directory / "accuracy.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    methods = {method for lines in by_experiment.values() for method in lines}
+    if count > 1 and all(len(lines) == 1 for lines in by_experiment.values()):
+        # a sweep of variants of one method per experiment: every variant on one axes
+        fig, ax = plt.subplots(figsize=(8, 5))
+        lines = {experiment: next(iter(ms.values())) for experiment, ms in by_experiment.items()}
+        _draw_curves(ax, lines, " / ".join(sorted(methods)) + ": every variant")
+        fig.tight_layout()
+        written.append(directory / "accuracy-variants.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     return [path, *written]
+
+
+def _draw_curves(ax, lines: dict[str, list[RunResult]], title: str, first: int = 0) -> None:
+    """One line per label (the mean over its runs' seeds) with a min-max band."""
+    from matplotlib.ticker import MaxNLocator
+
+    for label, members in lines.items():
+        rounds = sorted({r for m in members for r in m.curve if r >= first})
+        values = [[100 * m.curve[r] for m in members if r in m.curve] for r in rounds]
+        mean = [statistics.fmean(v) for v in values]
+        (line,) = ax.plot(rounds, mean, marker="o", markersize=3, label=label)
+        ax.fill_between(
+            rounds, [min(v) for v in values], [max(v) for v in values],
+            color=line.get_color(), alpha=0.2, linewidth=0,
+        )  # fmt: skip
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("pooled test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 RUN_COLUMNS = [

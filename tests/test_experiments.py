@@ -419,6 +419,26 @@ def test_a_long_runs_plot_zooms_on_its_late_rounds(tmp_path):
     assert late_start(150) == 101 and late_start(20) == 14
 
 
+def test_a_sweep_of_variants_also_gets_every_variant_on_one_plot(tmp_path):
+    """One method per experiment (e.g. the clients-in-flight sweeps): accuracy-variants.png;
+    several methods per experiment (Table 7): no such plot."""
+    from experiments.report import RunResult, plot
+
+    def run(experiment: str, method: str = "mh_pfedhn") -> RunResult:
+        nan = float("nan")
+        return RunResult(
+            f"{experiment}-{method}-s0", experiment, method, 0, 3, 0.9, 3, 0.9, 0,
+            nan, -1, 0.9, 0.9, 0.0, 0.0, nan, nan, nan, nan, {r: 0.3 * r for r in range(4)},
+        )  # fmt: skip
+
+    for folder in ("variants", "t7"):
+        (tmp_path / folder).mkdir()
+    written = plot([run("c1"), run("c2")], tmp_path / "variants")
+    assert tmp_path / "variants" / "accuracy-variants.png" in written
+    table = plot([run("a"), run("a", "local"), run("b"), run("b", "local")], tmp_path / "t7")
+    assert not any(p.name == "accuracy-variants.png" for p in table)
+
+
 def test_report_over_a_folder_without_runs_writes_nothing(tmp_path, capsys):
     """A mistyped folder must not replace a committed table with an empty one."""
     from experiments.report import main
