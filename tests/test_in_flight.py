@@ -19,7 +19,14 @@ from server_app import hypernetwork_steps as steps
 from server_app.generated_from import GeneratedFrom, values_at
 from server_app.schedules import client_order
 from simulation.grid import InProcessGrid
-from tests.test_schedules import authors_loop, local_delta, parameters, run
+from tests.test_schedules import (
+    authors_loop,
+    local_delta,
+    parameters,
+    plain_copy,
+    plain_weights,
+    run,
+)
 
 
 def pipelined_loop(initial, rounds: int, in_flight: int, vjp_at: str) -> dict[str, torch.Tensor]:
@@ -27,12 +34,7 @@ def pipelined_loop(initial, rounds: int, in_flight: int, vjp_at: str) -> dict[st
     seeded order, client j's vector is generated right after client j - c's step (the first
     c at the round's start); steps are taken in the order, each on the client's VJP at the
     current weights or at a copy of the weights its vector came from."""
-    hnet = copy.deepcopy(initial.hnet)
-    keys = sorted(initial.clients)
-    embeddings = {k: initial.embedding(k).detach().clone().requires_grad_(True) for k in keys}
-    size = {k: initial.record(k).num_params for k in keys}
-    params = list(hnet.parameters()) + [embeddings[k] for k in keys]
-    optimizer = torch.optim.Adam(params, lr=initial.settings.lr, fused=True)
+    hnet, keys, embeddings, size, params, optimizer = plain_copy(initial)
     for server_round in range(1, rounds + 1):
         order = client_order(initial.seed, keys, server_round)
         sent: dict[str, tuple[np.ndarray, torch.nn.Module, torch.Tensor]] = {}
@@ -65,9 +67,7 @@ def pipelined_loop(initial, rounds: int, in_flight: int, vjp_at: str) -> dict[st
             optimizer.step()
             if j + in_flight < len(order):
                 generate(order[j + in_flight])
-    out = {f"hnet.{k}": v for k, v in hnet.state_dict().items()}
-    out.update({f"emb.{k}": v.detach() for k, v in embeddings.items()})
-    return out
+    return plain_weights(hnet, embeddings)
 
 
 def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

@@ -85,16 +85,30 @@ def parameters(server) -> dict[str, torch.Tensor]:
     return out
 
 
-def authors_loop(initial, rounds: int) -> dict[str, torch.Tensor]:
-    """MH-pFedHN.py's round, written out in plain PyTorch on a copy of the initial weights:
-    for client_id in the round's seeded order: weights = hnet(client_id); delta = train(...);
-    grads = autograd.grad(weights, hnet.parameters(), grad_outputs=delta); clip; Adam step."""
+def plain_copy(initial):
+    """A plain-PyTorch copy of a server state for the reference loops: (hypernetwork,
+    sorted keys, embeddings, K per key, the parameters in the server's order, Adam)."""
     hnet = copy.deepcopy(initial.hnet)
     keys = sorted(initial.clients)
     embeddings = {k: initial.embedding(k).detach().clone().requires_grad_(True) for k in keys}
     size = {k: initial.record(k).num_params for k in keys}
     params = list(hnet.parameters()) + [embeddings[k] for k in keys]
     optimizer = torch.optim.Adam(params, lr=initial.settings.lr, fused=True)
+    return hnet, keys, embeddings, size, params, optimizer
+
+
+def plain_weights(hnet, embeddings) -> dict[str, torch.Tensor]:
+    """The reference loop's result, named as `parameters` names the server's."""
+    out = {f"hnet.{k}": v for k, v in hnet.state_dict().items()}
+    out.update({f"emb.{k}": v.detach() for k, v in embeddings.items()})
+    return out
+
+
+def authors_loop(initial, rounds: int) -> dict[str, torch.Tensor]:
+    """MH-pFedHN.py's round, written out in plain PyTorch on a copy of the initial weights:
+    for client_id in the round's seeded order: weights = hnet(client_id); delta = train(...);
+    grads = autograd.grad(weights, hnet.parameters(), grad_outputs=delta); clip; Adam step."""
+    hnet, keys, embeddings, size, params, optimizer = plain_copy(initial)
     for server_round in range(1, rounds + 1):
         for key in client_order(initial.seed, keys, server_round):
             weights = hnet(embeddings[key])[: size[key]]
@@ -106,9 +120,7 @@ def authors_loop(initial, rounds: int) -> dict[str, torch.Tensor]:
             used = [p for p in params if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(used, initial.settings.grad_clip)
             optimizer.step()
-    out = {f"hnet.{k}": v for k, v in hnet.state_dict().items()}
-    out.update({f"emb.{k}": v.detach() for k, v in embeddings.items()})
-    return out
+    return plain_weights(hnet, embeddings)
 
 
 def test_one_by_one_is_the_authors_loop_bit_for_bit():
