@@ -11,6 +11,9 @@ sweep_run.json beside it) and writes, in DIR:
   the next), seconds per round, total seconds and MB sent down and up per run;
 - `runs.csv`: the same figures for every run;
 - `results.md`: both tables in Markdown, and the runs that did not finish;
+- `orderings.csv` (and a section of results.md), where the runs reproduce a column of the
+  paper's Table 7: for MH-pFedHN and MH-pFedHNGD against every other method, the paper's order
+  and the paired difference over seeds on each accuracy (experiments/orderings.py);
 - `accuracy.png` (every experiment, one panel each) and `accuracy-<experiment>.png`: pooled
   accuracy against round, one line per method (mean over seeds, min-max band); for a run of
   30 rounds or more, the second also zooms on the late mean's rounds.
@@ -32,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from experiments import orderings
+from experiments.paper_table7 import paper_accuracy
 from server_app.outputs import read_metrics
 from server_app.round_log import select_by_validation
 
@@ -70,6 +75,8 @@ class RunResult:
     curve: dict[int, float] = field(default_factory=dict, repr=False)  # round -> accuracy
     # mean client accuracy per architecture at the final round (runs of several models)
     by_architecture: dict[str, float] = field(default_factory=dict, repr=False)
+    # the paper's Table 7 figure for this setting and method (nan where it has none)
+    paper_accuracy: float = float("nan")
 
 
 @dataclass
@@ -164,7 +171,8 @@ def load_run(directory: Path) -> RunResult | Incomplete:
     drops = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
     rounds = int(summary.get("rounds", 0))
     selected = select_by_validation(rows) or {"accuracy": float("nan"), "round": -1}
-    models = _config(directory).get("clients", {}).get("models") or []
+    config = _config(directory)
+    models = config.get("clients", {}).get("models") or []
     return RunResult(
         run=directory.name,
         experiment=experiment,
@@ -187,6 +195,7 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         mb_up=summary.get("total_bytes_up", float("nan")) / MB,
         curve=curve,
         by_architecture=architecture_accuracy(_final_row(rows), models),
+        paper_accuracy=paper_accuracy(config, method),
     )
 
 
@@ -265,6 +274,7 @@ def aggregate(runs: Iterable[RunResult]) -> list[dict[str, Any]]:
         }
         for name in SUMMARISED:
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in members])
+        row["paper_accuracy"] = members[0].paper_accuracy
         row["best_selected_by"] = BEST_LABEL
         row["selected_by"] = SELECTED_LABEL
         table.append(row)
@@ -316,10 +326,10 @@ def markdown(
         "down to / up from the clients, as they travelled) are per run, averaged over seeds.",
         "",
         "| experiment | method | seeds | rounds | final acc (%) | best acc (%) "
-        "| val-selected acc (%) | late mean acc (%) | final client-mean acc (%) "
+        "| val-selected acc (%) | late mean acc (%) | paper (%) | final client-mean acc (%) "
         "| mean drop (pts) | largest drop (pts) "
         "| s / round | total s / run | MB down / run | MB up / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
         client_mean = (row[f"final_accuracy_client_mean_{s}"] for s in ("mean", "std"))
@@ -329,7 +339,7 @@ def markdown(
             f"| {_pct(row['best_accuracy_mean'], row['best_accuracy_std'])} "
             f"| {_pct(row['selected_accuracy_mean'], row['selected_accuracy_std'])} "
             f"| {_pct(row['late_mean_accuracy_mean'], row['late_mean_accuracy_std'])} "
-            f"| {_pct(*client_mean)} "
+            f"| {_pct(row['paper_accuracy'])} | {_pct(*client_mean)} "
             f"| {_pct(row['mean_drop_mean'], row['mean_drop_std'])} "
             f"| {_pct(row['largest_drop_mean'], row['largest_drop_std'])} "
             f"| {_num(row['seconds_per_round_mean'])} | {_num(row['total_seconds_mean'])} "
@@ -339,6 +349,7 @@ def markdown(
         "",
         "![accuracy against round](accuracy.png)",
         "",
+        *_with_blank(orderings.markdown(orderings.compare(runs))),
         "## Runs",
         "",
         "| run | seed | final acc (%) | final round | best acc (%) | best round "
@@ -374,6 +385,10 @@ def markdown(
         lines += ["", "## Runs without results", ""]
         lines += [f"- {item.run}: {item.reason}" for item in incomplete]
     return "\n".join(lines) + "\n"
+
+
+def _with_blank(section: list[str]) -> list[str]:
+    return [*section, ""] if section else []
 
 
 def plot(runs: list[RunResult], directory: Path) -> list[Path]:
@@ -485,6 +500,7 @@ RESULT_COLUMNS = [
     "seed_list",
     "rounds",
     *(f"{name}_{stat}" for name in SUMMARISED for stat in ("mean", "std")),
+    "paper_accuracy",
     "best_selected_by",
     "selected_by",
 ]
@@ -498,16 +514,20 @@ def write_report(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     runs, incomplete = load_runs(directory)
     if not runs and not incomplete:
-        return {"table": [], "runs": [], "incomplete": [], "plots": []}
+        return {"table": [], "runs": [], "incomplete": [], "plots": [], "orderings": []}
     table = aggregate(runs)
     write_csv(directory / "results.csv", table, RESULT_COLUMNS)
     run_rows = [
         {k: v for k, v in asdict(r).items() if k not in ("curve", "by_architecture")} for r in runs
     ]
     write_csv(directory / "runs.csv", run_rows, RUN_COLUMNS)
+    comparisons = orderings.compare(runs)
+    if comparisons:
+        write_csv(directory / "orderings.csv", orderings.rows(comparisons), orderings.COLUMNS)
     (directory / "results.md").write_text(markdown(table, runs, incomplete, directory.name))
     plots = plot(runs, directory)
-    return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots}
+    return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots,
+            "orderings": comparisons}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
