@@ -1,0 +1,59 @@
+"""A run cut at round N equals an N-round run of the same config and seed (the claim that lets
+a 150-round run's first 80 rounds stand beside an 80-round sweep)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.truncate import main, truncate
+from tests.tiny_runs import tiny_data
+
+
+def _run(tiny_npz, tmp_path, name, rounds):
+    from common.config import resolve_config
+    from simulation.run import run_inprocess
+
+    overrides = {**tiny_data(tiny_npz, tmp_path, 3), "method": "mh_pfedhn", "rounds": rounds,
+                 "data.val_fraction": 0.2, "server.min_nodes": 1,
+                 "server.output_root": str(tmp_path), "server.run_name": name}  # fmt: skip
+    run_inprocess(resolve_config("default", overrides), overrides)
+    return tmp_path / name
+
+
+def _untimed(value):
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if "seconds" not in k}
+    return value
+
+
+def test_a_run_cut_at_round_n_is_the_n_round_run(tiny_npz, tmp_path):
+    short, long = _run(tiny_npz, tmp_path, "short", 2), _run(tiny_npz, tmp_path, "long", 3)
+    summary = truncate(long, tmp_path / "cut", 2, experiment="exp")
+    cut = tmp_path / "cut"
+    rows = {d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (short, cut)}  # fmt: skip
+    assert [r["round"] for r in rows[cut]] == [0, 1, 2]
+    assert [_untimed(r) for r in rows[cut]] == [_untimed(r) for r in rows[short]]
+    assert _untimed(summary) == _untimed(json.loads((short / "summary.json").read_text()))
+    info = json.loads((cut / "sweep_run.json").read_text())
+    assert info["experiment"] == "exp" and info["truncated_from"]["kept_rounds"] == 2
+    assert "rounds: 2" in (cut / "config.yaml").read_text()
+
+
+def test_truncating_refuses_what_it_cannot_do_and_overwrites_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: exp\nmethod: local\nrounds: 3\n")
+    rows = [{"round": r, "accuracy": 0.5, "seconds": 1.0, "bytes_down": 0, "bytes_up": 0,
+             "accuracy_client_mean": 0.5} for r in range(3)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for rounds in (0, 3, 4):  # round 3 was planned but never logged
+        with pytest.raises(ValueError, match=f"no round {rounds}"):
+            truncate(run, tmp_path / "cut", rounds)
+    assert not (tmp_path / "cut").exists()
+    (tmp_path / "taken").mkdir()
+    assert main([str(run), str(tmp_path / "taken"), "--rounds", "2"]) == 2
+    assert "exists" in capsys.readouterr().err and not list((tmp_path / "taken").iterdir())
+    assert main([str(run), str(tmp_path / "cut"), "--rounds", "2"]) == 0
