@@ -29,7 +29,7 @@ import math
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -472,27 +472,8 @@ def _draw_curves(ax, lines: dict[str, list[RunResult]], title: str, first: int =
     ax.legend(fontsize="small")
 
 
-RUN_COLUMNS = [
-    "run",
-    "experiment",
-    "method",
-    "seed",
-    "rounds",
-    "final_accuracy",
-    "final_round",
-    "best_accuracy",
-    "best_round",
-    "selected_accuracy",
-    "selected_round",
-    "late_mean_accuracy",
-    "final_accuracy_client_mean",
-    "mean_drop",
-    "largest_drop",
-    "seconds_per_round",
-    "total_seconds",
-    "mb_down",
-    "mb_up",
-]
+# runs.csv: every figure of a run, in RunResult's order (not the curves)
+RUN_COLUMNS = [f.name for f in fields(RunResult) if f.name not in ("curve", "by_architecture")]
 RESULT_COLUMNS = [
     "experiment",
     "method",
