@@ -6,6 +6,7 @@ Pairing by seed removes what two methods share in a seed (the partition, the val
 the initial embeddings' draw), so the spread is that of the difference, not of either method.
 An ordering *holds* when it holds in every seed both methods ran, is *reversed* when the other
 order holds in every seed, and is *mixed* otherwise; the count says in how many seeds it held.
+One seed says only whether that seed went as the paper or against it.
 """
 
 from __future__ import annotations
@@ -52,13 +53,20 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        if not self.differences:
+        """holds / reversed / level (the paper's order, the other, equal) in every seed, else
+        mixed; with one seed only "as the paper" or "against the paper": one seed cannot say
+        that an order holds."""
+        d = self.differences
+        if not d:
             return "n/a"
-        if self.held == len(self.differences):
-            return "holds"
-        if all(d < 0 for d in self.differences):
-            return "reversed"
-        return "mixed"
+        if len(d) == 1:
+            return {1: "as the paper", -1: "against the paper", 0: "level"}[_sign(d[0])]
+        signs = {_sign(x) for x in d}
+        return {1: "holds", -1: "reversed", 0: "level"}[signs.pop()] if len(signs) == 1 else "mixed"
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
 
 
 def _by_seed(runs: Iterable[Any], measure: str) -> dict[int, float]:
@@ -66,53 +74,89 @@ def _by_seed(runs: Iterable[Any], measure: str) -> dict[int, float]:
     return {seed: value for seed, value in values.items() if not math.isnan(value)}
 
 
-def compare(runs: Sequence[Any]) -> list[Comparison]:
+def _unpairable(members: list[Any]) -> str:
+    """Why a method's runs cannot enter the pairing ('' when they can)."""
+    seeds = [r.seed for r in members]
+    if len(set(seeds)) < len(seeds):
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        return f"more than one run of seed {', '.join(map(str, repeated))}"
+    figures = {r.paper_accuracy for r in members}
+    if len(figures) > 1 or any(math.isnan(f) for f in figures):
+        return "not every run is in a setting of the paper's Table 7"
+    if len({r.rounds for r in members}) > 1:
+        return "runs of different lengths"
+    return ""
+
+
+def compare(runs: Sequence[Any]) -> tuple[list[Comparison], list[str]]:
     """Every ordering of MH-pFedHN / MH-pFedHNGD against another method of the same experiment
-    for which the paper gives both figures (unequal), on each measure. `runs` are the report's
-    RunResult objects (experiment, method, seed, paper_accuracy and the four accuracies)."""
+    for which the paper gives both figures (unequal), on each measure; and notes on the methods
+    left out (repeated seeds, runs outside the paper's setting, runs of different lengths).
+    `runs` are the report's RunResult objects."""
     by_experiment: dict[str, dict[str, list[Any]]] = {}
     for run in runs:
         by_experiment.setdefault(run.experiment, {}).setdefault(run.method, []).append(run)
-    out = []
+    out: list[Comparison] = []
+    notes: list[str] = []
     for experiment, methods in sorted(by_experiment.items()):
+        if not any(m in methods for m in OURS):
+            continue
+        usable = {}
+        for method, members in sorted(methods.items()):
+            reason = _unpairable(members)
+            if reason and not all(math.isnan(r.paper_accuracy) for r in members):
+                notes.append(f"{experiment}: {method} left out ({reason})")
+            elif not reason:
+                usable[method] = members
+        rounds = {m: members[0].rounds for m, members in usable.items()}
         pairs = []
-        for ours in (m for m in OURS if m in methods):
-            pairs += [(ours, other) for other in sorted(methods) if other != ours
+        for ours in (m for m in OURS if m in usable):
+            pairs += [(ours, other) for other in sorted(usable) if other != ours
                       and (other, ours) not in pairs]  # fmt: skip
         for a, b in pairs:
-            paper = {m: methods[m][0].paper_accuracy for m in (a, b)}
-            if any(math.isnan(v) for v in paper.values()) or paper[a] == paper[b]:
+            if rounds[a] != rounds[b]:
+                notes.append(f"{experiment}: {a} and {b} not paired ({rounds[a]} rounds "
+                             f"against {rounds[b]})")  # fmt: skip
+                continue
+            paper = {m: usable[m][0].paper_accuracy for m in (a, b)}
+            if paper[a] == paper[b]:
                 continue
             higher, lower = (a, b) if paper[a] > paper[b] else (b, a)
             for measure, _ in MEASURES:
-                up, down = _by_seed(methods[higher], measure), _by_seed(methods[lower], measure)
+                up, down = _by_seed(usable[higher], measure), _by_seed(usable[lower], measure)
                 seeds = tuple(sorted(up.keys() & down.keys()))
                 out.append(Comparison(
                     experiment, higher, lower, 100 * (paper[higher] - paper[lower]), measure,
                     seeds, tuple(100 * (up[s] - down[s]) for s in seeds),
                 ))  # fmt: skip
-    return out
+    return out, notes
 
 
 def _cell(c: Comparison) -> str:
     if not c.differences:
         return "n/a"
-    spread = "" if math.isnan(c.std) else f" ± {c.std:.2f}"
-    return f"{c.mean:+.2f}{spread} {c.verdict} ({c.held}/{len(c.differences)})"
+    if len(c.differences) == 1:
+        return f"{c.mean:+.2f} {c.verdict} (seed {c.seeds[0]} only)"
+    return f"{c.mean:+.2f} ± {c.std:.2f} {c.verdict} ({c.held} of {len(c.differences)} seeds)"
 
 
-def markdown(comparisons: Sequence[Comparison]) -> list[str]:
+def markdown(comparisons: Sequence[Comparison], notes: Sequence[str] = ()) -> list[str]:
     """The section of results.md: one line per ordering, a column per accuracy."""
-    if not comparisons:
+    if not comparisons and not notes:
         return []
     lines = [
         "## The paper's orderings, paired over seeds",
         "",
-        "For MH-pFedHN and MH-pFedHNGD against each other method: the paper's order (its "
-        "Table 7) and, per accuracy, the difference higher minus lower in that order, seed by "
-        "seed over the seeds both ran, in points: mean ± sample standard deviation, then "
-        "whether the order holds in every seed, is reversed in every seed, or is mixed, with "
-        "the count of seeds where it held.",
+        "MH-pFedHN and MH-pFedHNGD, each against every other method of the experiment with a "
+        "figure in the paper's Table 7: the paper's order, by how much it puts the higher "
+        "method ahead, and, per accuracy, this folder's difference higher minus lower in that "
+        "order, computed seed by seed over the seeds both methods finished, in points: mean ± "
+        "sample standard deviation and whether the paper's order **holds** in every seed, is "
+        "**reversed** in every seed or is **mixed**. One seed gives no spread and cannot say "
+        "that an order holds: such a cell says only whether that seed went as the paper or "
+        "against it. The paper's figures are best rounds within up to 500 rounds, averaged "
+        "over three runs; these runs are as long as the table above says. Runs without "
+        "results (listed at the end) are not included.",
         "",
         "| experiment | paper's order | paper (pts) | seeds "
         + "".join(f"| {label} " for _, label in MEASURES)
@@ -131,6 +175,8 @@ def markdown(comparisons: Sequence[Comparison]) -> list[str]:
             + "".join(f"| {_cell(cells[m])} " for m, _ in MEASURES)
             + "|"
         )
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return lines
 
 

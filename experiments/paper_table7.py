@@ -33,6 +33,7 @@ _ROWS = {
     "mh_pfedhn": "94.24 91.69 91.23 83.72 87.13 85.79 93.98 89.74 88.53 83.87 84.11 80.53",
     "mh_pfedhngd": "93.56 91.75 92.12 82.92 87.50 86.25 93.81 90.26 88.73 83.83 85.52 80.88",
 }
+FIVE_MODELS = ("lenet", "vgg8", "resnet10", "resnet12", "resnet18")
 TABLE7: dict[tuple[str, str, int], dict[str, float]] = {
     column: {method: float(_ROWS[method].split()[i]) / 100 for method in METHODS}
     for i, column in enumerate(COLUMNS)
@@ -40,19 +41,25 @@ TABLE7: dict[tuple[str, str, int], dict[str, float]] = {
 
 
 def column_of(config: dict[str, Any]) -> tuple[str, str, int] | None:
-    """The Table 7 column a run's resolved config reproduces: all of CIFAR-10, one LeNet for
-    every client (homogeneous) or the five-model set (heterogeneous), a paper partitioner and
-    10, 50 or 100 clients; None for anything else (another dataset, a fraction of it, another
-    model set or client count)."""
+    """The Table 7 column a run's resolved config reproduces: all of CIFAR-10 split 75/25 per
+    client, one LeNet for every client (homogeneous) or the five-model set (heterogeneous),
+    non-IID_1 with 2 classes per client or non-IID_2 with beta 0.1 (docs/concepts/data.md), 10,
+    50 or 100 clients and no novel clients; None for anything else."""
     data = config.get("data") or {}
-    models = list((config.get("clients") or {}).get("models") or [])
-    source = str(data.get("source", "")).lower().replace("cifar100", "")
-    if "cifar10" not in source or float(data.get("fraction", 1.0)) != 1.0:
-        return None
-    kind = {("lenet",): "homogeneous",
-            ("lenet", "vgg8", "resnet10", "resnet12", "resnet18"): "heterogeneous"}  # fmt: skip
-    column = (kind.get(tuple(models), ""), str(data.get("partitioner")), data.get("num_clients"))
-    return column if column in TABLE7 else None
+    models = tuple((config.get("clients") or {}).get("models") or [])
+    source = str(data.get("source", "")).lower()
+    dataset = source.rsplit(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1]  # cifar10, a folder
+    paper_data = (
+        dataset == "cifar10"
+        and data.get("fraction", 1.0) in (1.0, None)
+        and data.get("train_fraction", 0.75) == 0.75
+        and data.get("classes_per_client", "auto") in ("auto", 2)
+        and data.get("dirichlet_beta", "auto") in ("auto", 0.1)
+        and not (config.get("generalization") or {}).get("novel_clients")
+    )
+    kind = {("lenet",): "homogeneous", FIVE_MODELS: "heterogeneous"}.get(models)
+    column = (kind, data.get("partitioner"), data.get("num_clients"))
+    return column if paper_data and column in TABLE7 else None
 
 
 def paper_accuracy(config: dict[str, Any], method: str) -> float:

@@ -349,7 +349,7 @@ def markdown(
         "",
         "![accuracy against round](accuracy.png)",
         "",
-        *_with_blank(orderings.markdown(orderings.compare(runs))),
+        *_with_blank(orderings.markdown(*orderings.compare(runs))),
         "## Runs",
         "",
         "| run | seed | final acc (%) | final round | best acc (%) | best round "
@@ -502,9 +502,11 @@ def write_report(directory: str | Path) -> dict[str, Any]:
         {k: v for k, v in asdict(r).items() if k not in ("curve", "by_architecture")} for r in runs
     ]
     write_csv(directory / "runs.csv", run_rows, RUN_COLUMNS)
-    comparisons = orderings.compare(runs)
+    comparisons, _ = orderings.compare(runs)
     if comparisons:
         write_csv(directory / "orderings.csv", orderings.rows(comparisons), orderings.COLUMNS)
+    else:  # a report of other runs must not leave an old table beside them
+        (directory / "orderings.csv").unlink(missing_ok=True)
     (directory / "results.md").write_text(markdown(table, runs, incomplete, directory.name))
     plots = plot(runs, directory)
     return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots,

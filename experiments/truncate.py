@@ -44,13 +44,17 @@ def truncate(source: Path, target: Path, rounds: int, experiment: str | None = N
                                                        sort_keys=False))  # fmt: skip
     (target / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     (target / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    info = {
-        **info,
+    info = {  # the source's run_config and overrides name its own length: kept apart
         "run_name": target.name,
         "experiment": experiment or info.get("experiment") or config.get("name", target.name),
         "method": info.get("method", config.get("method")),
         "seed": info.get("seed", config.get("seed", 0)),
-        "truncated_from": {"run": str(source), "rounds": planned, "kept_rounds": rounds},
+        "truncated_from": {
+            "run": str(source),
+            "rounds": planned,
+            "kept_rounds": rounds,
+            "sweep_run": info,
+        },  # fmt: skip
     }
     (target / "sweep_run.json").write_text(json.dumps(info, indent=2) + "\n")
     return summary
