@@ -446,9 +446,15 @@ def parse_train_reply(
         raise ReplyError(f"delta has an entry of {largest:.3g} (at most {max_abs:g} accepted: "
                          "server.max_delta_abs)")  # fmt: skip
     extras = read_fields(fields, metrics, arrays)
-    extra_bytes = sum(v.nbytes for v in extras.values() if isinstance(v, np.ndarray))
-    return TrainResult(delta, num_examples, loss, bytes_up + extra_bytes,
+    return TrainResult(delta, num_examples, loss, bytes_up + _array_bytes(extras, arrays),
                        _fused_evaluation(metrics), extras)  # fmt: skip
+
+
+def _array_bytes(extras: dict[str, Any], arrays: ArrayRecord | None) -> int:
+    """What a reply's own arrays (a method's fields: FedGH's prototypes...) weighed as they
+    travelled (their declared dtype, which decoding may widen), once read and checked."""
+    return sum(np.dtype(arrays[name].dtype).itemsize * math.prod(arrays[name].shape)
+               for name, v in extras.items() if isinstance(v, np.ndarray))  # fmt: skip
 
 
 def _fused_evaluation(metrics) -> EvalResult | None:
@@ -488,7 +494,8 @@ def parse_local_train_reply(message: Message, fields: Sequence[Field] = ()) -> T
         raise ReplyError("this method's clients send no parameters")
     num_examples = _count(metrics, NUM_EXAMPLES)
     extras = read_fields(fields, metrics, arrays)
-    return TrainResult(np.empty(0, np.float32), num_examples, _loss(metrics), 0,
+    sent = _array_bytes(extras, arrays)
+    return TrainResult(np.empty(0, np.float32), num_examples, _loss(metrics), sent,
                        _fused_evaluation(metrics), extras)  # fmt: skip
 
 

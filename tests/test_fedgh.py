@@ -117,6 +117,19 @@ def test_hostile_prototypes_are_refused_with_a_reason(classes, values, reason):
         strategy.parse_train("c0", message)
 
 
+def test_the_prototypes_count_as_traffic_up():
+    """A reply without a delta still weighs what it carries: the round's bytes_up."""
+    cfg = resolve_config("default", {"method": "fedgh", "server.min_nodes": 1})
+    strategy = build_strategy(cfg)
+    strategy.state.register_header("c0", 5 * 9, rep_dim=8)
+    InProcessGrid(client_app, [{"partition-id": 0}], {})
+    classes, values = np.array([1, 4], np.int32), np.ones((2, 8), np.float32)
+    content = protocol.train_reply(None, 10, 0.5, extras={PROTO_CLASSES: classes,
+                                                          PROTO_VALUES: values})  # fmt: skip
+    result = strategy.parse_train("c0", Message(content, dst_node_id=1, message_type="train"))
+    assert result.bytes_up == 2 * 4 + 2 * 8 * 4
+
+
 def mnist_run(mnist_npz, shift: bool, rounds: int, monkeypatch) -> list[float]:
     if shift:  # the broken variant: the header learns every prototype as the next class
         original = FedGHServer.update
