@@ -453,8 +453,11 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
 
 def _draw_curves(ax, lines: dict[str, list[RunResult]], title: str, first: int = 0) -> None:
     """One line per label (the mean over its runs' seeds) with a min-max band."""
+    from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
 
+    if len(lines) > 10:  # past the default cycle's 10 colours, lines would share colours
+        ax.set_prop_cycle(color=colormaps["tab20"].colors)
     for label, members in lines.items():
         rounds = sorted({r for m in members for r in m.curve if r >= first})
         values = [[100 * m.curve[r] for m in members if r in m.curve] for r in rounds]

@@ -116,7 +116,8 @@ def mnist_run(mnist_npz, broken: bool, monkeypatch) -> list[float]:
 
 @pytest.mark.slow
 def test_pfedla_learns_on_mnist_and_without_keeping_the_models_does_not(mnist_npz, monkeypatch):
-    """Measured here: 0.099, 0.162, 0.184, 0.384, 0.733; without keeping: 0.099 throughout."""
+    """Measured here (hn_lr 50): 0.099, 0.327, 0.819, 0.851, 0.983; at the reference's 5e-3:
+    0.099, 0.162, 0.409, 0.489, 0.607; without keeping: 0.099 throughout."""
     honest = mnist_run(mnist_npz, False, monkeypatch)
     assert honest[0] < 0.2 and honest[-1] > 0.6, honest
     assert max(mnist_run(mnist_npz, True, monkeypatch)) < 0.2
