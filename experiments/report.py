@@ -458,6 +458,7 @@ def _draw_curves(ax, lines: dict[str, list[RunResult]], title: str, first: int =
 
     if len(lines) > 10:  # past the default cycle's 10 colours, lines would share colours
         ax.set_prop_cycle(color=colormaps["tab20"].colors)
+    shown: dict[str, list[float]] = {}
     for label, members in lines.items():
         rounds = sorted({r for m in members for r in m.curve if r >= first})
         values = [[100 * m.curve[r] for m in members if r in m.curve] for r in rounds]
@@ -467,12 +468,31 @@ def _draw_curves(ax, lines: dict[str, list[RunResult]], title: str, first: int =
             rounds, [min(v) for v in values], [max(v) for v in values],
             color=line.get_color(), alpha=0.2, linewidth=0,
         )  # fmt: skip
+        shown[label] = [x for v in values for x in v]
+    if first and shown:  # the late window is for telling close lines apart
+        title += _zoom_on_the_leaders(ax, shown)
     ax.set_title(title)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("pooled test accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def _zoom_on_the_leaders(ax, shown: dict[str, list[float]], gap: float = 10.0) -> str:
+    """Limit the y axis to the lines whose late mean is within `gap` points of the best one,
+    so that one far-behind method (FedAvg) does not flatten the others; returns a note for
+    the title naming what was left below the window."""
+    means = {label: statistics.fmean(v) for label, v in shown.items() if v}
+    if not means:
+        return ""
+    best = max(means.values())
+    kept = [x for label, v in shown.items() if means.get(label, -1) >= best - gap for x in v]
+    below = sorted(label for label, mean in means.items() if mean < best - gap)
+    if not below:
+        return ""
+    ax.set_ylim(min(kept) - 0.5, max(kept) + 0.5)
+    return f"; below: {', '.join(below)}"
 
 
 # runs.csv: every figure of a run, in RunResult's order (not the curves)

@@ -486,3 +486,24 @@ def test_runtime_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
     assert runner.Runtime(cpus_per_client=16).parallel_clients() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert runner.Runtime(cpus_per_client=1).parallel_clients() == 2
+
+
+def test_the_late_window_zooms_on_the_leaders_and_names_the_line_left_below():
+    """A method 40 points behind (FedAvg in Table 7) must not flatten the others' late rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.report import _zoom_on_the_leaders
+
+    fig, ax = plt.subplots()
+    shown = {"local": [91.0, 92.0], "mh_pfedhn": [90.0, 92.5], "fedavg": [50.0, 54.0]}
+    assert _zoom_on_the_leaders(ax, shown) == "; below: fedavg"
+    assert ax.get_ylim() == pytest.approx((89.5, 93.0))
+    level = {"local": [91.0, 92.0], "pfedhn": [85.0, 86.0]}  # within 10 points: all shown
+    fig2, ax2 = plt.subplots()
+    before = ax2.get_ylim()
+    assert _zoom_on_the_leaders(ax2, level) == "" and ax2.get_ylim() == before
+    plt.close(fig)
+    plt.close(fig2)
