@@ -311,8 +311,13 @@ def _num(mean: float, digits: int = 1) -> str:
 
 
 def markdown(
-    table: list[dict[str, Any]], runs: list[RunResult], incomplete: list[Incomplete], title: str
+    table: list[dict[str, Any]],
+    runs: list[RunResult],
+    incomplete: list[Incomplete],
+    title: str,
+    compared: tuple[list[orderings.Comparison], list[str]] = ([], []),
 ) -> str:
+    """results.md; `compared`: orderings.compare(runs), the paper's orderings section."""
     lines = [
         f"# Results: {title}",
         "",
@@ -349,7 +354,7 @@ def markdown(
         "",
         "![accuracy against round](accuracy.png)",
         "",
-        *_with_blank(orderings.markdown(*orderings.compare(runs))),
+        *_with_blank(orderings.markdown(*compared)),
         "## Runs",
         "",
         "| run | seed | final acc (%) | final round | best acc (%) | best round "
@@ -521,16 +526,16 @@ def write_report(directory: str | Path) -> dict[str, Any]:
         return {"table": [], "runs": [], "incomplete": [], "plots": [], "orderings": []}
     table = aggregate(runs)
     write_csv(directory / "results.csv", table, RESULT_COLUMNS)
-    run_rows = [
-        {k: v for k, v in asdict(r).items() if k not in ("curve", "by_architecture")} for r in runs
-    ]
-    write_csv(directory / "runs.csv", run_rows, RUN_COLUMNS)
-    comparisons, _ = orderings.compare(runs)
+    write_csv(directory / "runs.csv", [asdict(r) for r in runs], RUN_COLUMNS)
+    compared = orderings.compare(runs)
+    comparisons = compared[0]
     if comparisons:
         write_csv(directory / "orderings.csv", orderings.rows(comparisons), orderings.COLUMNS)
     else:  # a report of other runs must not leave an old table beside them
         (directory / "orderings.csv").unlink(missing_ok=True)
-    (directory / "results.md").write_text(markdown(table, runs, incomplete, directory.name))
+    (directory / "results.md").write_text(
+        markdown(table, runs, incomplete, directory.name, compared)
+    )
     plots = plot(runs, directory)
     return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots,
             "orderings": comparisons}  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from server_app.outputs import read_metrics
+from server_app.outputs import RunRecorder, json_line, read_metrics
 from server_app.round_log import run_summary
 
 
@@ -42,8 +42,9 @@ def truncate(source: Path, target: Path, rounds: int, experiment: str | None = N
     target.mkdir(parents=True)
     (target / "config.yaml").write_text(yaml.safe_dump({**config, "rounds": rounds},
                                                        sort_keys=False))  # fmt: skip
-    (target / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    (target / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    recorder = RunRecorder(target)  # the files as a run writes them
+    recorder.metrics_path.write_text("".join(json_line(r) + "\n" for r in kept))
+    recorder.run_finished(summary)
     info = {  # the source's run_config and overrides name its own length: kept apart
         "run_name": target.name,
         "experiment": experiment or info.get("experiment") or config.get("name", target.name),
