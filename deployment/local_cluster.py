@@ -110,6 +110,7 @@ class LocalCluster:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}
+        self.node_ids: dict[int, str] = {}  # site index -> node id (locked: fixed by its key)
 
     # --------------------------------------------------------------- services
     def services(self) -> list[Service]:
@@ -158,7 +159,9 @@ class LocalCluster:
         try:
             self.start_link()
             for node in self.nodes:
-                self.start_node(node.index)
+                self._launch_node(node.index)
+            for node in self.nodes:
+                self._wait_node_status(node.index, wanted=True, timeout=180)
         except BaseException:
             self.stop()  # what did start: `with` does not stop a cluster that failed to start
             raise
@@ -209,14 +212,41 @@ class LocalCluster:
         """The operator registers site `index`'s public key (Control API, direct to the
         SuperLink), so that its SuperNode may connect."""
         assert self.credentials is not None
-        done = subprocess.run(
-            [*self.prefix.get("flwr", []), str(Path(sys.executable).parent / "flwr"),
-             "supernode", "register", self.credentials.node_public_key(index), CONNECTION],
-            env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        done = self._flwr("supernode", "register", self.credentials.node_public_key(index),
+                          CONNECTION)  # fmt: skip
         if done.returncode != 0 or "registered" not in done.stdout + done.stderr:
             raise RuntimeError(f"registering site {index}'s key failed:\n"
                                f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
+        found = re.search(r"SuperNode (\d+) registered", done.stdout + done.stderr)
+        if found:
+            self.node_ids[index] = found.group(1)
+
+    def _flwr(self, *args: str) -> subprocess.CompletedProcess:
+        """One `flwr` CLI command against the cluster (Control API), its output captured."""
+        command = [*self.prefix.get("flwr", []), str(Path(sys.executable).parent / "flwr"), *args]
+        return subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    def node_status(self, index: int) -> str | None:
+        """The SuperLink's status of site `index`'s node ("online", "offline", ...), or None
+        when unknown (unlocked: node ids are not fixed in advance)."""
+        if index not in self.node_ids:
+            return None
+        done = self._flwr("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            nodes = json.loads(done.stdout)["nodes"]
+        except (ValueError, KeyError) as err:
+            raise RuntimeError(f"flwr supernode list failed:\n{(done.stdout + done.stderr)[-2000:]}"
+                               ) from err  # fmt: skip
+        return next((n["status"] for n in nodes if n["node-id"] == self.node_ids[index]), None)
+
+    def _wait_node_status(self, index: int, wanted: bool, timeout: float) -> None:
+        """Wait until site `index`'s node is online (`wanted`) or not (no-op when unknown)."""
+        deadline = time.monotonic() + timeout
+        while (status := self.node_status(index)) is not None and (status == "online") != wanted:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"site {index}'s node still {status} after {timeout:.0f} s")
+            time.sleep(1.0)
 
     def _wait_listening(self, name: str, port: int) -> None:
         if name in self.prefix:  # maybe another network namespace: look from the process
@@ -234,7 +264,15 @@ class LocalCluster:
         kill_tree(roots, grace=0.0)
 
     def start_node(self, index: int) -> None:
-        """Start a site (again: a new Flower node id, the same client key and model)."""
+        """Start a site again (the same client key and model; locked, the same node id, else a
+        new one) and return once the SuperLink has it online (locked)."""
+        self._launch_node(index)
+        self._wait_node_status(index, wanted=True, timeout=180)
+
+    def _launch_node(self, index: int) -> None:
+        # Locked, the SuperLink refuses a node whose killed session still counts as online (up
+        # to two heartbeat intervals, 60 s), and the refused SuperNode exits: wait that out.
+        self._wait_node_status(index, wanted=False, timeout=180)
         self._launch(self._service(f"supernode-{index}"))
         self._wait_listening(f"supernode-{index}", self.node_ports[index])
         self._launch(self._service(f"clientapp-{index}"))
@@ -300,9 +338,7 @@ class LocalCluster:
         found = re.search(r"started run (\d+)", flwr_run_output)
         if found is None:
             return "not started"
-        cmd = [*self.prefix.get("flwr", []), str(Path(sys.executable).parent / "flwr"), "ls",
-               CONNECTION, "--run-id", found.group(1), "--format", "json"]  # fmt: skip
-        listed = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True)
+        listed = self._flwr("ls", CONNECTION, "--run-id", found.group(1), "--format", "json")
         try:
             return str(json.loads(listed.stdout)["runs"][0]["status"])
         except (ValueError, KeyError, IndexError, TypeError):

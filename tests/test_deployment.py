@@ -382,9 +382,10 @@ def read_log(path: Path) -> list[dict]:
 @needs_gateway
 def test_a_killed_supernode_comes_back_with_its_own_embeddings(mnist_npz, tmp_path):
     """Kill site-2 while round 2 runs: the round and the run finish with the others. The site
-    restarts (new node id, same key and secret) and a resumed run sends it the vector it had
-    before (a parallel round: round 3's train vector is round 2's evaluation vector; under
-    one_by_one it would also hold the steps of the clients before it in round 3's order)."""
+    restarts (same key and secret; locked, the same node id, once the SuperLink has let its
+    killed session go) and a resumed run sends it the vector it had before (a parallel round:
+    round 3's train vector is round 2's evaluation vector; under one_by_one it would also hold
+    the steps of the clients before it in round 3's order)."""
     nodes = default_nodes(3, ["lenet", "mlp", "lenet"])
     message_logs = {n.index: tmp_path / f"received-{n.index}.jsonl" for n in nodes}
     extra = {i: f'message-log="{path}"' for i, path in message_logs.items()}
