@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
 import pytest
 
 from server_app.outputs import read_metrics
-from tests.flower_runtime import flwr_run, private_flower
+from tests.flower_runtime import ROOT, flwr_run, private_flower
 
 
 def simulate(mnist_npz, tmp_path, name: str, supernodes: int, *settings: str):
@@ -28,6 +33,22 @@ def simulate(mnist_npz, tmp_path, name: str, supernodes: int, *settings: str):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     return log, read_metrics(tmp_path / "out" / name / "metrics.jsonl")
+
+
+def test_the_app_package_holds_the_code_and_not_the_results(tmp_path):
+    """`flwr run` ships the project as a FAB (at most 10 MB, sent to every SuperNode): the
+    code and the configs go, the committed results and the docs stay (they once pushed it past
+    Flower's limit, and every `flwr run` failed)."""
+    flwr = str(Path(sys.executable).parent / "flwr")
+    with private_flower(tmp_path / "flwr-home") as env:
+        done = subprocess.run([flwr, "build", "--app", str(ROOT)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    fab = next(tmp_path.glob("*.fab"))
+    names = zipfile.ZipFile(fab).namelist()
+    assert {"server_app/round_loop.py", "client_app/app.py", "configs/default.yaml"} <= set(names)
+    assert not [n for n in names if n.startswith(("results/", "docs/"))]
+    assert fab.stat().st_size < 2 * 1024 * 1024
 
 
 @pytest.mark.slow
