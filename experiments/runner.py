@@ -17,7 +17,9 @@ state as it was then, so the result is bit-identical to an uninterrupted run) an
 others afresh; `--restart` starts everything afresh. A sweep checkpoints every
 `server.checkpoint_every` = 10 rounds unless it says otherwise. A run that fails is recorded in
 <out>/sweep_status.json and reported at the end, and the sweep goes on. The table and plots
-(experiments.report) are written to <out> at the end.
+(experiments.report) are written to <out> at the end. `--workers N` runs N in-process runs at
+once, each in a process of its own (experiments.workers), with the same numbers; their output
+goes to <out>/logs/<run>.log.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ from client_app.data import forget_loaded_data
 from common.config import ExperimentConfig, resolve_config, run_config_toml
 from deployment.processes import kill_tree
 from experiments.flower import flwr_command, private_flower
+from experiments.progress import RoundBar, follow_metrics
 from experiments.report import write_report
 from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan
+from experiments.workers import Job, run_in_workers
 from server_app.checkpoint import CHECKPOINT_NAME
 from server_app.events import RunObserver
-from server_app.outputs import read_metrics
 from simulation.run import run_inprocess
 
 RUNTIMES = ("inprocess", "flower")
@@ -57,6 +60,7 @@ RUN_INFO = "sweep_run.json"
 STATUS = "sweep_status.json"
 FLOWER_LOG = "flwr.log"
 ERROR_FILE = "error.txt"
+WORKER_LOGS = "logs"  # --workers: each run's output, <out>/logs/<run>.log
 SUMMARY = "summary.json"
 
 log = logging.getLogger("experiments")
@@ -90,6 +94,7 @@ class Runtime:
     cpus_per_client: float = 1.0
     federation_extra: str = ""  # flower: e.g. "client-resources-num-gpus=0.25"
     timeout: float | None = None  # flower: seconds per run
+    workers: int = 1  # inprocess: runs at once, each in its own process (experiments.workers)
 
     def client_threads(self) -> int:
         env = os.environ.get("OMP_NUM_THREADS", "")
@@ -98,9 +103,11 @@ class Runtime:
         return max(math.floor(self.cpus_per_client), 1)
 
     def parallel_clients(self) -> int:
-        """Clients that train at once, as Ray would schedule them: cores / threads each."""
+        """Clients that train at once, as Ray would schedule them: cores / threads each (the
+        cores shared among the runs that run at once)."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        return max((cores or os.cpu_count() or 1) // self.client_threads(), 1)
+        share = (cores or os.cpu_count() or 1) // max(self.workers, 1)
+        return max(share // self.client_threads(), 1)
 
     def federation_config(self, num_clients: int) -> str:
         parts = [
@@ -109,35 +116,6 @@ class Runtime:
             self.federation_extra,
         ]
         return " ".join(p for p in parts if p)
-
-
-class RoundBar(RunObserver):
-    """Moves a progress bar as the run's rounds end (and prints each round when `echo`)."""
-
-    def __init__(self, bar: tqdm, echo: bool = False) -> None:
-        self.bar = bar
-        self.echo = echo
-
-    def round_finished(self, row: dict[str, Any], num_rounds: int) -> None:
-        self.bar.total = num_rounds
-        self.bar.n = row["round"]
-        self.bar.refresh()
-        if self.echo and not self.bar.disable:
-            from server_app.events import progress_line
-
-            tqdm.write(progress_line(row, num_rounds))
-
-
-def follow_metrics(path: Path, observer: RunObserver, num_rounds: int, stop: threading.Event):
-    """Report each new metrics.jsonl row of a run in another process (flwr run) to an
-    observer, until `stop` is set."""
-    seen = 0
-    while not stop.wait(0.5):
-        if path.is_file():
-            rows = read_metrics(path)
-            for row in rows[seen:]:
-                observer.round_finished(row, num_rounds)
-            seen = max(seen, len(rows))
 
 
 def run_flower(
@@ -229,6 +207,8 @@ def run_sweep(
     if only:
         runs = [r for r in runs if re.search(only, r[0].name)]
     out.mkdir(parents=True, exist_ok=True)
+    if runtime.workers > 1:
+        return _run_in_workers(sweep, runs, out, runtime, restart, progress)
     outcomes: list[Outcome] = []
     previous_data = None
     with logging_redirect_tqdm(loggers=[logging.getLogger("flwr"), log]):
@@ -236,8 +216,7 @@ def run_sweep(
         for run, cfg, run_config in bar:
             bar.set_postfix_str(run.name)
             run_dir = out / run.name
-            done = finished_rounds(run_dir)
-            if not restart and done is not None and done >= cfg.rounds:
+            if _is_finished(run_dir, cfg, restart):
                 outcomes.append(Outcome(run.name, "skipped"))
                 continue
             if runtime.name == "inprocess" and previous_data not in (None, (run.label, run.seed)):
@@ -248,6 +227,51 @@ def run_sweep(
             )
             _write_status(out, sweep.name, runtime.name, outcomes)
         bar.close()
+    _write_status(out, sweep.name, runtime.name, outcomes)
+    write_report(out)
+    return outcomes
+
+
+def _is_finished(run_dir: Path, cfg: ExperimentConfig, restart: bool) -> bool:
+    done = finished_rounds(run_dir)
+    return not restart and done is not None and done >= cfg.rounds
+
+
+def _run_in_workers(
+    sweep: Sweep,
+    runs: list[tuple[Run, ExperimentConfig, dict[str, Any]]],
+    out: Path,
+    runtime: Runtime,
+    restart: bool,
+    progress: bool,
+) -> list[Outcome]:
+    """run_sweep with `runtime.workers` runs at a time, each in a process of its own."""
+    if runtime.name != "inprocess":
+        raise SweepError("--workers runs in-process runs at once; the flower runtime runs one "
+                         "at a time (each against its own SuperLink)")  # fmt: skip
+    skipped = [
+        Outcome(r.name, "skipped") for r, cfg, _ in runs if _is_finished(out / r.name, cfg, restart)
+    ]
+    done = {o.run for o in skipped}
+    jobs = [
+        Job(run.name, cfg.rounds, out / run.name, out / WORKER_LOGS / f"{run.name}.log", _one_run,
+            (run, cfg, run_config, out / run.name, runtime, out, False, restart))
+        for run, cfg, run_config in runs if run.name not in done
+    ]  # fmt: skip
+    order = [r.name for r, _, _ in runs]
+
+    def in_order(outcomes: list[Outcome]) -> list[Outcome]:
+        return sorted(skipped + outcomes, key=lambda o: order.index(o.run))
+
+    def failed(job: Job, reason: str) -> Outcome:
+        log.error("run %s failed: %s", job.name, reason)
+        return Outcome(job.name, "failed", error=reason)
+
+    outcomes = run_in_workers(
+        jobs, runtime.workers, failed, progress=progress,
+        finished=lambda so_far: _write_status(out, sweep.name, runtime.name, in_order(so_far)),
+    )  # fmt: skip
+    outcomes = in_order(outcomes)
     _write_status(out, sweep.name, runtime.name, outcomes)
     write_report(out)
     return outcomes
@@ -321,6 +345,16 @@ def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outc
 
 
 # ---------------------------------------------------------------------- CLI
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.runner", description=__doc__.split("\n\n")[0]
@@ -349,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         "(num-supernodes is data.num_clients)",
     )
     parser.add_argument("--timeout", type=float, help="runtime flower: seconds per run")
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="runtime inprocess: runs at once, each in its own process (same numbers as one "
+        "at a time; give each run its threads: workers x --cpus-per-client <= cores)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     args = parser.parse_args(argv)
     if not log.handlers:  # the runner's own messages; Flower's logger has its own handler
@@ -367,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             args.sweep,
             args.out,
             runtime=Runtime(
-                args.runtime, args.cpus_per_client, args.federation_config, args.timeout
+                args.runtime,
+                args.cpus_per_client,
+                args.federation_config,
+                args.timeout,
+                args.workers,
             ),
             restart=args.restart,
             only=args.only,

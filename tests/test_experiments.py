@@ -200,6 +200,57 @@ def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, t
     assert [o.status for o in again] == ["skipped", "skipped"]
 
 
+# ------------------------------------------------------------ runs at once
+def test_runs_at_once_give_the_numbers_of_runs_one_at_a_time(tiny_npz, tmp_path):
+    """--workers 2: every run in a process of its own, the metrics those of the sweep run one
+    at a time to the last digit; a run that fails (its data is missing) fails alone, with its
+    reason in the status and its output in its log; finished runs are skipped."""
+    sweep = {
+        "methods": ["mh_pfedhn", "local"],
+        "experiments": [
+            "default",
+            {"experiment": "default", "tag": "nodata",
+             "overrides": {"data.source": f"npz:{tmp_path / 'missing.npz'}"}},
+        ],
+        "seeds": [0],
+        "overrides": {**tiny_data(tiny_npz, tmp_path, 3), "clients.models": "mlp",
+                      "rounds": 2, "server.checkpoint_every": 0},
+    }  # fmt: skip
+    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
+    good = "^default-(mh_pfedhn|local)-s0$"
+    one = runner.run_sweep(path, tmp_path / "one", progress=False, only=good)
+    assert [o.status for o in one] == ["ok", "ok"]
+    assert runner.main([str(path), "--out", str(tmp_path / "two"), "--workers", "2"]) == 1
+    status = json.loads((tmp_path / "two" / "sweep_status.json").read_text())
+    assert [(r["run"], r["status"]) for r in status["runs"]] == [
+        ("default-mh_pfedhn-s0", "ok"), ("default-local-s0", "ok"),
+        ("default-nodata-mh_pfedhn-s0", "failed"), ("default-nodata-local-s0", "failed"),
+    ]  # fmt: skip
+    assert "missing.npz" in status["runs"][2]["error"]
+    assert "missing.npz" in (tmp_path / "two" / "logs" / "default-nodata-local-s0.log").read_text()
+    for name in ("default-mh_pfedhn-s0", "default-local-s0"):
+        alone, beside = (
+            [{k: v for k, v in r.items() if k not in TIMING}
+             for r in read_metrics(tmp_path / d / name / "metrics.jsonl")]
+            for d in ("one", "two")
+        )  # fmt: skip
+        assert [r["round"] for r in beside] == [0, 1, 2]
+        assert beside == alone, name
+    assert len(_read_csv(tmp_path / "two" / "results.csv")) == 2
+    again = runner.run_sweep(path, tmp_path / "two", runtime=runner.Runtime(workers=2),
+                             progress=False, only=good)  # fmt: skip
+    assert [o.status for o in again] == ["skipped", "skipped"]
+
+
+def test_workers_must_be_a_positive_number_and_run_in_process(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        runner.main([str(SMOKE), "--workers", "0"])
+    assert "at least 1" in capsys.readouterr().err
+    flower = runner.Runtime("flower", workers=2)
+    with pytest.raises(SweepError, match="one at a time"):
+        runner.run_sweep(SMOKE, tmp_path / "out", runtime=flower, progress=False)
+
+
 # --------------------------------------------------------- engines agree exactly
 @pytest.mark.slow
 def test_flower_and_in_process_runtimes_give_identical_metrics(mnist_npz, tmp_path):
@@ -484,6 +535,7 @@ def test_runtime_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
     assert runner.Runtime(cpus_per_client=1).parallel_clients() == 8
     assert runner.Runtime(cpus_per_client=3).parallel_clients() == 2
     assert runner.Runtime(cpus_per_client=16).parallel_clients() == 1
+    assert runner.Runtime(cpus_per_client=1, workers=2).parallel_clients() == 4  # cores shared
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert runner.Runtime(cpus_per_client=1).parallel_clients() == 2
 
