@@ -41,6 +41,12 @@ def _offline(sweep: dict, mnist_npz: Path, tmp_path: Path, **overrides) -> dict:
     return sweep
 
 
+def _untimed_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics rows without the wall-clock fields (the rest must agree exactly)."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -189,11 +195,7 @@ def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, t
     outcomes = runner.run_sweep(path, tmp_path / "split", progress=False)
     assert [(o.status, o.resumed) for o in outcomes] == [("ok", True), ("ok", True)]
     for name in ("default-mh_pfedhn-s0", "default-local-s0"):
-        whole, split = (
-            [{k: v for k, v in r.items() if k not in TIMING}
-             for r in read_metrics(tmp_path / d / name / "metrics.jsonl")]
-            for d in ("whole", "split")
-        )  # fmt: skip
+        whole, split = (_untimed_metrics(tmp_path / d / name) for d in ("whole", "split"))
         assert [r["round"] for r in split] == [0, 1, 2, 3, 4, 5]
         assert split == whole, name
     again = runner.run_sweep(path, tmp_path / "split", progress=False)
@@ -229,11 +231,7 @@ def test_runs_at_once_give_the_numbers_of_runs_one_at_a_time(tiny_npz, tmp_path)
     assert "missing.npz" in status["runs"][2]["error"]
     assert "missing.npz" in (tmp_path / "two" / "logs" / "default-nodata-local-s0.log").read_text()
     for name in ("default-mh_pfedhn-s0", "default-local-s0"):
-        alone, beside = (
-            [{k: v for k, v in r.items() if k not in TIMING}
-             for r in read_metrics(tmp_path / d / name / "metrics.jsonl")]
-            for d in ("one", "two")
-        )  # fmt: skip
+        alone, beside = (_untimed_metrics(tmp_path / d / name) for d in ("one", "two"))
         assert [r["round"] for r in beside] == [0, 1, 2]
         assert beside == alone, name
     assert len(_read_csv(tmp_path / "two" / "results.csv")) == 2
