@@ -53,6 +53,7 @@ class _Progress:
     """A bar for one running job, moved by its metrics.jsonl (written by the other process)."""
 
     def __init__(self, job: Job, slot: int, enabled: bool) -> None:
+        self.slot = slot
         self.bar = tqdm(total=job.rounds, desc=f"  {job.name}", unit="round", position=slot,
                         leave=False, disable=not enabled)  # fmt: skip
         self.stop = threading.Event()
@@ -82,7 +83,7 @@ def run_in_workers(
     `finished(outcomes so far)` is called as each job ends."""
     context = multiprocessing.get_context("spawn")  # no state inherited from this process
     waiting = list(jobs)
-    running: dict[Any, tuple[Job, Connection, _Progress, int]] = {}
+    running: dict[Any, tuple[Job, Connection, _Progress]] = {}
     outcomes: dict[str, Any] = {}
     slots = list(range(workers, 0, -1))
     overall = tqdm(total=len(jobs), desc="runs", unit="run", position=0, disable=not progress)
@@ -94,13 +95,12 @@ def run_in_workers(
                 process = context.Process(target=_work, args=(job, sender), name=job.name)
                 process.start()
                 sender.close()
-                slot = slots.pop()
-                running[process] = (job, receiver, _Progress(job, slot, progress), slot)
+                running[process] = (job, receiver, _Progress(job, slots.pop(), progress))
             wait([p.sentinel for p in running])
             for process in [p for p in running if not p.is_alive()]:
-                job, receiver, bar, slot = running.pop(process)
+                job, receiver, bar = running.pop(process)
                 bar.close()
-                slots.append(slot)
+                slots.append(bar.slot)
                 if receiver.poll():
                     outcomes[job.name] = receiver.recv()
                 else:
