@@ -158,10 +158,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         try:
             self.start_link()
-            for node in self.nodes:
-                self._launch_node(node.index)
-            for node in self.nodes:
-                self._wait_node_status(node.index, wanted=True, timeout=180)
+            self._launch_nodes([node.index for node in self.nodes])
         except BaseException:
             self.stop()  # what did start: `with` does not stop a cluster that failed to start
             raise
@@ -227,25 +224,29 @@ class LocalCluster:
         return subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
 
-    def node_status(self, index: int) -> str | None:
-        """The SuperLink's status of site `index`'s node ("online", "offline", ...), or None
-        when unknown (unlocked: node ids are not fixed in advance)."""
-        if index not in self.node_ids:
-            return None
+    def node_statuses(self) -> dict[int, str]:
+        """The SuperLink's status of each site's node ("online", "offline", ...) by site index,
+        from one listing; sites whose node id is unknown (unlocked: ids are not fixed in
+        advance) are absent."""
+        if not self.node_ids:
+            return {}
         done = self._flwr("supernode", "list", CONNECTION, "--format", "json")
         try:
-            nodes = json.loads(done.stdout)["nodes"]
-        except (ValueError, KeyError) as err:
+            by_id = {n["node-id"]: n["status"] for n in json.loads(done.stdout)["nodes"]}
+        except (ValueError, KeyError, TypeError) as err:
             raise RuntimeError(f"flwr supernode list failed:\n{(done.stdout + done.stderr)[-2000:]}"
                                ) from err  # fmt: skip
-        return next((n["status"] for n in nodes if n["node-id"] == self.node_ids[index]), None)
+        return {i: by_id[node] for i, node in self.node_ids.items() if node in by_id}
 
-    def _wait_node_status(self, index: int, wanted: bool, timeout: float) -> None:
-        """Wait until site `index`'s node is online (`wanted`) or not (no-op when unknown)."""
+    def _wait_nodes_status(self, indices: list[int], wanted: bool, timeout: float) -> None:
+        """Wait until the nodes of sites `indices` are all online (`wanted`) or all not (sites
+        of unknown status are not waited for)."""
         deadline = time.monotonic() + timeout
-        while (status := self.node_status(index)) is not None and (status == "online") != wanted:
+        while waiting := {i: status for i, status in self.node_statuses().items()
+                          if i in indices and (status == "online") != wanted}:  # fmt: skip
             if time.monotonic() > deadline:
-                raise TimeoutError(f"site {index}'s node still {status} after {timeout:.0f} s")
+                raise TimeoutError(f"after {timeout:.0f} s, still: " + ", ".join(
+                    f"site {i} {status}" for i, status in sorted(waiting.items())))  # fmt: skip
             time.sleep(1.0)
 
     def _wait_listening(self, name: str, port: int) -> None:
@@ -266,16 +267,17 @@ class LocalCluster:
     def start_node(self, index: int) -> None:
         """Start a site again (the same client key and model; locked, the same node id, else a
         new one) and return once the SuperLink has it online (locked)."""
-        self._launch_node(index)
-        self._wait_node_status(index, wanted=True, timeout=180)
+        self._launch_nodes([index])
 
-    def _launch_node(self, index: int) -> None:
+    def _launch_nodes(self, indices: list[int]) -> None:
         # Locked, the SuperLink refuses a node whose killed session still counts as online (up
         # to two heartbeat intervals, 60 s), and the refused SuperNode exits: wait that out.
-        self._wait_node_status(index, wanted=False, timeout=180)
-        self._launch(self._service(f"supernode-{index}"))
-        self._wait_listening(f"supernode-{index}", self.node_ports[index])
-        self._launch(self._service(f"clientapp-{index}"))
+        self._wait_nodes_status(indices, wanted=False, timeout=180)
+        for index in indices:
+            self._launch(self._service(f"supernode-{index}"))
+            self._wait_listening(f"supernode-{index}", self.node_ports[index])
+            self._launch(self._service(f"clientapp-{index}"))
+        self._wait_nodes_status(indices, wanted=True, timeout=180)
 
     def stop(self) -> None:
         kill_tree({p.pid for p in self.processes.values()})

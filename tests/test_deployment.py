@@ -225,6 +225,37 @@ def test_local_cluster_runs_the_same_commands_as_compose(tmp_path):
         assert normalise(local[name]) == normalise(compose[name]), name
 
 
+def test_the_cluster_waits_for_all_its_sites_with_one_listing_per_poll(tmp_path, monkeypatch):
+    """Starting (or restarting) sites polls one `flwr supernode list` for all of them, waits
+    until every one is online, and names the sites that never came."""
+    cluster = LocalCluster(compose_nodes(3), tmp_path)
+    cluster.node_ids = {0: "10", 1: "11", 2: "12"}
+    listings = iter([
+        {"10": "registered", "11": "online", "12": "online"},
+        {"10": "online", "11": "online", "12": "offline"},
+        {"10": "online", "11": "online", "12": "online"},
+    ])  # fmt: skip
+    calls = []
+
+    def flwr(*args):
+        calls.append(args)
+        nodes = [{"node-id": i, "status": s} for i, s in next(listings).items()]
+        return subprocess.CompletedProcess(args, 0, json.dumps({"nodes": nodes}), "")
+
+    monkeypatch.setattr(cluster, "_flwr", flwr)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    cluster._wait_nodes_status([0, 1, 2], wanted=True, timeout=60)
+    assert len(calls) == 3 and all(c[:2] == ("supernode", "list") for c in calls)
+
+    listings = iter([{"10": "online", "11": "online", "12": "offline"}] * 3)
+    with pytest.raises(TimeoutError, match="site 2 offline"):
+        cluster._wait_nodes_status([0, 1, 2], wanted=True, timeout=0)
+    cluster.node_ids = {}  # unlocked: no ids known, nothing to wait for, no CLI call
+    calls.clear()
+    cluster._wait_nodes_status([0, 1, 2], wanted=True, timeout=0)
+    assert calls == []
+
+
 # ------------------------------------------------------------ real processes
 def mnist_run_config(mnist_npz: Path, out: Path, rounds: int, **extra: str) -> str:
     pairs = {
