@@ -46,6 +46,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 class InProcessGrid(Grid):
     simulated = True  # `hypernetwork.in_flight: auto` keeps the authors' round here
+
     def __init__(
         self,
         client_app: ClientApp,

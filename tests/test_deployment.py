@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUG_IN = ROOT / "examples" / "plug_in_model"
 # the locked local cluster's gateway is an nginx (CI installs it)
 needs_gateway = pytest.mark.skipif(
-    shutil.which("nginx") is None, reason="the locked cluster's gateway needs nginx "
-    "(apt-get install nginx-light)"
+    shutil.which("nginx") is None,
+    reason="the locked cluster's gateway needs nginx (apt-get install nginx-light)",
 )
 
 
