@@ -19,7 +19,8 @@ others afresh; `--restart` starts everything afresh. A sweep checkpoints every
 <out>/sweep_status.json and reported at the end, and the sweep goes on. The table and plots
 (experiments.report) are written to <out> at the end. `--workers N` runs N in-process runs at
 once, each in a process of its own (experiments.workers), with the same numbers; their output
-goes to <out>/logs/<run>.log.
+goes to <out>/logs/<run>.log. `--set KEY=VALUE` overrides a setting of every run (e.g.
+`rounds=20` for a first pass that the sweep file's rounds later extend).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from client_app.data import forget_loaded_data
 from common.config import ExperimentConfig, resolve_config, run_config_toml
 from deployment.processes import kill_tree
+from experiments.cli import setting
 from experiments.flower import flwr_command, private_flower
 from experiments.progress import RoundBar, follow_metrics
 from experiments.report import write_report
@@ -195,15 +198,16 @@ def run_sweep(
     restart: bool = False,
     only: str | None = None,
     progress: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> list[Outcome]:
     """Run a sweep file's runs into `out`, then write the report there. Returns each run's
-    outcome; failures do not stop the sweep."""
+    outcome; failures do not stop the sweep. `settings` override every run's (`--set`)."""
     runtime = Runtime(runtime) if isinstance(runtime, str) else runtime
     if runtime.name not in RUNTIMES:
         raise SweepError(f"unknown runtime {runtime.name!r}; choose one of {RUNTIMES}")
     sweep = load_sweep(sweep_path)
     out = output_dir(sweep, out)
-    runs = plan(sweep, out)  # every configuration is checked before anything runs
+    runs = plan(sweep, out, settings)  # every configuration is checked before anything runs
     if only:
         runs = [r for r in runs if re.search(only, r[0].name)]
     out.mkdir(parents=True, exist_ok=True)
@@ -280,16 +284,18 @@ def _run_in_workers(
 def _prepare(
     run: Run, run_config: dict[str, Any], run_dir: Path, runtime: Runtime, restart: bool
 ) -> bool:
-    """Make the run directory ready; True when the run continues from its checkpoint."""
-    if not restart and (run_dir / CHECKPOINT_NAME).is_file():
+    """Make the run directory ready; True when the run continues from its checkpoint. The
+    run's description is (re)written either way: a run extended to more rounds says so."""
+    info = {**run.describe(), "runtime": runtime.name, "run_config": dict(run_config)}
+    resumed = not restart and (run_dir / CHECKPOINT_NAME).is_file()
+    if resumed:
         run_config["server.resume"] = str(run_dir)
-        return True
-    if run_dir.exists():  # a fresh start (metrics.jsonl is appended to)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    info = {**run.describe(), "runtime": runtime.name, "run_config": run_config}
+    else:
+        if run_dir.exists():  # a fresh start (metrics.jsonl is appended to)
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    return False
+    return resumed
 
 
 def _one_run(
@@ -391,7 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         "at a time; give each run its threads: workers x --cpus-per-client <= cores)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every run, over the sweep file's (value read as YAML), e.g. "
+        "rounds=20 for a first pass that the file's rounds later extend; repeatable",
+    )
     args = parser.parse_args(argv)
+    settings = dict(args.set)
     if not log.handlers:  # the runner's own messages; Flower's logger has its own handler
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -401,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dry_run:
             sweep = load_sweep(args.sweep)
-            for run, cfg, _ in plan(sweep, output_dir(sweep, args.out)):
+            for run, cfg, _ in plan(sweep, output_dir(sweep, args.out), settings):
                 print(f"{run.name}: {cfg.data.num_clients} clients, {cfg.rounds} rounds")
             return 0
         outcomes = run_sweep(
@@ -416,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             restart=args.restart,
             only=args.only,
+            settings=settings,
         )
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -187,12 +187,18 @@ class Sweep(_Strict):
             )
         return self
 
-    def runs(self) -> list[Run]:
+    def runs(self, settings: Mapping[str, Any] | None = None) -> list[Run]:
         """Every (experiment, seed, method) run; methods vary fastest, so consecutive runs
-        share their data (decoded and partitioned once per experiment and seed)."""
+        share their data (decoded and partitioned once per experiment and seed). `settings`
+        (the runner's `--set`) win over the file's overrides and keep the runs' names, so
+        that e.g. `rounds=20` makes a first pass that the file's own rounds later extend."""
+        try:
+            extra = _check_overrides(dict(settings or {}))
+        except ValueError as err:
+            raise SweepError(f"--set: {err}") from None
         out = []
         for entry in self.experiments:
-            overrides = {**self.overrides, **entry.overrides}
+            overrides = {**self.overrides, **entry.overrides, **extra}
             for seed in self.seeds:
                 for method in self.methods:
                     out.append(
@@ -309,7 +315,9 @@ def load_sweep(path: str | Path) -> Sweep:
     return parse_sweep(raw, str(path), base=path.parent)
 
 
-def plan(sweep: Sweep, output_root: str | Path) -> list[tuple[Run, ExperimentConfig, dict]]:
+def plan(
+    sweep: Sweep, output_root: str | Path, settings: Mapping[str, Any] | None = None
+) -> list[tuple[Run, ExperimentConfig, dict]]:
     """Every run with its resolved configuration, checked before anything runs."""
-    runs = sweep.runs()
+    runs = sweep.runs(settings)
     return [(run, *run.resolve(output_root)) for run in runs]

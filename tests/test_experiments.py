@@ -202,6 +202,47 @@ def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, t
     assert [o.status for o in again] == ["skipped", "skipped"]
 
 
+def test_a_first_pass_with_fewer_rounds_is_extended_to_the_sweeps_rounds(
+    tiny_npz, tmp_path, capsys
+):
+    """`--set rounds=2` runs every run to round 2 under its own name; the sweep started again
+    without it continues them to the file's 4 rounds with the numbers of runs that never
+    stopped (round 2's evaluation, a last round's, took an exchange of its own). A
+    setting the runner owns or a key that does not exist is refused before anything runs."""
+    sweep = {
+        "methods": ["mh_pfedhn", "local"],
+        "experiments": ["default"],
+        "seeds": [0],
+        "overrides": {**tiny_data(tiny_npz, tmp_path, 3), "clients.models": "lenet",
+                      "rounds": 4, "server.checkpoint_every": 2},
+    }  # fmt: skip
+    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
+    runner.run_sweep(path, tmp_path / "whole", progress=False)
+    first = tmp_path / "passes"
+    assert runner.main([str(path), "--out", str(first), "--set", "rounds=2"]) == 0
+    for name in ("default-mh_pfedhn-s0", "default-local-s0"):
+        assert [r["round"] for r in _untimed_metrics(first / name)] == [0, 1, 2]
+        assert json.loads((first / name / "sweep_run.json").read_text())["overrides"]["rounds"] == 2
+    outcomes = runner.run_sweep(path, first, progress=False)
+    assert [(o.status, o.resumed) for o in outcomes] == [("ok", True), ("ok", True)]
+    transport = {"exchanges", "bytes_down"}  # round 2 was a last round: evaluated on its own
+    for name in ("default-mh_pfedhn-s0", "default-local-s0"):
+        passes, whole = (
+            [{k: v for k, v in r.items() if k not in transport} for r in _untimed_metrics(d)]
+            for d in (first / name, tmp_path / "whole" / name)
+        )
+        assert passes == whole, name
+        assert json.loads((first / name / "sweep_run.json").read_text())["overrides"]["rounds"] == 4
+        assert "rounds: 4" in (first / name / "config.yaml").read_text()
+    with pytest.raises(SystemExit):
+        runner.main([str(path), "--out", str(tmp_path / "bad"), "--set", "rounds"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    for bad, message in ({"seed": 3}, "cannot be overridden"), ({"client.lrr": 0.1}, "lrr"):
+        with pytest.raises(SweepError, match=f"--set: .*{message}"):
+            runner.run_sweep(path, tmp_path / "bad", progress=False, settings=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------ runs at once
 def test_runs_at_once_give_the_numbers_of_runs_one_at_a_time(tiny_npz, tmp_path):
     """--workers 2: every run in a process of its own, the metrics those of the sweep run one
