@@ -16,12 +16,10 @@ def setting(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def add_set_option(parser: argparse.ArgumentParser) -> None:
+def add_set_option(
+    parser: argparse.ArgumentParser,
+    help: str = "any other experiment setting, e.g. data.classes_per_client=2",
+) -> None:
     parser.add_argument(
-        "--set",
-        action="append",
-        type=setting,
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other experiment setting, e.g. data.classes_per_client=2",
+        "--set", action="append", type=setting, default=[], metavar="KEY=VALUE", help=help
     )

@@ -48,7 +48,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from client_app.data import forget_loaded_data
 from common.config import ExperimentConfig, resolve_config, run_config_toml
 from deployment.processes import kill_tree
-from experiments.cli import setting
+from experiments.cli import add_set_option
 from experiments.flower import flwr_command, private_flower
 from experiments.progress import RoundBar, follow_metrics
 from experiments.report import write_report
@@ -397,12 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         "at a time; give each run its threads: workers x --cpus-per-client <= cores)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
-    parser.add_argument(
-        "--set",
-        action="append",
-        type=setting,
-        default=[],
-        metavar="KEY=VALUE",
+    add_set_option(
+        parser,
         help="a setting for every run, over the sweep file's (value read as YAML), e.g. "
         "rounds=20 for a first pass that the file's rounds later extend; repeatable",
     )
