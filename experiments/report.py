@@ -83,6 +83,9 @@ class RunResult:
 class Incomplete:
     run: str
     reason: str
+    # a run still going (or stopped): its figures over the rounds it has logged, the "final"
+    # ones those of its last evaluated round; None when it evaluated nothing
+    so_far: RunResult | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -154,7 +157,8 @@ def _progress(directory: Path) -> str:
 
 
 def load_run(directory: Path) -> RunResult | Incomplete:
-    """One run's figures; Incomplete when it has no summary.json (failed or still running)."""
+    """One run's figures; Incomplete when it has no summary.json (failed or still running),
+    with its figures so far."""
     summary = _read_json(directory / "summary.json")
     if summary is None:
         error = directory / "error.txt"
@@ -162,8 +166,35 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         if error.is_file():
             lines = [line for line in error.read_text().splitlines() if line.strip()]
             reason += f" ({lines[-1]})" if lines else ""
-        return Incomplete(directory.name, reason + _progress(directory))
-    rows = read_metrics(directory / "metrics.jsonl")
+        return Incomplete(directory.name, reason + _progress(directory), _so_far(directory))
+    return _result(directory, read_metrics(directory / "metrics.jsonl"), summary)
+
+
+def _so_far(directory: Path) -> RunResult | None:
+    """An unfinished run's figures from the rows it has logged, as if it ended there."""
+    try:
+        rows = read_metrics(directory / "metrics.jsonl")
+    except (OSError, ValueError):
+        return None
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    if not evaluated:
+        return None
+    best = max(evaluated, key=lambda r: (r["accuracy"], -r["round"]))
+    summary = {
+        "rounds": _config(directory).get("rounds") or evaluated[-1]["round"],
+        "final_accuracy": evaluated[-1]["accuracy"],
+        "final_round": evaluated[-1]["round"],
+        "final_accuracy_client_mean": evaluated[-1].get("accuracy_client_mean"),
+        "best_accuracy": best["accuracy"],
+        "best_round": best["round"],
+        "total_seconds": sum(r.get("seconds", 0.0) for r in rows),
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in rows),
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in rows),
+    }
+    return _result(directory, rows, summary)
+
+
+def _result(directory: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> RunResult:
     experiment, method, seed = _identity(directory)
     training = [r["seconds"] for r in rows if r.get("round", 0) > 0]
     curve = _curve(rows)
@@ -371,25 +402,59 @@ def markdown(
             f"| {_num(run.seconds_per_round)} "
             f"| {_num(run.total_seconds)} | {_num(run.mb_down, 2)} | {_num(run.mb_up, 2)} |"
         )
-    mixed = [r for r in runs if r.by_architecture]
-    if mixed:
-        names = list(dict.fromkeys(m for r in mixed for m in r.by_architecture))
-        lines += [
-            "",
-            "## Accuracy by architecture",
-            "",
-            "Mean test accuracy (%) of each architecture's clients at the final round.",
-            "",
-            "| run | " + " | ".join(names) + " |",
-            "|---|" + "---:|" * len(names),
-        ]
-        for run in sorted(mixed, key=lambda r: (r.experiment, r.method, r.seed)):
-            cells = [_pct(run.by_architecture.get(n, float("nan"))) for n in names]
-            lines.append(f"| {run.run} | " + " | ".join(cells) + " |")
+    by_architecture = _architecture_markdown(runs, "at the final round")
+    if by_architecture:
+        lines += ["", "## Accuracy by architecture", *by_architecture]
     if incomplete:
         lines += ["", "## Runs without results", ""]
         lines += [f"- {item.run}: {item.reason}" for item in incomplete]
+    lines += _so_far_markdown([item.so_far for item in incomplete if item.so_far])
     return "\n".join(lines) + "\n"
+
+
+def _so_far_markdown(going: list[RunResult]) -> list[str]:
+    """The unfinished runs' figures over the rounds they have logged (none is final)."""
+    if not going:
+        return []
+    lines = [
+        "",
+        "## Runs without results: their figures so far",
+        "",
+        "Over the rounds each has logged: its last evaluated round stands for the final one; "
+        "the late mean needs the last third of the planned rounds.",
+        "",
+        "| run | round of planned | last acc (%) | best so far (%) | best round "
+        "| val-selected so far (%) | selected round | late mean so far (%) | s / round |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in sorted(going, key=lambda r: (r.experiment, r.method, r.seed)):
+        lines.append(
+            f"| {run.run} | {run.final_round} of {run.rounds} | {_pct(run.final_accuracy)} "
+            f"| {_pct(run.best_accuracy)} | {run.best_round} "
+            f"| {_pct(run.selected_accuracy)} | {_round(run.selected_round)} "
+            f"| {_pct(run.late_mean_accuracy)} | {_num(run.seconds_per_round)} |"
+        )
+    lines += _architecture_markdown(going, "at the last round so far")
+    return lines
+
+
+def _architecture_markdown(runs: list[RunResult], when: str) -> list[str]:
+    """Mean test accuracy of each architecture's clients, for the runs of several models."""
+    mixed = [r for r in runs if r.by_architecture]
+    if not mixed:
+        return []
+    names = list(dict.fromkeys(m for r in mixed for m in r.by_architecture))
+    lines = [
+        "",
+        f"Mean test accuracy (%) of each architecture's clients {when}.",
+        "",
+        "| run | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for run in sorted(mixed, key=lambda r: (r.experiment, r.method, r.seed)):
+        cells = [_pct(run.by_architecture.get(n, float("nan"))) for n in names]
+        lines.append(f"| {run.run} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _with_blank(section: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -543,17 +544,26 @@ def test_report_over_a_folder_without_runs_writes_nothing(tmp_path, capsys):
 def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
     """A long run without summary.json is listed with its last evaluated round and its best so
     far, against the rounds its config plans, and its late mean once it is in the last third;
-    one that never evaluated says only that."""
-    from experiments.report import load_runs
+    one that never evaluated says only that. Its figures so far (val-selected, by architecture)
+    get a table of their own, apart from the finished runs'."""
+    from experiments.report import load_runs, write_report
 
     going, late, failed = tmp_path / "going", tmp_path / "late", tmp_path / "failed"
     for run, planned in ((going, 150), (late, 8), (failed, 150)):
         run.mkdir()
-        (run / "config.yaml").write_text(f"name: exp\nmethod: mh_pfedhn\nrounds: {planned}\n")
+        (run / "config.yaml").write_text(f"name: exp\nmethod: mh_pfedhn\nrounds: {planned}\n"
+                                         "clients:\n  models: [lenet, mlp]\n")  # fmt: skip
     accuracies = [0.1, 0.6, 0.8, 0.8, 0.7, 0.5, 0.6, 0.8]
     for run, count in ((going, 5), (late, len(accuracies))):
-        rows = [{"round": i, "accuracy": a} for i, a in enumerate(accuracies[:count])]
+        rows = [
+            {"round": i, "accuracy": a, "seconds": 2.0} for i, a in enumerate(accuracies[:count])
+        ]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [json.loads(line) for line in (going / "metrics.jsonl").read_text().splitlines()]
+    for row, val in zip(rows, [0.1, 0.9, 0.6, 0.5, 0.7], strict=True):
+        row["val_accuracy"] = val  # best on validation: round 1, test 0.6
+    rows[-1]["client_accuracy"] = {"partition-0": 0.5, "partition-1": 0.9, "partition-2": 0.7}
+    (going / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (failed / "metrics.jsonl").write_text("")
     done, incomplete = load_runs(tmp_path)
     reasons = {item.run: item.reason for item in incomplete}
@@ -565,6 +575,20 @@ def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
         "late": "no summary.json; evaluated up to round 7 of 8: 80.00% there, "
         "best so far 80.00% at round 2, mean of rounds 6-7 70.00%",
     }
+    so_far = {item.run: item.so_far for item in incomplete}
+    assert so_far["failed"] is None
+    figures = so_far["going"]
+    assert (figures.rounds, figures.final_round, figures.final_accuracy) == (150, 4, 0.7)
+    assert (figures.best_round, figures.best_accuracy) == (2, 0.8)
+    assert (figures.selected_round, figures.selected_accuracy) == (1, 0.6)
+    assert figures.by_architecture == pytest.approx({"lenet": 0.6, "mlp": 0.9})
+    assert figures.seconds_per_round == 2.0 and math.isnan(figures.late_mean_accuracy)
+    assert so_far["late"].late_mean_accuracy == pytest.approx(0.7)
+    write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text().split("## Runs")[-1]
+    assert "their figures so far" in md
+    assert "| going | 4 of 150 | 70.00 | 80.00 | 2 | 60.00 | 1 |" in md
+    assert "| going | 60.00 | 90.00 |" in md  # lenet, mlp at round 4
 
 
 def test_runtime_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
