@@ -292,9 +292,10 @@ class ServerConfig(_Section):
     delta_norm_bound: float = Field(
         0.0,
         ge=0,
-        description="defence against hostile directions: a delta whose norm is "
-        "above this many times the median of recent accepted norms (same K) is scaled down "
-        "to that; 0: off",
+        description="defence against hostile directions: a delta whose per-coordinate size "
+        "(L2 norm / sqrt(K)) is above this many times the median of the recently accepted "
+        "ones (of every K, and of its own K once that has history: the tighter) is scaled "
+        "down to that; 0: off",
     )
     require_client_proof: bool = Field(
         True,
