@@ -423,6 +423,8 @@ def _so_far_markdown(going: list[RunResult]) -> list[str]:
         "Over the rounds each has logged: its last evaluated round stands for the final one; "
         "the late mean needs the last third of the planned rounds.",
         "",
+        "![every run so far](progress.png)",
+        "",
         "| run | round of planned | last acc (%) | best so far (%) | best round "
         "| val-selected so far (%) | selected round | late mean so far (%) | s / round |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -521,6 +523,38 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
     return [path, *written]
 
 
+def plot_progress(done: list[RunResult], going: list[RunResult], directory: Path) -> list[Path]:
+    """progress.png while some runs are unfinished: every run, finished or not, one line each
+    (a panel per experiment), the unfinished ones labelled with the round they reached; none
+    (and an old one removed) once every run has finished."""
+    path = directory / "progress.png"
+    if not going:
+        path.unlink(missing_ok=True)
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, dict[str, list[RunResult]]] = {}
+    for run in sorted(done + going, key=lambda r: (r.experiment, r.method, r.seed)):
+        label = f"{run.method} s{run.seed}"
+        if run in going:
+            label += f" (round {run.final_round} of {run.rounds})"
+        panels.setdefault(run.experiment, {})[label] = [run]
+    cols = min(len(panels), 2)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax, (experiment, lines) in zip(axes.flat, panels.items(), strict=False):
+        _draw_curves(ax, lines, f"{experiment}: every run so far")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
 def _draw_curves(ax, lines: dict[str, list[RunResult]], title: str, first: int = 0) -> None:
     """One line per label (the mean over its runs' seeds) with a min-max band."""
     from matplotlib import colormaps
@@ -602,6 +636,7 @@ def write_report(directory: str | Path) -> dict[str, Any]:
         markdown(table, runs, incomplete, directory.name, compared)
     )
     plots = plot(runs, directory)
+    plots += plot_progress(runs, [i.so_far for i in incomplete if i.so_far], directory)
     return {"table": table, "runs": runs, "incomplete": incomplete, "plots": plots,
             "orderings": comparisons}  # fmt: skip
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -589,6 +590,11 @@ def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
     assert "their figures so far" in md
     assert "| going | 4 of 150 | 70.00 | 80.00 | 2 | 60.00 | 1 |" in md
     assert "| going | 60.00 | 90.00 |" in md  # lenet, mlp at round 4
+    assert (tmp_path / "progress.png").read_bytes().startswith(PNG_SIGNATURE)
+    for run in (going, late):  # nothing left that is going: no progress plot, the old one goes
+        shutil.rmtree(run)
+    write_report(tmp_path)
+    assert not (tmp_path / "progress.png").exists()
 
 
 def test_runtime_trains_as_many_clients_at_once_as_ray_would(monkeypatch):
