@@ -742,8 +742,9 @@ OPERATIONAL = (
 )
 
 
-def defining_settings(config: ExperimentConfig) -> dict[str, Any]:
-    """The flat settings that define what a run computes (a resume must keep them)."""
+def defining_settings(config: ExperimentConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The flat settings that define what a run computes (a resume must keep them), of a
+    config or of its dump (a run's config.yaml)."""
     flat: dict[str, Any] = {}
 
     def walk(node: Mapping[str, Any], prefix: str) -> None:
@@ -753,7 +754,7 @@ def defining_settings(config: ExperimentConfig) -> dict[str, Any]:
             elif f"{prefix}{key}" not in OPERATIONAL:
                 flat[f"{prefix}{key}"] = value
 
-    walk(config.model_dump(mode="json"), "")
+    walk(config if isinstance(config, Mapping) else config.model_dump(mode="json"), "")
     return flat
 
 

@@ -171,12 +171,25 @@ def load_run(directory: Path) -> RunResult | Incomplete:
 
 
 def _so_far(directory: Path) -> RunResult | None:
-    """An unfinished run's figures from the rows it has logged, as if it ended there."""
+    """An unfinished run's figures from the rows it has logged, as if it ended there; None
+    when it evaluated nothing or its rows cannot be read (the report goes on without it)."""
     try:
-        rows = read_metrics(directory / "metrics.jsonl")
-    except (OSError, ValueError):
+        return _figures_so_far(directory, read_metrics(directory / "metrics.jsonl"))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    evaluated = [r for r in rows if r.get("accuracy") is not None]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _seconds(row: dict[str, Any]) -> float | None:
+    value = row.get("seconds")
+    return float(value) if _finite(value) else None
+
+
+def _figures_so_far(directory: Path, rows: list[dict[str, Any]]) -> RunResult | None:
+    evaluated = [r for r in rows if _finite(r.get("accuracy"))]
     if not evaluated:
         return None
     best = max(evaluated, key=lambda r: (r["accuracy"], -r["round"]))
@@ -187,16 +200,16 @@ def _so_far(directory: Path) -> RunResult | None:
         "final_accuracy_client_mean": evaluated[-1].get("accuracy_client_mean"),
         "best_accuracy": best["accuracy"],
         "best_round": best["round"],
-        "total_seconds": sum(r.get("seconds", 0.0) for r in rows),
-        "total_bytes_down": sum(r.get("bytes_down", 0) for r in rows),
-        "total_bytes_up": sum(r.get("bytes_up", 0) for r in rows),
+        "total_seconds": sum(_seconds(r) or 0.0 for r in rows),
+        "total_bytes_down": sum(r.get("bytes_down") or 0 for r in rows),
+        "total_bytes_up": sum(r.get("bytes_up") or 0 for r in rows),
     }
     return _result(directory, rows, summary)
 
 
 def _result(directory: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> RunResult:
     experiment, method, seed = _identity(directory)
-    training = [r["seconds"] for r in rows if r.get("round", 0) > 0]
+    training = [t for r in rows if r.get("round", 0) > 0 and (t := _seconds(r)) is not None]
     curve = _curve(rows)
     values = [curve[r] for r in sorted(curve)]
     drops = [max(0.0, a - b) for a, b in zip(values, values[1:], strict=False)]
@@ -524,9 +537,9 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
 
 
 def plot_progress(done: list[RunResult], going: list[RunResult], directory: Path) -> list[Path]:
-    """progress.png while some runs are unfinished: every run, finished or not, one line each
-    (a panel per experiment), the unfinished ones labelled with the round they reached; none
-    (and an old one removed) once every run has finished."""
+    """progress.png while some runs are unfinished (going, stopped or failed): every run, one
+    line each (a panel per experiment), the unfinished ones labelled with the round they
+    reached; none (and an old one removed) once every run has finished."""
     path = directory / "progress.png"
     if not going:
         path.unlink(missing_ok=True)
@@ -536,12 +549,14 @@ def plot_progress(done: list[RunResult], going: list[RunResult], directory: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    unfinished = {id(run) for run in going}
     panels: dict[str, dict[str, list[RunResult]]] = {}
     for run in sorted(done + going, key=lambda r: (r.experiment, r.method, r.seed)):
-        label = f"{run.method} s{run.seed}"
-        if run in going:
+        lines = panels.setdefault(run.experiment, {})
+        label = f"{run.method} s{run.seed}" if f"{run.method} s{run.seed}" not in lines else run.run
+        if id(run) in unfinished:
             label += f" (round {run.final_round} of {run.rounds})"
-        panels.setdefault(run.experiment, {})[label] = [run]
+        lines[label] = [run]
     cols = min(len(panels), 2)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)

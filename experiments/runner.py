@@ -42,11 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from client_app.data import forget_loaded_data
-from common.config import ExperimentConfig, resolve_config, run_config_toml
+from common.config import (
+    ExperimentConfig,
+    defining_settings,
+    resolve_config,
+    run_config_toml,
+    settings_changed,
+)
 from deployment.processes import kill_tree
 from experiments.cli import add_set_option
 from experiments.flower import flwr_command, private_flower
@@ -237,8 +244,25 @@ def run_sweep(
 
 
 def _is_finished(run_dir: Path, cfg: ExperimentConfig, restart: bool) -> bool:
+    """Done with all its rounds and the settings it is planned with (else it is run, or
+    refused by _one_run when its settings changed)."""
     done = finished_rounds(run_dir)
-    return not restart and done is not None and done >= cfg.rounds
+    return (
+        not restart
+        and done is not None
+        and done >= cfg.rounds
+        and not _changed_settings(run_dir, cfg)
+    )
+
+
+def _changed_settings(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
+    """The defining settings (docs/concepts/round.md) that the planned run changes against
+    the run folder's own config.yaml; none when the folder has no readable one."""
+    try:
+        before = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return settings_changed(defining_settings(before), cfg) if isinstance(before, dict) else []
 
 
 def _run_in_workers(
@@ -290,6 +314,7 @@ def _prepare(
     resumed = not restart and (run_dir / CHECKPOINT_NAME).is_file()
     if resumed:
         run_config["server.resume"] = str(run_dir)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's, if any
     else:
         if run_dir.exists():  # a fresh start (metrics.jsonl is appended to)
             shutil.rmtree(run_dir)
@@ -308,6 +333,13 @@ def _one_run(
     progress: bool = True,
     restart: bool = False,
 ) -> Outcome:
+    if not restart and (changed := _changed_settings(run_dir, cfg)):
+        message = (
+            f"{run_dir} holds this run made with other settings (changed: {'; '.join(changed)}); "
+            "--restart starts it afresh, or choose another --out"
+        )
+        log.error("run %s refused: %s", run.name, message)
+        return Outcome(run.name, "failed", 0.0, message)
     run_config = dict(run_config)
     resumed = _prepare(run, run_config, run_dir, runtime, restart)
     if resumed:
@@ -328,8 +360,8 @@ def _one_run(
                 )
             else:
                 run_flower(cfg, run_config, observer, run_dir, out / ".flower" / "home", runtime)
-            if finished_rounds(run_dir) is None:
-                raise RunFailed("the run ended without writing summary.json")
+            if (finished_rounds(run_dir) or 0) < cfg.rounds:
+                raise RunFailed(f"the run ended without a summary.json of its {cfg.rounds} rounds")
         except KeyboardInterrupt:
             raise
         except Exception as err:

@@ -58,8 +58,10 @@ class RunRecorder(RunObserver):
 
     @classmethod
     def resume(cls, directory: Path, cfg: ExperimentConfig, history: list[dict[str, Any]]):
-        """Continue a run's directory: metrics.jsonl becomes exactly the checkpoint's rounds."""
+        """Continue a run's directory: metrics.jsonl becomes exactly the checkpoint's rounds,
+        and a summary of fewer rounds (a run extended) goes until the run writes its own."""
         recorder = cls(directory)
+        (directory / "summary.json").unlink(missing_ok=True)
         lines = "".join(json_line(row) + "\n" for row in history)
         _atomic_write(recorder.metrics_path, lines)
         _atomic_write(directory / "config.yaml", to_yaml(cfg))

@@ -209,8 +209,13 @@ def test_a_first_pass_with_fewer_rounds_is_extended_to_the_sweeps_rounds(
 ):
     """`--set rounds=2` runs every run to round 2 under its own name; the sweep started again
     without it continues them to the file's 4 rounds with the numbers of runs that never
-    stopped (round 2's evaluation, a last round's, took an exchange of its own). A
+    stopped (round 2's evaluation, a last round's, took an exchange of its own); an extension
+    that fails leaves no summary of fewer rounds behind (the run is unfinished, not done). A
+    setting that would change what a finished run computed is refused and changes nothing; a
     setting the runner owns or a key that does not exist is refused before anything runs."""
+    from experiments.report import load_runs
+    from server_app.round_loop import RoundLoop
+
     sweep = {
         "methods": ["mh_pfedhn", "local"],
         "experiments": ["default"],
@@ -225,6 +230,29 @@ def test_a_first_pass_with_fewer_rounds_is_extended_to_the_sweeps_rounds(
     for name in ("default-mh_pfedhn-s0", "default-local-s0"):
         assert [r["round"] for r in _untimed_metrics(first / name)] == [0, 1, 2]
         assert json.loads((first / name / "sweep_run.json").read_text())["overrides"]["rounds"] == 2
+    settings = {"rounds": 2, "client.lr": 0.1}
+    changed = runner.run_sweep(path, first, progress=False, settings=settings)
+    assert [o.status for o in changed] == ["failed", "failed"]
+    assert "client.lr: 0.005 -> 0.1" in changed[0].error and "--restart" in changed[0].error
+    assert "client.lr" not in json.dumps(json.loads((first / name / "sweep_run.json").read_text()))
+
+    original = RoundLoop.checkpoint
+
+    def killed(self, server_round, num_rounds, pending):
+        if server_round == 3:
+            raise RuntimeError("killed")
+        return original(self, server_round, num_rounds, pending)
+
+    RoundLoop.checkpoint = killed
+    try:
+        assert [o.status for o in runner.run_sweep(path, first, progress=False)] == ["failed"] * 2
+    finally:
+        RoundLoop.checkpoint = original
+    assert not (first / name / "summary.json").exists()
+    done, unfinished = load_runs(first)
+    assert done == [] and {item.run for item in unfinished} == {"default-mh_pfedhn-s0",
+                                                                "default-local-s0"}  # fmt: skip
+    assert all(item.so_far.final_round >= 2 for item in unfinished)
     outcomes = runner.run_sweep(path, first, progress=False)
     assert [(o.status, o.resumed) for o in outcomes] == [("ok", True), ("ok", True)]
     transport = {"exchanges", "bytes_down"}  # round 2 was a last round: evaluated on its own
@@ -566,7 +594,16 @@ def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
     rows[-1]["client_accuracy"] = {"partition-0": 0.5, "partition-1": 0.9, "partition-2": 0.7}
     (going / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (failed / "metrics.jsonl").write_text("")
+    odd = tmp_path / "odd"  # rows a crashed or foreign writer may leave: the report goes on
+    odd.mkdir()
+    lines = ['{"round": 0, "accuracy": NaN}', '{"round": 1, "accuracy": 0.4, "seconds": null}',
+             '{"round": 2, "accuracy": 0.5, "bytes_down": null}']  # fmt: skip
+    (odd / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     done, incomplete = load_runs(tmp_path)
+    odd_figures = next(item.so_far for item in incomplete if item.run == "odd")
+    assert (odd_figures.best_accuracy, odd_figures.best_round, odd_figures.rounds) == (0.5, 2, 2)
+    assert math.isnan(odd_figures.seconds_per_round)
+    incomplete = [item for item in incomplete if item.run != "odd"]
     reasons = {item.run: item.reason for item in incomplete}
     assert done == []
     assert reasons == {
@@ -591,7 +628,7 @@ def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
     assert "| going | 4 of 150 | 70.00 | 80.00 | 2 | 60.00 | 1 |" in md
     assert "| going | 60.00 | 90.00 |" in md  # lenet, mlp at round 4
     assert (tmp_path / "progress.png").read_bytes().startswith(PNG_SIGNATURE)
-    for run in (going, late):  # nothing left that is going: no progress plot, the old one goes
+    for run in (going, late, odd):  # nothing left that is going: no progress plot, old one goes
         shutil.rmtree(run)
     write_report(tmp_path)
     assert not (tmp_path / "progress.png").exists()
