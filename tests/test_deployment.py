@@ -256,6 +256,32 @@ def test_the_cluster_waits_for_all_its_sites_with_one_listing_per_poll(tmp_path,
     assert calls == []
 
 
+def test_sites_are_started_only_once_the_link_no_longer_counts_them_online(tmp_path, monkeypatch):
+    """Restarting sites: wait until the SuperLink no longer has them online (it refuses a node
+    whose old session still counts), launch each SuperNode and ClientApp, then wait until all
+    are online; a site missing from the listing is not waited for."""
+    cluster = LocalCluster(compose_nodes(3), tmp_path)
+    cluster.node_ids = {0: "10", 2: "12"}  # site 1: no id known
+    listings = iter([
+        {"10": "online", "12": "offline"}, {"10": "offline", "12": "offline"},
+        {"10": "online", "12": "offline"}, {"10": "online", "12": "online"},
+    ])  # fmt: skip
+    events = []
+
+    def flwr(*args):
+        events.append("list")
+        nodes = [{"node-id": i, "status": s} for i, s in next(listings).items()]
+        return subprocess.CompletedProcess(args, 0, json.dumps({"nodes": nodes}), "")
+
+    monkeypatch.setattr(cluster, "_flwr", flwr)
+    monkeypatch.setattr(cluster, "_launch", lambda service: events.append(service.name))
+    monkeypatch.setattr(cluster, "_wait_listening", lambda name, port: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    cluster._launch_nodes([0, 1, 2])
+    assert events == ["list", "list", "supernode-0", "clientapp-0", "supernode-1", "clientapp-1",
+                      "supernode-2", "clientapp-2", "list", "list"]  # fmt: skip
+
+
 # ------------------------------------------------------------ real processes
 def mnist_run_config(mnist_npz: Path, out: Path, rounds: int, **extra: str) -> str:
     pairs = {
