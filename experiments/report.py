@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -135,16 +136,19 @@ def _nan_if_none(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _progress(directory: Path) -> str:
-    """How far an unfinished run got, so that a long run's interim numbers can be quoted."""
+def _readable_rows(directory: Path) -> list[dict[str, Any]]:
+    """An unfinished run's metrics rows; none when they cannot be read."""
     try:
-        rows = read_metrics(directory / "metrics.jsonl")
+        return read_metrics(directory / "metrics.jsonl")
     except (OSError, ValueError):
-        return ""
+        return []
+
+
+def _progress(rows: list[dict[str, Any]], planned: int | None) -> str:
+    """How far an unfinished run got, so that a long run's interim numbers can be quoted."""
     curve = _curve(rows)
     if not curve:
         return ""
-    planned = _config(directory).get("rounds")
     last, best = max(curve), max(curve, key=lambda r: (curve[r], -r))
     of = f" of {planned}" if planned else ""
     late = ""
@@ -166,16 +170,18 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         if error.is_file():
             lines = [line for line in error.read_text().splitlines() if line.strip()]
             reason += f" ({lines[-1]})" if lines else ""
-        return Incomplete(directory.name, reason + _progress(directory), _so_far(directory))
+        rows, planned = _readable_rows(directory), _config(directory).get("rounds")
+        so_far = _so_far(directory, rows, planned)
+        return Incomplete(directory.name, reason + _progress(rows, planned), so_far)
     return _result(directory, read_metrics(directory / "metrics.jsonl"), summary)
 
 
-def _so_far(directory: Path) -> RunResult | None:
+def _so_far(directory: Path, rows: list[dict[str, Any]], planned: int | None) -> RunResult | None:
     """An unfinished run's figures from the rows it has logged, as if it ended there; None
-    when it evaluated nothing or its rows cannot be read (the report goes on without it)."""
+    when it evaluated nothing or its rows are malformed (the report goes on without it)."""
     try:
-        return _figures_so_far(directory, read_metrics(directory / "metrics.jsonl"))
-    except (OSError, ValueError, KeyError, TypeError):
+        return _figures_so_far(directory, rows, planned)
+    except (ValueError, KeyError, TypeError):
         return None
 
 
@@ -188,13 +194,15 @@ def _seconds(row: dict[str, Any]) -> float | None:
     return float(value) if _finite(value) else None
 
 
-def _figures_so_far(directory: Path, rows: list[dict[str, Any]]) -> RunResult | None:
+def _figures_so_far(
+    directory: Path, rows: list[dict[str, Any]], planned: int | None
+) -> RunResult | None:
     evaluated = [r for r in rows if _finite(r.get("accuracy"))]
     if not evaluated:
         return None
     best = max(evaluated, key=lambda r: (r["accuracy"], -r["round"]))
     summary = {
-        "rounds": _config(directory).get("rounds") or evaluated[-1]["round"],
+        "rounds": planned or evaluated[-1]["round"],
         "final_accuracy": evaluated[-1]["accuracy"],
         "final_round": evaluated[-1]["round"],
         "final_accuracy_client_mean": evaluated[-1].get("accuracy_client_mean"),
@@ -512,17 +520,8 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     count = len(by_experiment)
-    cols = min(count, 2)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
-    for ax, experiment in zip(axes.flat, by_experiment, strict=False):
-        draw(ax, experiment)
-    for ax in list(axes.flat)[count:]:
-        ax.axis("off")
-    fig.tight_layout()
     path = directory / "accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_panels(path, [functools.partial(draw, experiment=e) for e in by_experiment])
     methods = {method for lines in by_experiment.values() for method in lines}
     if count > 1 and all(len(lines) == 1 for lines in by_experiment.values()):
         # a sweep of variants of one method per experiment: every variant on one axes
@@ -547,27 +546,36 @@ def plot_progress(done: list[RunResult], going: list[RunResult], directory: Path
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     unfinished = {id(run) for run in going}
     panels: dict[str, dict[str, list[RunResult]]] = {}
     for run in sorted(done + going, key=lambda r: (r.experiment, r.method, r.seed)):
         lines = panels.setdefault(run.experiment, {})
-        label = f"{run.method} s{run.seed}" if f"{run.method} s{run.seed}" not in lines else run.run
+        label = f"{run.method} s{run.seed}"
+        label = run.run if label in lines else label
         if id(run) in unfinished:
             label += f" (round {run.final_round} of {run.rounds})"
         lines[label] = [run]
-    cols = min(len(panels), 2)
-    rows = math.ceil(len(panels) / cols)
+    _save_panels(path, [
+        functools.partial(_draw_curves, lines=lines, title=f"{experiment}: every run so far")
+        for experiment, lines in panels.items()
+    ])  # fmt: skip
+    return [path]
+
+
+def _save_panels(path: Path, draws: list[Callable[..., None]]) -> None:
+    """A figure of one panel per `draws` entry (each called with its axes), two a row."""
+    import matplotlib.pyplot as plt
+
+    cols = min(len(draws), 2)
+    rows = math.ceil(len(draws) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
-    for ax, (experiment, lines) in zip(axes.flat, panels.items(), strict=False):
-        _draw_curves(ax, lines, f"{experiment}: every run so far")
-    for ax in list(axes.flat)[len(panels) :]:
+    for ax, draw in zip(axes.flat, draws, strict=False):
+        draw(ax)
+    for ax in list(axes.flat)[len(draws) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [path]
 
 
 def _draw_curves(ax, lines: dict[str, list[RunResult]], title: str, first: int = 0) -> None:
