@@ -139,7 +139,8 @@ class ClientsConfig(_Section):
     models: list[str] = Field(
         default_factory=lambda: ["lenet"],
         description="simulated client i runs models[i mod len(models)]: zoo names "
-        "(docs/concepts/models.md) or import paths module:factory",
+        "(docs/concepts/models.md) or import paths module:factory; a method that trains one "
+        "architecture (FedAvg, pFedLA, PeFLL, ...) takes one",
     )
     local_layers: list[str] = Field(
         default_factory=lambda: ["none"],
@@ -553,6 +554,19 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"generalization.novel_clients={g.novel_clients} leaves no training client "
                 f"among data.num_clients={count}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _models_fit_method(self) -> ExperimentConfig:
+        """A method that trains one architecture (common/methods.py) would refuse every
+        client of the others at registration, and the run would go on without them."""
+        models = list(dict.fromkeys(self.clients.models))
+        if len(models) > 1 and not self.method_spec.heterogeneous:
+            raise ValueError(
+                f"{self.method} trains one architecture, but clients.models gives "
+                f"{len(models)} ({', '.join(models)}): set clients.models to one of them, "
+                f"e.g. clients.models={models[0]}"
             )
         return self
 

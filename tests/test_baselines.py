@@ -144,7 +144,11 @@ def test_a_single_architecture_pfedhn_checkpoint_still_loads():
     assert np.array_equal(loaded.generate(["a"])["a"], server.generate(["a"])["a"])
 
 
-def tiny_run(method, tiny_npz, tmp_path, rounds=2, models="lenet"):
+ONE_MODEL = {"clients.models": "lenet"}  # default.yaml has two; some methods take one
+
+
+def tiny_run(method, tiny_npz, tmp_path, rounds=2, models="lenet", node_models=("",) * 3):
+    """node_models: a SuperNode's own `model` (node config) per node, "" for clients.models."""
     logs = [tmp_path / f"received-{i}.jsonl" for i in range(3)]
     overrides = {
         "method": method,
@@ -161,7 +165,8 @@ def tiny_run(method, tiny_npz, tmp_path, rounds=2, models="lenet"):
         "server.run_name": method,
     }
     nodes = [
-        {"partition-id": i, "num-partitions": 3, "message-log": str(logs[i])} for i in range(3)
+        {"partition-id": i, "num-partitions": 3, "message-log": str(logs[i]), "model": model}
+        for i, model in enumerate(node_models)
     ]
     grid = InProcessGrid(client_app, nodes, {"experiment": "default", **overrides})
     strategy = run_experiment(grid, resolve_config("default", overrides), run_id=0)
@@ -189,7 +194,10 @@ def test_fedavg_sends_everyone_the_same_model_each_round(tiny_npz, tmp_path):
 
 
 def test_fedavg_refuses_heterogeneous_clients(tiny_npz, tmp_path):
-    strategy, _ = tiny_run("fedavg", tiny_npz, tmp_path, rounds=1, models="lenet,mlp")
+    """A site whose own model (its node config) differs from the others' is refused; the
+    simulated assignment cannot name two (tests/test_config.py)."""
+    nodes = ("", "mlp", "")
+    strategy, _ = tiny_run("fedavg", tiny_npz, tmp_path, rounds=1, node_models=nodes)
     assert len(strategy.state.clients) == 2 and len(strategy.directory.refused) == 1
     assert "one architecture" in next(iter(strategy.directory.refused.values())).reason
 
@@ -216,7 +224,10 @@ def test_pfedhn_runs_with_heterogeneous_clients(tiny_npz, tmp_path):
     [("local", "LocalServer"), ("fedavg", "FedAvgServer"), ("pfedhn", "PFedHNServer")],
 )
 def test_build_state_picks_the_methods_state(method, kind):
-    assert type(build_state(resolve_config("default", {"method": method}))).__name__ == kind
+    assert (
+        type(build_state(resolve_config("default", {"method": method, **ONE_MODEL}))).__name__
+        == kind
+    )
 
 
 def test_baseline_states_survive_a_checkpoint(tmp_path):

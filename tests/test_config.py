@@ -33,9 +33,10 @@ def test_pyproject_declares_every_setting_so_flwr_run_can_override_it():
 
 
 def test_a_methods_own_settings_are_validated_naming_the_key():
-    cfg = resolve_config("default", {"method": "fedavgm", "fedavgm.momentum": 0.5})
+    one = {"clients.models": "lenet"}
+    cfg = resolve_config("default", {"method": "fedavgm", "fedavgm.momentum": 0.5, **one})
     assert cfg.method_settings.momentum == 0.5
-    assert resolve_config("default", {"method": "fedprox"}).method_settings.mu == 0.01
+    assert resolve_config("default", {"method": "fedprox", **one}).method_settings.mu == 0.01
     assert resolve_config("default").method_settings is None  # mh_pfedhn declares none
     with pytest.raises(ConfigError, match=r"fedavgm\.momentum: Input should be less than 1"):
         resolve_config("default", {"method": "fedavgm", "fedavgm.momentum": 1.5})
@@ -110,6 +111,11 @@ def test_run_config_overrides_win_and_empty_values_keep_the_yaml():
     assert cfg.data.source == "cifar10"
 
 
+def test_a_one_architecture_method_takes_one_model_named_any_number_of_times():
+    cfg = resolve_config("default", {"method": "pfedla", "clients.models": "lenet,lenet"})
+    assert cfg.clients.models == ["lenet", "lenet"]
+
+
 def test_an_experiment_can_be_a_path(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\nrounds: 3\ndata: {source: 'npz:/x.npz'}\n")
@@ -126,6 +132,12 @@ def test_an_experiment_can_be_a_path(tmp_path):
         ({"hypernetwork.update_mode": "batched"}, "is now hypernetwork.schedule"),
         ({"data.partitioner": "dirichlet"}, "partitioner"),
         ({"preset": "fast"}, "unknown preset"),
+        (
+            {"method": "fedavg"},
+            r"fedavg trains one architecture, but clients.models gives 2 "
+            r"\(lenet, mlp\): set clients.models to one of them, e.g. clients.models=lenet",
+        ),
+        ({"method": "pefll", "clients.models": "lenet,vgg8"}, "pefll trains one architecture"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key_named(overrides, message):

@@ -26,6 +26,7 @@ SMALL = {
     "server.min_nodes": 1,
     "server.wait_for_nodes_s": 0,
     "rounds": 1,
+    "clients.models": "lenet",  # the apps here report their own K; one name suits every method
 }
 
 
