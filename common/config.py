@@ -14,6 +14,7 @@ test fails when it is stale. `flwr run . -c 'client.lr=0.005 fedavgm.momentum=0.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import json
 import math
@@ -518,8 +519,7 @@ class ExperimentConfig(_Section):
         sections = method_sections()
         unknown = sorted(set(data) - set(cls.model_fields) - set(sections))
         if unknown:
-            raise ValueError(f"unknown setting(s) {unknown} (sections: "
-                             f"{sorted([*cls.model_fields, *sections])})")  # fmt: skip
+            raise ValueError(unknown_settings(unknown, sorted([*cls.model_fields, *sections])))
         for name, model in sections.items():
             if name in data and not isinstance(data[name], model):
                 try:
@@ -617,6 +617,21 @@ def _refuse_renamed(keys: set[str], origin: str) -> None:
         raise ConfigError(f"{origin}: {renames}")
 
 
+def unknown_settings(unknown: list[str], valid: list[str]) -> str:
+    """Names the unknown keys, each with the valid keys spelt closest to it, then the keys of
+    their section (or, for an unknown section, the sections) rather than all of them."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        if close:
+            hints.append(f"{key!r}: did you mean {' or '.join(map(repr, close))}?")
+    sections = {key.partition(".")[0] for key in unknown}
+    listed = [k for k in valid if k.partition(".")[0] in sections and "." in k]
+    where = (f"the keys of {', '.join(sorted(sections))}: {listed}" if listed
+             else f"the top-level keys: {sorted({k.partition('.')[0] for k in valid})}")  # fmt: skip
+    return f"unknown setting(s) {unknown}; {' '.join(hints)}{' ' if hints else ''}{where}"
+
+
 def leaf_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
     """Dotted names of every leaf setting, in schema order, the methods' sections last (the
     run-config keys)."""
@@ -710,7 +725,7 @@ def resolve_config(
     unknown = sorted(set(flat) - set(leaf_keys()))
     _refuse_renamed(set(flat) | _dotted_keys(raw), str(path))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; valid keys: {leaf_keys()}")
+        raise ConfigError(unknown_settings(unknown, leaf_keys()))
     nested_overrides = _nest(flat)
     preset = nested_overrides.get("preset", raw.get("preset", "none"))
     if preset not in PRESETS:

@@ -44,6 +44,7 @@ from common.config import (
     experiment_path,
     leaf_keys,
     resolve_config,
+    unknown_settings,
 )
 from common.methods import METHODS
 
@@ -78,7 +79,7 @@ def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
         if key in RESERVED_KEYS:
             raise ValueError(f"{key!r} cannot be overridden in a sweep: {RESERVED_KEYS[key]}")
         if key not in valid:
-            raise ValueError(f"unknown setting {key!r}; valid keys: {sorted(valid)}")
+            raise ValueError(unknown_settings([key], leaf_keys()))
     # Lists (clients.models) travel as comma-separated strings, as on Flower's command line.
     return {k: ",".join(v) if isinstance(v, list) else v for k, v in overrides.items()}
 

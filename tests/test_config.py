@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from common.config import (
     CONFIG_DIR,
@@ -109,6 +112,24 @@ def test_run_config_overrides_win_and_empty_values_keep_the_yaml():
     assert cfg.clients.models == ["lenet", "mlp"]
     assert cfg.rounds == 7
     assert cfg.data.source == "cifar10"
+
+
+def test_a_misspelt_key_is_named_with_the_keys_it_was_probably_meant_to_be():
+    with pytest.raises(ConfigError) as err:
+        resolve_config("default", {"hypernetwork.embeding_std": 1})
+    message = str(err.value)
+    assert "did you mean 'hypernetwork.embedding_std'" in message
+    assert "'hypernetwork.lr'" in message and "'client.lr'" not in message  # its section only
+    with pytest.raises(ConfigError, match=r"did you mean 'fedprox.mu'\? the top-level keys"):
+        resolve_config("default", {"fedproxx.mu": 1})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.", min_size=1, max_size=30))
+def test_any_unknown_key_is_refused_by_name(key):
+    assume(key not in leaf_keys() and key != "experiment")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \[" + re.escape(repr(key))):
+        resolve_config("default", {key: 1})
 
 
 def test_a_one_architecture_method_takes_one_model_named_any_number_of_times():

@@ -376,7 +376,7 @@ def _valid() -> dict:
         ({"seeds": ["zero"]}, "seeds.0"),
         ({"experiments": ["nope"]}, "experiment 'nope' not found"),
         ({"experiments": [{"experiment": "default", "overide": {}}]}, "overide: unknown key"),
-        ({"overrides": {"client.lrr": 0.1}}, "unknown setting 'client.lrr'"),
+        ({"overrides": {"client.lrr": 0.1}}, "'client.lrr': did you mean 'client.lr'"),
         ({"overrides": {"seed": 3}}, "'seed' cannot be overridden in a sweep"),
         ({"overrides": {"server.run_name": "x"}}, "the runner names each run"),
         ({"experiments": ["default", "default"]}, "appear more than once"),
