@@ -627,8 +627,12 @@ def unknown_settings(unknown: list[str], valid: list[str]) -> str:
             hints.append(f"{key!r}: did you mean {' or '.join(map(repr, close))}?")
     sections = {key.partition(".")[0] for key in unknown}
     listed = [k for k in valid if k.partition(".")[0] in sections and "." in k]
-    where = (f"the keys of {', '.join(sorted(sections))}: {listed}" if listed
-             else f"the top-level keys: {sorted({k.partition('.')[0] for k in valid})}")  # fmt: skip
+    top = sorted({k.partition(".")[0] for k in valid})
+    where = (
+        f"the keys of {', '.join(sorted(sections))}: {listed}"
+        if listed
+        else f"the top-level keys: {top}"
+    )
     return f"unknown setting(s) {unknown}; {' '.join(hints)}{' ' if hints else ''}{where}"
 
 
