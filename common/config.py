@@ -757,6 +757,7 @@ OPERATIONAL = (
     "client.state_dir",
     "hypernetwork.device",
     "server.min_nodes",
+    "server.min_clients",
     "server.wait_for_nodes_s",
     "server.timeout_s",
     "server.pull_interval_s",

@@ -227,20 +227,60 @@ def _load_factory(path: str) -> Callable[..., object]:
     return factory
 
 
-def _call_with_accepted_kwargs(factory: Callable[..., object], kwargs: dict[str, int]) -> object:
-    """Pass only the keywords the factory declares, so a user's factory needs no unused args."""
+def _call_with_accepted_kwargs(
+    path: str, factory: Callable[..., object], kwargs: dict[str, int]
+) -> object:
+    """Pass only the keywords the factory declares, so a user's factory needs no unused args;
+    one that requires another argument is refused naming the ones it can have."""
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):  # some builtins have no signature: pass everything
         return factory(**kwargs)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return factory(**kwargs)
-    accepted = {
-        p.name
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    empty = inspect.Parameter.empty
+    required = [p.name for p in params if p.default is empty and p.kind in named
+                and p.name not in kwargs]  # fmt: skip
+    if required:
+        raise TypeError(
+            f"model factory {path!r} requires {', '.join(required)}; a factory is called "
+            f"with any of {', '.join(kwargs)} (by keyword), the others need defaults"
+        )
+    accepted = {p.name for p in params if p.kind in named}
     return factory(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+_FITTING: set[tuple[str, int, int, int]] = set()  # plug-in models already checked
+
+
+def _check_fits_the_data(path: str, model: nn.Module, kwargs: dict[str, int]) -> None:
+    """A plug-in model must map a batch of the data's images to one logit per class: with
+    another width it would train on without an error (or fail inside the loss)."""
+    key = (path, kwargs["num_classes"], kwargs["in_channels"], kwargs["image_size"])
+    if key in _FITTING:
+        return
+    size = kwargs["image_size"]
+    shape = (2, kwargs["in_channels"], size, size)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except Exception as err:
+        raise ValueError(
+            f"model factory {path!r}: its model fails on a batch of the data's images, "
+            f"shape {shape}: {type(err).__name__}: {err}"
+        ) from None
+    finally:
+        model.train(training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (2, kwargs["num_classes"]):
+        raise ValueError(
+            f"model factory {path!r}: its model maps a batch of shape {shape} to {got}, not "
+            f"(2, {kwargs['num_classes']}): one logit per class of the data (num_classes)"
+        )
+    _FITTING.add(key)
 
 
 def build_model(
@@ -253,11 +293,12 @@ def build_model(
     """
     kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     if ":" in name:
-        model = _call_with_accepted_kwargs(_load_factory(name), kwargs)
+        model = _call_with_accepted_kwargs(name, _load_factory(name), kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module"
             )
+        _check_fits_the_data(name, model, kwargs)
         return model
     builder = _REGISTRY.get(name)
     if builder is None:

@@ -240,7 +240,10 @@ class Run:
 
         The number of clients must be fixed (data.num_clients an integer). Unless overridden,
         the server waits for all of them (server.min_nodes), so every runtime starts with the
-        same clients; it checkpoints every CHECKPOINT_EVERY rounds; and the clients keep their
+        same clients, and stops the run naming the reasons if it refuses any of them
+        (server.min_clients: a simulated client is the experiment's own, so a refusal is a
+        mistake, e.g. a model that does not fit the method or the data, not an attack to
+        ride out); it checkpoints every CHECKPOINT_EVERY rounds; and the clients keep their
         state in the run's folder (client.state_dir), so that an interrupted run continues.
         """
         run_config = self.base_config(output_root)
@@ -257,6 +260,7 @@ class Run:
             )
         defaults = {
             "server.min_nodes": num_clients,
+            "server.min_clients": num_clients,
             "server.checkpoint_every": CHECKPOINT_EVERY,
             "client.state_dir": str(Path(output_root, self.name, CLIENT_STATE).resolve()),
         }

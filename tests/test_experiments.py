@@ -157,6 +157,38 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny_npz, tmp_path, mon
     assert len(_read_csv(tmp_path / "out" / "results.csv")) == 1
 
 
+def test_a_simulated_client_refused_at_registration_fails_its_run(tiny_npz, tmp_path, monkeypatch):
+    """A sweep's clients are its own: one refused (here a plug-in model with five outputs for
+    four classes) is a mistake to report, not a client to leave out of the numbers."""
+    (tmp_path / "narrow_models.py").write_text(
+        "from torch import nn\n"
+        "def five(in_channels):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(5))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sweep = {
+        "methods": ["mh_pfedhn"],
+        "experiments": ["default"],
+        "seeds": [0],
+        "overrides": {
+            "data.source": f"npz:{tiny_npz}",
+            "data.cache_dir": str(tmp_path / "cache"),
+            "data.num_clients": 2,
+            "data.partitioner": "iid",
+            "clients.models": ["mlp", "narrow_models:five"],
+            "rounds": 1,
+            "server.checkpoint_every": 0,
+        },
+    }
+    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
+    assert runner.main([str(path), "--out", str(tmp_path / "out")]) == 1
+    status = json.loads((tmp_path / "out" / "sweep_status.json").read_text())
+    error = status["runs"][0]["error"]
+    assert status["runs"][0]["status"] == "failed"
+    assert "1 client(s) admitted, server.min_clients=2" in error, error
+    assert "not (2, 4): one logit per class" in error, error
+
+
 # --------------------------------------------------- interrupted sweeps continue
 def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, tmp_path):
     """Every run is killed in round 4 (its checkpoint is round 2's, every 2 rounds); the sweep

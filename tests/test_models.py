@@ -105,11 +105,26 @@ USER_MODULE = textwrap.dedent(
 
     def make(num_classes, in_channels):
         calls.append((num_classes, in_channels))
-        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 4, num_classes))
+        pool = nn.AdaptiveAvgPool2d(2)
+        return nn.Sequential(pool, nn.Flatten(), nn.Linear(in_channels * 4, num_classes))
 
     def make_all(**kwargs):
         calls.append(dict(kwargs))
-        return nn.Linear(kwargs["in_channels"], kwargs["num_classes"])
+        linear = nn.Linear(kwargs["in_channels"], kwargs["num_classes"])
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
+
+    def five_outputs(in_channels):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, 5))
+
+    def for_2x2_images(in_channels, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 4, num_classes))
+
+    def with_batchnorm(in_channels, num_classes):
+        return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+    def wrong_names(n_classes, channels):
+        return nn.Linear(channels, n_classes)
 
     def not_a_model(num_classes):
         return "nope"
@@ -150,3 +165,28 @@ def test_user_model_errors(user_module) -> None:
         build_model("no_such_pkg_xyz.mod:make", num_classes=10, in_channels=3)
     with pytest.raises(ValueError, match="package.module:factory"):
         build_model(":make", num_classes=10, in_channels=3)
+
+
+def test_a_user_model_that_does_not_fit_the_data_is_refused_saying_why(user_module) -> None:
+    """Another output width would train on silently (a logit per class is what the loss and
+    the accuracy read); a model for other images fails on the data's; argument names the
+    runner does not pass are named."""
+    with pytest.raises(ValueError, match=r"to \(2, 5\), not \(2, 10\): one logit per class"):
+        build_model("mymod_zoo_test:five_outputs", num_classes=10, in_channels=3)
+    with pytest.raises(
+        ValueError, match=r"fails on a batch of the data's images, shape \(2, 3, 32, 32\)"
+    ):
+        build_model("mymod_zoo_test:for_2x2_images", num_classes=10, in_channels=3)
+    with pytest.raises(
+        TypeError,
+        match="requires n_classes, channels; a factory is called with "
+        "any of num_classes, in_channels, image_size",
+    ):
+        build_model("mymod_zoo_test:wrong_names", num_classes=10, in_channels=3)
+
+
+def test_checking_a_user_model_changes_nothing_in_it(user_module) -> None:
+    model = build_model("mymod_zoo_test:with_batchnorm", num_classes=10, in_channels=3)
+    batchnorm = model[1]
+    assert model.training and int(batchnorm.num_batches_tracked) == 0
+    assert torch.equal(batchnorm.running_mean, torch.zeros(4))

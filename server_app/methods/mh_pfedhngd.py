@@ -41,7 +41,9 @@ class GlobalModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     section: ClassVar[str] = "global_model"  # both methods' settings live under this name
 
-    architecture: str = Field("lenet", description="the global model's architecture (zoo name)")
+    architecture: str = Field(
+        "lenet", description="the global model's architecture (a zoo name or an import path)"
+    )
     distill_weight: float = Field(0.01, ge=0.0, le=1.0, description="a in (1-a) CE + a T^2 KL")
     temperature: float = Field(15.0, gt=0.0, description="T")
     teacher: Literal["round_start", "regenerated", "phase1_trained"] = Field(
