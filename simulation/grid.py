@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1
+logger = logging.getLogger("flwr.mh_pfedhn")
 
 
 @contextlib.contextmanager
@@ -115,11 +117,14 @@ class InProcessGrid(Grid):
             )
 
     def _answer(self, message: Message, handle) -> None:
-        """handle() is the reply; an exception becomes an error reply, as in the runtimes."""
+        """handle() is the reply; an exception becomes an error reply, as in the runtimes:
+        the reply says what was raised, the traceback goes to the client's log."""
         try:
             reply = handle()
         except Exception as err:
-            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+            node = message.metadata.dst_node_id
+            logger.error("ClientApp on node %d raised:\n%s", node, traceback.format_exc())
+            reason = f"{type(err).__name__}: {err}"
             reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
         self._replies[message.metadata.message_id] = reply
 
