@@ -619,7 +619,7 @@ def _refuse_renamed(keys: set[str], origin: str) -> None:
 
 def unknown_settings(unknown: list[str], valid: list[str]) -> str:
     """Names the unknown keys, each with the valid keys spelt closest to it, then the keys of
-    their section (or, for an unknown section, the sections) rather than all of them."""
+    their section (for an unknown section, the top-level keys) rather than all of them."""
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
