@@ -28,6 +28,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.protocol import printable
+
 SERVER_NODE_ID = 1
 logger = logging.getLogger("flwr.mh_pfedhn")
 
@@ -123,7 +125,9 @@ class InProcessGrid(Grid):
             reply = handle()
         except Exception as err:
             node = message.metadata.dst_node_id
-            logger.error("ClientApp on node %d raised:\n%s", node, traceback.format_exc())
+            lines = traceback.format_exc().splitlines()  # the client's text: marked, escaped
+            shown = "\n".join(f"  node {node} | {printable(line)}" for line in lines)
+            logger.error("ClientApp on node %d raised:\n%s", node, shown)
             reason = f"{type(err).__name__}: {err}"
             reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
         self._replies[message.metadata.message_id] = reply

@@ -90,6 +90,9 @@ def test_a_clients_text_cannot_forge_a_log_line(caplog):
     assert not any(line.startswith("[round 1/1] accuracy 0.9990") for line in
                    caplog.text.splitlines())  # fmt: skip
     assert "\\n[round 1/1] accuracy 0.9990 \\x1b[31m" in caplog.text
+    # in-process, the client's traceback is logged too: each line marked with its node, escaped
+    assert " | Traceback (most recent call last):" in caplog.text
+    assert " | [round 1/1] accuracy 0.9990 \\x1b[31m" in caplog.text
     assert all(c.isprintable() for r in strategy.history[-1]["rejected"] for c in r["reason"])
 
 
