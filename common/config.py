@@ -338,6 +338,12 @@ class ServerConfig(_Section):
         description="admitted clients needed to start; fewer stop the run with every "
         "node's refusal reason",
     )
+    stop_on_client_error: bool = Field(
+        False,
+        description="a client whose ClientApp raises stops the run, naming it and what it "
+        "raised (the sweep runner sets it: a simulated client is the experiment's own); "
+        "false: its reply is rejected and the round goes on, as a deployment must",
+    )
     wait_for_nodes_s: float = Field(
         300.0, ge=0, description="seconds to wait for min_nodes nodes before round 0"
     )
@@ -758,6 +764,7 @@ OPERATIONAL = (
     "hypernetwork.device",
     "server.min_nodes",
     "server.min_clients",
+    "server.stop_on_client_error",
     "server.wait_for_nodes_s",
     "server.timeout_s",
     "server.pull_interval_s",

@@ -251,15 +251,11 @@ def _call_with_accepted_kwargs(
     return factory(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-_FITTING: set[tuple[str, int, int, int]] = set()  # plug-in models already checked
-
-
 def _check_fits_the_data(path: str, model: nn.Module, kwargs: dict[str, int]) -> None:
     """A plug-in model must map a batch of the data's images to one logit per class: with
-    another width it would train on without an error (or fail inside the loss)."""
-    key = (path, kwargs["num_classes"], kwargs["in_channels"], kwargs["image_size"])
-    if key in _FITTING:
-        return
+    another width it would train on without an error (or fail inside the loss). Run on every
+    build (a forward of two blank images), this also initialises lazy layers, whose K is
+    unknown until then."""
     size = kwargs["image_size"]
     shape = (2, kwargs["in_channels"], size, size)
     training = model.training
@@ -280,7 +276,6 @@ def _check_fits_the_data(path: str, model: nn.Module, kwargs: dict[str, int]) ->
             f"model factory {path!r}: its model maps a batch of shape {shape} to {got}, not "
             f"(2, {kwargs['num_classes']}): one logit per class of the data (num_classes)"
         )
-    _FITTING.add(key)
 
 
 def build_model(

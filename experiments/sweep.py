@@ -243,8 +243,9 @@ class Run:
         same clients, and stops the run naming the reasons if it refuses any of them
         (server.min_clients: a simulated client is the experiment's own, so a refusal is a
         mistake, e.g. a model that does not fit the method or the data, not an attack to
-        ride out); it checkpoints every CHECKPOINT_EVERY rounds; and the clients keep their
-        state in the run's folder (client.state_dir), so that an interrupted run continues.
+        ride out), or when a client's code raises (server.stop_on_client_error); it
+        checkpoints every CHECKPOINT_EVERY rounds; and the clients keep their state in the
+        run's folder (client.state_dir), so that an interrupted run continues.
         """
         run_config = self.base_config(output_root)
         try:
@@ -261,6 +262,7 @@ class Run:
         defaults = {
             "server.min_nodes": num_clients,
             "server.min_clients": num_clients,
+            "server.stop_on_client_error": True,
             "server.checkpoint_every": CHECKPOINT_EVERY,
             "client.state_dir": str(Path(output_root, self.name, CLIENT_STATE).resolve()),
         }

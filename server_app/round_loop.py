@@ -444,6 +444,10 @@ class RoundLoop(Strategy):
             timings.append(protocol.read_timings(reply))
             if reply.has_error():
                 reason = f"client error {reply.error.code}: {reply.error.reason}"[:500]
+                if self.cfg.server.stop_on_client_error:
+                    raise RunAborted(f"round {server_round}: client {protocol.printable(key)}"
+                                     f"{phase} failed, {protocol.printable(reason)} "
+                                     "(server.stop_on_client_error)")  # fmt: skip
                 reject(server_round, f"{key}{phase}", reason)
             elif reply.metadata.src_node_id != by_key[key].metadata.dst_node_id:
                 reject(server_round, f"{key}{phase}", "the reply came from another node")

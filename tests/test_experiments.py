@@ -189,6 +189,45 @@ def test_a_simulated_client_refused_at_registration_fails_its_run(tiny_npz, tmp_
     assert "not (2, 4): one logit per class" in error, error
 
 
+def test_a_simulated_client_whose_code_raises_in_training_fails_its_run(
+    tiny_npz, tmp_path, monkeypatch
+):
+    """The model passes the check at registration (it raises only in training mode): the
+    run stops at the first such reply, naming the client and what it raised."""
+    (tmp_path / "fragile_models.py").write_text(
+        "from torch import nn\n"
+        "class Fragile(nn.Module):\n"
+        "    def __init__(self, in_channels, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
+        "    def forward(self, x):\n"
+        "        if self.training:\n"
+        "            raise RuntimeError('fragile in training')\n"
+        "        return self.body(x)\n"
+        "def fragile(in_channels, num_classes):\n"
+        "    return Fragile(in_channels, num_classes)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sweep = {
+        "methods": ["mh_pfedhn"],
+        "experiments": ["default"],
+        "seeds": [0],
+        "overrides": {
+            "data.source": f"npz:{tiny_npz}",
+            "data.cache_dir": str(tmp_path / "cache"),
+            "data.num_clients": 2,
+            "data.partitioner": "iid",
+            "clients.models": ["mlp", "fragile_models:fragile"],
+            "rounds": 1,
+            "server.checkpoint_every": 0,
+        },
+    }
+    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
+    assert runner.main([str(path), "--out", str(tmp_path / "out")]) == 1
+    error = json.loads((tmp_path / "out" / "sweep_status.json").read_text())["runs"][0]["error"]
+    assert "round 1: client partition-1" in error and "fragile in training" in error, error
+
+
 # --------------------------------------------------- interrupted sweeps continue
 def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, tmp_path):
     """Every run is killed in round 4 (its checkpoint is round 2's, every 2 rounds); the sweep

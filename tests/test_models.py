@@ -123,6 +123,9 @@ USER_MODULE = textwrap.dedent(
         return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
 
+    def lazy(num_classes):
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
     def wrong_names(n_classes, channels):
         return nn.Linear(channels, n_classes)
 
@@ -190,3 +193,9 @@ def test_checking_a_user_model_changes_nothing_in_it(user_module) -> None:
     batchnorm = model[1]
     assert model.training and int(batchnorm.num_batches_tracked) == 0
     assert torch.equal(batchnorm.running_mean, torch.zeros(4))
+
+
+def test_a_lazy_user_model_has_its_size_at_every_build(user_module) -> None:
+    sizes = [vector_size(build_model("mymod_zoo_test:lazy", num_classes=10, in_channels=3))
+             for _ in range(2)]  # fmt: skip
+    assert sizes == [3 * 32 * 32 * 10 + 10] * 2
