@@ -3,7 +3,6 @@ metrics.jsonl that a run in another process writes."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from server_app.events import RunObserver, progress_line
+from server_app.outputs import parse_metrics
 
 
 class RoundBar(RunObserver):
@@ -66,5 +66,4 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         text = path.read_text()
     except FileNotFoundError:
         return []
-    complete = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+    return parse_metrics(text[: text.rfind("\n") + 1])

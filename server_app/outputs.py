@@ -78,4 +78,9 @@ class RunRecorder(RunObserver):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return parse_metrics(Path(path).read_text())
+
+
+def parse_metrics(text: str) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl text."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -157,14 +157,10 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny_npz, tmp_path, mon
     assert len(_read_csv(tmp_path / "out" / "results.csv")) == 1
 
 
-def test_a_simulated_client_refused_at_registration_fails_its_run(tiny_npz, tmp_path, monkeypatch):
-    """A sweep's clients are its own: one refused (here a plug-in model with five outputs for
-    four classes) is a mistake to report, not a client to leave out of the numbers."""
-    (tmp_path / "narrow_models.py").write_text(
-        "from torch import nn\n"
-        "def five(in_channels):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(5))\n"
-    )
+def _run_with_a_plug_in_client(tiny_npz, tmp_path, monkeypatch, source: str, model: str) -> str:
+    """A one-round sweep of two clients, the second running `model` from a module written
+    from `source`: the runner's exit status must be 1; returns the run's error."""
+    (tmp_path / f"{model.split(':')[0]}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     sweep = {
         "methods": ["mh_pfedhn"],
@@ -175,7 +171,7 @@ def test_a_simulated_client_refused_at_registration_fails_its_run(tiny_npz, tmp_
             "data.cache_dir": str(tmp_path / "cache"),
             "data.num_clients": 2,
             "data.partitioner": "iid",
-            "clients.models": ["mlp", "narrow_models:five"],
+            "clients.models": ["mlp", model],
             "rounds": 1,
             "server.checkpoint_every": 0,
         },
@@ -183,8 +179,21 @@ def test_a_simulated_client_refused_at_registration_fails_its_run(tiny_npz, tmp_
     path = _write_sweep(tmp_path / "sweep.yaml", sweep)
     assert runner.main([str(path), "--out", str(tmp_path / "out")]) == 1
     status = json.loads((tmp_path / "out" / "sweep_status.json").read_text())
-    error = status["runs"][0]["error"]
     assert status["runs"][0]["status"] == "failed"
+    return status["runs"][0]["error"]
+
+
+def test_a_simulated_client_refused_at_registration_fails_its_run(tiny_npz, tmp_path, monkeypatch):
+    """A sweep's clients are its own: one refused (here a plug-in model with five outputs for
+    four classes) is a mistake to report, not a client to leave out of the numbers."""
+    source = (
+        "from torch import nn\n"
+        "def five(in_channels):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(5))\n"
+    )
+    error = _run_with_a_plug_in_client(
+        tiny_npz, tmp_path, monkeypatch, source, "narrow_models:five"
+    )
     assert "1 client(s) admitted, server.min_clients=2" in error, error
     assert "not (2, 4): one logit per class" in error, error
 
@@ -194,7 +203,7 @@ def test_a_simulated_client_whose_code_raises_in_training_fails_its_run(
 ):
     """The model passes the check at registration (it raises only in training mode): the
     run stops at the first such reply, naming the client and what it raised."""
-    (tmp_path / "fragile_models.py").write_text(
+    source = (
         "from torch import nn\n"
         "class Fragile(nn.Module):\n"
         "    def __init__(self, in_channels, num_classes):\n"
@@ -207,24 +216,8 @@ def test_a_simulated_client_whose_code_raises_in_training_fails_its_run(
         "def fragile(in_channels, num_classes):\n"
         "    return Fragile(in_channels, num_classes)\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sweep = {
-        "methods": ["mh_pfedhn"],
-        "experiments": ["default"],
-        "seeds": [0],
-        "overrides": {
-            "data.source": f"npz:{tiny_npz}",
-            "data.cache_dir": str(tmp_path / "cache"),
-            "data.num_clients": 2,
-            "data.partitioner": "iid",
-            "clients.models": ["mlp", "fragile_models:fragile"],
-            "rounds": 1,
-            "server.checkpoint_every": 0,
-        },
-    }
-    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
-    assert runner.main([str(path), "--out", str(tmp_path / "out")]) == 1
-    error = json.loads((tmp_path / "out" / "sweep_status.json").read_text())["runs"][0]["error"]
+    model = "fragile_models:fragile"
+    error = _run_with_a_plug_in_client(tiny_npz, tmp_path, monkeypatch, source, model)
     assert "round 1: client partition-1" in error and "fragile in training" in error, error
 
 
