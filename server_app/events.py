@@ -84,6 +84,10 @@ def closing_line(summary: dict[str, Any], directory: Path | None = None) -> str:
         f" | {summary['total_seconds']:.1f} s | down {summary['total_bytes_down'] / 1e6:.2f} MB"
         f" up {summary['total_bytes_up'] / 1e6:.2f} MB"
     )
+    rejected = summary.get("rejected", {})
+    if rejected:
+        count = sum(entry["count"] for entry in rejected.values())
+        text += f" | {count} replies rejected from {len(rejected)} clients (summary.json)"
     return text if directory is None else f"{text} | outputs: {directory}"
 
 

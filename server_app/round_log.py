@@ -106,6 +106,9 @@ def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
             best_round=best["round"],
             best_selected_by="highest pooled test accuracy over rounds (as the authors' code)",
         )
+    rejections = rejections_by_client(history)
+    if rejections:
+        summary["rejected"] = rejections
     selected = select_by_validation(history)
     if selected is not None:
         summary.update(
@@ -116,6 +119,20 @@ def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
             "accuracy reported there",
         )
     return summary
+
+
+def rejections_by_client(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each client (and phase) whose replies were refused: how many, in which rounds
+    (first and last) and the last reason, so an operator sees a misbehaving site in the
+    summary instead of in each round's row."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in history:
+        for record in row.get("rejected") or []:
+            entry = out.setdefault(record["client"], {"count": 0, "first_round": row["round"]})
+            entry["count"] += 1
+            entry["last_round"] = row["round"]
+            entry["last_reason"] = record["reason"]
+    return out
 
 
 def select_by_validation(history: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -218,6 +218,27 @@ def test_the_console_closes_a_run_with_its_final_and_best_rounds(caplog, tmp_pat
     assert last.startswith("done after round 1 | final accuracy 0.6000 (round 1) | best ")
     assert f"(round {summary['best_round']})" in last and last.endswith(f"outputs: {tmp_path}/run")
     assert f"down {summary['total_bytes_down'] / 1e6:.2f} MB" in last
+    assert "rejected" not in summary and "rejected" not in last
+
+
+def test_the_summary_and_closing_line_name_the_clients_whose_replies_were_refused(caplog, tmp_path):
+    """A deployment rides out a site whose replies are refused; the run's end says which."""
+    from server_app.events import ConsoleProgress, Observers
+    from server_app.round_log import run_summary
+
+    strategy, grid = run({0: "good", 1: "nan", 2: "raises"}, rounds=3)
+    strategy.observers = Observers([ConsoleProgress(tmp_path / "run")])
+    with caplog.at_level("INFO", logger="flwr.mh_pfedhn"):
+        strategy.start(grid)
+    rejected = run_summary(strategy.history)["rejected"]
+    assert sorted(rejected) == ["c1", "c2"]
+    assert {k: (v["count"], v["first_round"], v["last_round"]) for k, v in rejected.items()} == {
+        "c1": (3, 1, 3),
+        "c2": (3, 1, 3),
+    }
+    assert rejected["c1"]["last_reason"] == "delta holds 1 NaN/Inf values"
+    assert rejected["c2"]["last_reason"].endswith("RuntimeError: deliberate failure")
+    assert "| 6 replies rejected from 2 clients (summary.json)" in caplog.records[-1].getMessage()
 
 
 def test_a_node_that_joins_later_is_queried_and_trained():
