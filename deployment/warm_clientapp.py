@@ -11,8 +11,9 @@ child's status (signals to it reach the child; if it dies, so does the child).
 
     mh-pfedhn-superexec --insecure --runtime-api-address supernode-0:9094
 
-Only third-party modules are preloaded: the app itself is still imported in every child
-(from the FAB Flower installs), so a new app version is never served from a stale import.
+Only third-party modules are preloaded: every child forgets the app's own packages (this
+process imports one of them) before Flower loads the app, so the app is imported from the FAB
+that `flwr run` shipped, never from the version installed at the site.
 MH_PFEDHN_WARM_CLIENTAPP=0 runs plain `flower-superexec` instead.
 """
 
@@ -38,6 +39,8 @@ from client_app.process import STARTED_ENV  # when the SuperExec's process start
 
 PRELOAD = ("numpy", "torch", "yaml", "pydantic", "flwr.clientapp", "flwr.supernode.cli",
            "flwr.supernode.runtime.run_clientapp")  # fmt: skip
+#: The app's top-level packages, as the FAB ships them (pyproject.toml's fab-include).
+APP_PACKAGES = ("common", "server_app", "client_app")
 SOCKET_ENV = "MH_PFEDHN_WARM_SOCKET"
 REQUEST_TIMEOUT = 2.0  # seconds a connected process has to send its request
 SWITCH_ENV = "MH_PFEDHN_WARM_CLIENTAPP"
@@ -80,6 +83,14 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
             print(f"warm clientapp: cannot preload {name}: {exc}", file=sys.stderr)
 
 
+def forget_app_modules(packages: tuple[str, ...] = APP_PACKAGES) -> None:
+    """Drop the app's modules, so that the child imports them from the FAB's directory that
+    Flower puts first on sys.path, not from this process's (site-installed) import."""
+    for name in [n for n in sys.modules if n.split(".", 1)[0] in packages]:
+        del sys.modules[name]
+    importlib.invalidate_caches()  # the FAB's directory may be newer than this process
+
+
 def flower_clientapp() -> object:
     """Flower's own `flwr-clientapp` console script, as the SuperExec would have run it."""
     (entry,) = entry_points(group="console_scripts", name="flwr-clientapp")
@@ -106,6 +117,7 @@ def run_child(conn: socket.socket, request: dict, fds: list[int], entry: Callabl
         if threads.isdigit() and "torch" in sys.modules:  # torch read the warm process's
             sys.modules["torch"].set_num_threads(int(threads))
         sys.argv = ["flwr-clientapp", *request["argv"]]
+        forget_app_modules()
         entry()
         code = 0
     except SystemExit as exc:

@@ -29,6 +29,11 @@ def entry():
                           "started": os.environ.get(STARTED_ENV), "ppid": os.getppid()}))
         print("to stderr", file=sys.stderr)
         sys.exit(3)
+    if mode == "app":  # as Flower loads a FAB: its directory first on sys.path, then import
+        sys.path.insert(0, sys.argv[2])
+        import client_app.process
+        print(client_app.process.__file__)
+        sys.exit(0)
     if mode == "sleep":
         print("sleeping", os.getpid(), flush=True)
         time.sleep(60)
@@ -83,6 +88,30 @@ def test_the_child_gets_the_callers_argv_environment_directory_streams_and_statu
     assert seen["site"] == "site-a"
     assert seen["ppid"] == server.pid  # forked by the warm process, not started cold
     assert before - 1 <= float(seen["started"]) <= time.time()  # when the caller started
+
+
+def test_the_child_imports_the_app_from_the_shipped_fab_not_the_warm_processs_copy(warm, tmp_path):
+    """The warm process has imported client_app (installed); a child must run the FAB's."""
+    fab = tmp_path / "fab"
+    (fab / "client_app").mkdir(parents=True)
+    (fab / "client_app" / "__init__.py").write_text("")
+    (fab / "client_app" / "process.py").write_text("")
+    _, shim, env = warm
+    out = subprocess.run([str(shim), "app", str(fab)], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(fab / "client_app" / "process.py")
+
+
+def test_the_packages_forgotten_are_those_the_fab_ships():
+    import tomllib
+
+    from deployment.warm_clientapp import APP_PACKAGES
+
+    root = Path(__file__).resolve().parents[1]
+    app = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    shipped = {p.split("/")[0] for p in app["fab-include"] if p.endswith(".py")}
+    assert set(APP_PACKAGES) == shipped
 
 
 def test_a_failing_child_exits_1_with_its_traceback_and_the_server_serves_on(warm):
