@@ -109,7 +109,7 @@ def _existing(location: str, setting: str) -> Path:
             f"{setting} path {location!r} is relative and does not exist from this process's "
             f"working directory {Path.cwd()}. In a deployment the ClientApp runs in its "
             "SuperNode's working directory, not where `flwr run` was started: give an "
-            "absolute path (or set node config data-source for each site)"
+            "absolute path (in the run config, or in the site's node config data-source)"
         )
     return path.resolve()
 

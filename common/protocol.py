@@ -35,6 +35,7 @@ Parsing is strict so that a malformed reply is refused before it can touch serve
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,9 +272,21 @@ def read_timings(message: Message) -> dict[str, float]:
 # anything it cannot use, and checks sizes before it decodes (tests/test_hardening.py).
 
 
+# How Flower's runtimes word an exception a ClientApp raised: "<class 'pkg.Name'>:<'text'>".
+_FLOWER_EXCEPTION = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+
+
+def error_text(message: Message) -> str:
+    """An error reply, said plainly: `client error 2: NodeConfigError: unknown ...`."""
+    reason = str(message.error.reason)
+    if match := _FLOWER_EXCEPTION.fullmatch(reason.strip()):
+        reason = f"{match[1]}: {match[2]}"
+    return f"client error {message.error.code}: {reason}"[:500]
+
+
 def _record(message: Message, name: str, kind: type):
     if message.has_error():
-        raise ReplyError(f"client error {message.error.code}: {message.error.reason}"[:500])
+        raise ReplyError(error_text(message))
     if not message.has_content() or name not in message.content:
         raise ReplyError(f"reply has no {name!r} record")
     record = message.content[name]

@@ -79,12 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--credentials", type=Path, required=True, help="the folder deployment.credentials wrote"
     )
-    parser.add_argument("--runtime-dir", default="/tmp", help="nginx's pid and temporary files")
-    args = parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "--runtime-dir", type=Path, default=Path("gateway-run"),
+        help="nginx's pid and temporary files (made, private; default ./gateway-run, so two "
+        "gateways on one host do not share them)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
     c = Credentials.in_folder(args.credentials.resolve())
+    runtime = args.runtime_dir.resolve()
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     print(nginx_config(listen=args.listen, upstream=args.upstream, upstream_name="superlink",
                        cert=c.gateway_cert, key=c.gateway_key, ca=c.ca,
-                       runtime_dir=args.runtime_dir), end="")  # fmt: skip
+                       runtime_dir=str(runtime)), end="")  # fmt: skip
     return 0
 
 

@@ -443,7 +443,7 @@ class RoundLoop(Strategy):
         for key, reply in replies.items():
             timings.append(protocol.read_timings(reply))
             if reply.has_error():
-                reason = f"client error {reply.error.code}: {reply.error.reason}"[:500]
+                reason = protocol.error_text(reply)
                 if self.cfg.server.stop_on_client_error:
                     raise RunAborted(f"round {server_round}: client {protocol.printable(key)}"
                                      f"{phase} failed, {protocol.printable(reason)} "
@@ -758,14 +758,15 @@ class RoundLoop(Strategy):
     def summary(self) -> None:
         c = self.cfg
         logger.info(
-            "%s: %d rounds, %s, data %s (%s), models %s, seed %d",
+            "%s: %d rounds, %s, seed %d; data %s (%s), models %s, unless a site's node config "
+            "sets its own (each client's K is logged as it registers)",
             c.method,
             c.rounds,
             f"{c.hypernetwork.schedule} schedule" if self.method.schedules else "parallel rounds",
+            c.seed,
             c.data.source,
             c.data.partitioner,
             ",".join(c.clients.models),
-            c.seed,
         )
 
     def fuses_evaluation(self, server_round: int, num_rounds: int) -> bool:

@@ -163,6 +163,23 @@ def test_the_insecure_laptop_file_is_named_and_marked_so():
     assert svc["superlink"]["command"][0] == "--insecure"
 
 
+def test_the_gateway_command_keeps_its_runtime_files_in_a_private_folder_of_its_own(
+    tmp_path, monkeypatch, capsys
+):
+    """Not /tmp: two gateways on one host would share nginx's pid and temporary files."""
+    from deployment import credentials, gateway
+
+    credentials.main([str(tmp_path / "creds"), "--sites", "1", "--link-host", "127.0.0.1",
+                      "--gateway-host", "127.0.0.1"])  # fmt: skip
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert gateway.main(["--credentials", "creds"]) == 0
+    conf = capsys.readouterr().out
+    runtime = tmp_path / "gateway-run"
+    assert f"pid {runtime}/nginx.pid;" in conf and "/tmp/" not in conf.replace(str(tmp_path), "")
+    assert runtime.is_dir() and runtime.stat().st_mode & 0o077 == 0
+
+
 def test_compose_ports_and_node_configs_are_consistent():
     svc = compose_services()
     link = svc["superlink"]["command"]

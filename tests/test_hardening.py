@@ -589,3 +589,26 @@ def test_a_refused_mh_pfedhngd_registration_leaves_nothing_registered():
     strategy.discover(grid, 5)
     assert "c0" in strategy.state.clients and "c1" not in strategy.state.clients
     assert "K_g" in strategy.directory.refused[1001].reason
+
+
+@pytest.mark.parametrize(
+    ("reason", "said"),
+    [
+        # as Flower's deployment runtime words a raised exception (run_clientapp.py)
+        ("<class 'client_app.spec.NodeConfigError'>:<'unknown node config key(s) ['modle']'>",
+         "NodeConfigError: unknown node config key(s) ['modle']"),
+        ("<class 'ZeroDivisionError'>:<'division by zero'>", "ZeroDivisionError: division by zero"),
+        ("RuntimeError: disk not mounted yet", "RuntimeError: disk not mounted yet"),  # in-process
+        ("<class 'x'> and more", "<class 'x'> and more"),  # not Flower's wording: kept as sent
+    ],
+)  # fmt: skip
+def test_an_error_reply_is_said_plainly(reason, said):
+    from flwr.app import Error, Metadata
+
+    metadata = Metadata(run_id=1, message_id="r", src_node_id=1, dst_node_id=0,
+                        reply_to_message_id="q", group_id="", created_at=0.0, ttl=10.0,
+                        message_type=protocol.TRAIN)  # fmt: skip
+    reply = Message(metadata=metadata, error=Error(2, reason))
+    assert protocol.error_text(reply) == f"client error 2: {said}"
+    with pytest.raises(protocol.ReplyError, match="client error 2: "):
+        protocol.parse_train_reply(reply, 10, 1.0, "delta")
