@@ -65,6 +65,7 @@ from server_app.checkpoint import CHECKPOINT_NAME
 from server_app.events import RunObserver
 from simulation.run import run_inprocess
 
+PlannedRun = tuple[Run, ExperimentConfig, dict]  # experiments.sweep.plan's items
 RUNTIMES = ("inprocess", "flower")
 RUN_INFO = "sweep_run.json"
 STATUS = "sweep_status.json"
@@ -214,9 +215,7 @@ def run_sweep(
         raise SweepError(f"unknown runtime {runtime.name!r}; choose one of {RUNTIMES}")
     sweep = load_sweep(sweep_path)
     out = output_dir(sweep, out)
-    runs = plan(sweep, out, settings)  # every configuration is checked before anything runs
-    if only:
-        runs = [r for r in runs if re.search(only, r[0].name)]
+    runs = selected(plan(sweep, out, settings), only)  # every configuration checked first
     out.mkdir(parents=True, exist_ok=True)
     if runtime.workers > 1:
         return _run_in_workers(sweep, runs, out, runtime, restart, progress)
@@ -241,6 +240,33 @@ def run_sweep(
     _write_status(out, sweep.name, runtime.name, outcomes)
     write_report(out)
     return outcomes
+
+
+def selected(runs: list[PlannedRun], only: str | None) -> list[PlannedRun]:
+    """The runs whose name matches the regex `only` (all without one); a filter that is not
+    a regex or matches nothing is refused, naming the runs there are."""
+    if not only:
+        return runs
+    try:
+        pattern = re.compile(only)
+    except re.error as err:
+        raise SweepError(f"--only {only!r} is not a regular expression: {err}") from None
+    chosen = [r for r in runs if pattern.search(r[0].name)]
+    if not chosen:
+        names = ", ".join(r[0].name for r in runs[:6]) + (", ..." if len(runs) > 6 else "")
+        raise SweepError(f"--only {only!r} matches none of the sweep's {len(runs)} runs ({names})")
+    return chosen
+
+
+def state_of(run_dir: Path, cfg: ExperimentConfig) -> str:
+    """What running the sweep would do with this run, for --dry-run."""
+    done = finished_rounds(run_dir)
+    if done is not None and done >= cfg.rounds:
+        return "done" if not _changed_settings(run_dir, cfg) else "done, settings changed"
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        ended = "" if done is None else f" (it ended after round {done})"
+        return f"continues from its checkpoint{ended}"
+    return "to run"
 
 
 def _is_finished(run_dir: Path, cfg: ExperimentConfig, restart: bool) -> bool:
@@ -445,8 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dry_run:
             sweep = load_sweep(args.sweep)
-            for run, cfg, _ in plan(sweep, output_dir(sweep, args.out), settings):
-                print(f"{run.name}: {cfg.data.num_clients} clients, {cfg.rounds} rounds")
+            out = output_dir(sweep, args.out)
+            for run, cfg, _ in selected(plan(sweep, out, settings), args.only):
+                print(f"{run.name}: {cfg.data.num_clients} clients, {cfg.rounds} rounds, "
+                      f"{state_of(out / run.name, cfg)}")  # fmt: skip
             return 0
         outcomes = run_sweep(
             args.sweep,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -454,6 +455,25 @@ def test_invalid_sweeps_are_refused_with_a_clear_message(change, message):
     with pytest.raises(SweepError) as err:
         parse_sweep(raw, "test")
     assert message in str(err.value)
+
+
+def test_only_selects_the_same_runs_for_a_dry_run_and_refuses_a_filter_that_selects_none(
+    tmp_path, capsys
+):
+    sweep = {**_valid(), "methods": ["mh_pfedhn", "local"], "seeds": [0, 1],
+             "overrides": {"data.num_clients": 2}}  # fmt: skip
+    path = _write_sweep(tmp_path / "s.yaml", sweep)
+    out = tmp_path / "out"
+    assert runner.main([str(path), "--out", str(out), "--dry-run", "--only", "local-s1"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 1 and listed[0].startswith("default-local-s1: 2 clients")
+    assert listed[0].endswith(", to run")
+    for bad, said in (("lokal", "matches none of the sweep's 4 runs"), ("(", "not a regular")):
+        assert runner.main([str(path), "--out", str(out), "--dry-run", "--only", bad]) == 2
+        assert said in capsys.readouterr().err
+        with pytest.raises(SweepError, match=re.escape(said)):
+            runner.run_sweep(path, out, only=bad)
+    assert not out.exists()  # nothing ran
 
 
 def test_runs_need_a_fixed_number_of_clients(tmp_path):
