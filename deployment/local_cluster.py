@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         done = cluster.flwr_run(absolute_data_paths(args.run_config, cwd))
         sys.stdout.write(done.stdout)
         sys.stderr.write(done.stderr)
-    print(f"cluster stopped after {time.monotonic() - started:.0f} s", flush=True)
+    print(f"cluster stopped after {time.monotonic() - started:.0f} s; the run's outputs are in "
+          f"{workdir / 'outputs'}, logs in {workdir / 'logs'}", flush=True)  # fmt: skip
     return done.returncode
 
 
