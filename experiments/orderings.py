@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.config import method_sections
+
 # the report's accuracies, labelled as in its tables (experiments/report.py)
 MEASURES = (
     ("selected_accuracy", "val-selected"),
@@ -25,6 +27,8 @@ MEASURES = (
     ("late_mean_accuracy", "late mean"),
 )
 OURS = ("mh_pfedhn", "mh_pfedhngd")
+# what two methods' runs may differ in and still be paired: the method, its own settings
+METHOD_SPECIFIC = ("method", *method_sections())
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,35 @@ def _by_seed(runs: Iterable[Any], measure: str) -> dict[int, float]:
     return {seed: value for seed, value in values.items() if not math.isnan(value)}
 
 
+def settings_that_differ(runs: Sequence[Any], ignore: Iterable[str] = ()) -> dict[str, list]:
+    """The defining settings (a run's `settings`, seed left out) in which `runs` differ: for
+    each key, its values in the order first seen. Keys under a section or name of `ignore` and
+    keys that some run's config.yaml lacks (made by an older version) are not compared."""
+    ignored = tuple(ignore)
+    shared = set.intersection(*(set(r.settings) for r in runs)) if runs else set()
+    out = {}
+    for key in sorted(shared):
+        if key == "seed" or key in ignored or key.split(".", 1)[0] in ignored:
+            continue
+        values = list(dict.fromkeys(repr(r.settings[key]) for r in runs))
+        if len(values) > 1:
+            out[key] = values
+    return out
+
+
+def said(differences: dict[str, list]) -> str:
+    """`client.lr (0.005, 0.02)` for each setting that differs."""
+    return "; ".join(f"{key} ({', '.join(values)})" for key, values in differences.items())
+
+
 def _unpairable(members: list[Any]) -> str:
     """Why a method's runs cannot enter the pairing ('' when they can)."""
     seeds = [r.seed for r in members]
     if len(set(seeds)) < len(seeds):
         repeated = sorted({s for s in seeds if seeds.count(s) > 1})
         return f"more than one run of seed {', '.join(map(str, repeated))}"
+    if differ := settings_that_differ(members):
+        return f"its runs differ in settings: {said(differ)}"
     figures = {r.paper_accuracy for r in members}
     if len(figures) > 1 or any(math.isnan(f) for f in figures):
         return "not every run is in a setting of the paper's Table 7"
@@ -117,6 +144,11 @@ def compare(runs: Sequence[Any]) -> tuple[list[Comparison], list[str]]:
             if rounds[a] != rounds[b]:
                 notes.append(f"{experiment}: {a} and {b} not paired ({rounds[a]} rounds "
                              f"against {rounds[b]})")  # fmt: skip
+                continue
+            # each method's own section may differ; everything they share must not
+            if differ := settings_that_differ(usable[a] + usable[b], METHOD_SPECIFIC):
+                notes.append(f"{experiment}: {a} and {b} not paired (their settings differ: "
+                             f"{said(differ)})")  # fmt: skip
                 continue
             paper = {m: usable[m][0].paper_accuracy for m in (a, b)}
             if paper[a] == paper[b]:

@@ -44,22 +44,44 @@ def column_of(config: dict[str, Any]) -> tuple[str, str, int] | None:
     """The Table 7 column a run's resolved config reproduces: all of CIFAR-10 split 75/25 per
     client, one LeNet for every client (homogeneous) or the five-model set (heterogeneous),
     non-IID_1 with 2 classes per client or non-IID_2 with beta 0.1 (docs/concepts/data.md), 10,
-    50 or 100 clients and no novel clients; None for anything else."""
-    data = config.get("data") or {}
+    50 or 100 clients and no novel clients; None for anything else (`mismatches` says why)."""
+    if mismatches(config):
+        return None
+    data = config["data"]
+    return (_kind(config), data["partitioner"], data["num_clients"])  # type: ignore[return-value]
+
+
+def _kind(config: dict[str, Any]) -> str | None:
     models = tuple((config.get("clients") or {}).get("models") or [])
+    return {("lenet",): "homogeneous", FIVE_MODELS: "heterogeneous"}.get(models)
+
+
+def mismatches(config: dict[str, Any]) -> list[str]:
+    """What keeps a run's resolved config out of every column of Table 7, one phrase each
+    (`data.fraction is 0.05, not 1`); none for a run in one of its settings."""
+    data = config.get("data") or {}
     source = str(data.get("source", "")).lower()
     dataset = source.rsplit(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1]  # cifar10, a folder
-    paper_data = (
-        dataset == "cifar10"
-        and data.get("fraction", 1.0) in (1.0, None)
-        and data.get("train_fraction", 0.75) == 0.75
-        and data.get("classes_per_client", "auto") in ("auto", 2)
-        and data.get("dirichlet_beta", "auto") in ("auto", 0.1)
-        and not (config.get("generalization") or {}).get("novel_clients")
-    )
-    kind = {("lenet",): "homogeneous", FIVE_MODELS: "heterogeneous"}.get(models)
-    column = (kind, data.get("partitioner"), data.get("num_clients"))
-    return column if paper_data and column in TABLE7 else None
+    checks = [
+        (dataset == "cifar10", f"the data is {dataset or 'unknown'}, not CIFAR-10"),
+        (data.get("fraction", 1.0) in (1.0, None),
+         f"data.fraction is {data.get('fraction')}, not 1"),
+        (data.get("train_fraction", 0.75) == 0.75,
+         f"data.train_fraction is {data.get('train_fraction')}, not 0.75"),
+        (data.get("classes_per_client", "auto") in ("auto", 2),
+         f"data.classes_per_client is {data.get('classes_per_client')}, not 2"),
+        (data.get("dirichlet_beta", "auto") in ("auto", 0.1),
+         f"data.dirichlet_beta is {data.get('dirichlet_beta')}, not 0.1"),
+        (not (config.get("generalization") or {}).get("novel_clients"), "it has novel clients"),
+        (_kind(config) is not None,
+         "clients.models is neither one LeNet nor the five-model set (lenet, vgg8, resnet10, "
+         "resnet12, resnet18)"),
+        (data.get("partitioner") in ("noniid1", "noniid2"),
+         f"data.partitioner is {data.get('partitioner')}, not noniid1 or noniid2"),
+        (data.get("num_clients") in (10, 50, 100),
+         f"data.num_clients is {data.get('num_clients')}, not 10, 50 or 100"),
+    ]  # fmt: skip
+    return [reason for ok, reason in checks if not ok]
 
 
 def paper_accuracy(config: dict[str, Any], method: str) -> float:

@@ -36,8 +36,9 @@ from typing import Any
 
 import yaml
 
+from common.config import defining_settings
 from experiments import orderings
-from experiments.paper_table7 import paper_accuracy
+from experiments.paper_table7 import mismatches, paper_accuracy
 from server_app.outputs import read_metrics
 from server_app.round_log import select_by_validation
 
@@ -78,6 +79,10 @@ class RunResult:
     by_architecture: dict[str, float] = field(default_factory=dict, repr=False)
     # the paper's Table 7 figure for this setting and method (nan where it has none)
     paper_accuracy: float = float("nan")
+    # what defines the run (common.config.defining_settings of its config.yaml), to find
+    # rows and pairs that mix settings; and what keeps it out of Table 7's settings
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)
+    outside_table7: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass
@@ -248,6 +253,8 @@ def _result(directory: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
         curve=curve,
         by_architecture=architecture_accuracy(_final_row(rows), models),
         paper_accuracy=paper_accuracy(config, method),
+        settings=defining_settings(config),
+        outside_table7=tuple(mismatches(config)),
     )
 
 
@@ -327,6 +334,7 @@ def aggregate(runs: Iterable[RunResult]) -> list[dict[str, Any]]:
         for name in SUMMARISED:
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in members])
         row["paper_accuracy"] = members[0].paper_accuracy
+        row["settings_differ"] = orderings.said(orderings.settings_that_differ(members))
         row["best_selected_by"] = BEST_LABEL
         row["selected_by"] = SELECTED_LABEL
         table.append(row)
@@ -402,11 +410,12 @@ def markdown(
             f"| {_num(row['seconds_per_round_mean'])} | {_num(row['total_seconds_mean'])} "
             f"| {_num(row['mb_down_mean'], 2)} | {_num(row['mb_up_mean'], 2)} |"
         )
+    lines += _mixed_rows(table)
     lines += [
         "",
         "![accuracy against round](accuracy.png)",
         "",
-        *_with_blank(orderings.markdown(*compared)),
+        *_with_blank(orderings.markdown(*compared) or _no_orderings(runs)),
         "## Runs",
         "",
         "| run | seed | final acc (%) | final round | best acc (%) | best round "
@@ -431,6 +440,36 @@ def markdown(
         lines += [f"- {item.run}: {item.reason}" for item in incomplete]
     lines += _so_far_markdown([item.so_far for item in incomplete if item.so_far])
     return "\n".join(lines) + "\n"
+
+
+def _mixed_rows(table: list[dict[str, Any]]) -> list[str]:
+    """Warnings under the table: a row whose runs differ in a setting (other than the seed),
+    and an experiment whose rows ran for different numbers of rounds."""
+    lines = [f"- **{row['experiment']} / {row['method']} mixes settings**: its runs differ in "
+             f"{row['settings_differ']}; its mean and spread are not those of one setting."
+             for row in table if row["settings_differ"]]  # fmt: skip
+    lengths: dict[str, set[str]] = {}
+    for row in table:
+        lengths.setdefault(row["experiment"], set()).add(str(row["rounds"]))
+    lines += [f"- **{experiment}: rows of different lengths** ({', '.join(sorted(rounds))} "
+              "rounds): compare its rows with care."
+              for experiment, rounds in lengths.items() if len(rounds) > 1]  # fmt: skip
+    return ["", *lines] if lines else []
+
+
+def _no_orderings(runs: list[RunResult]) -> list[str]:
+    """Why results.md has no orderings section, when it has runs of ours to order."""
+    ours = [r for r in runs if r.method in orderings.OURS]
+    reasons = sorted({reason for r in ours for reason in r.outside_table7})
+    if not ours or not reasons:
+        return []
+    return [
+        "## The paper's orderings",
+        "",
+        "Not compared: these runs are in no setting of the paper's Table 7 ("
+        + "; ".join(reasons)
+        + "). docs/concepts/metrics.md says which settings are.",
+    ]
 
 
 def _so_far_markdown(going: list[RunResult]) -> list[str]:
@@ -623,7 +662,8 @@ def _zoom_on_the_leaders(ax, shown: dict[str, list[float]], gap: float = 10.0) -
 
 
 # runs.csv: every figure of a run, in RunResult's order (not the curves)
-RUN_COLUMNS = [f.name for f in fields(RunResult) if f.name not in ("curve", "by_architecture")]
+NOT_IN_CSV = ("curve", "by_architecture", "settings", "outside_table7")
+RUN_COLUMNS = [f.name for f in fields(RunResult) if f.name not in NOT_IN_CSV]
 RESULT_COLUMNS = [
     "experiment",
     "method",
@@ -632,6 +672,7 @@ RESULT_COLUMNS = [
     "rounds",
     *(f"{name}_{stat}" for name in SUMMARISED for stat in ("mean", "std")),
     "paper_accuracy",
+    "settings_differ",
     "best_selected_by",
     "selected_by",
 ]

@@ -260,9 +260,12 @@ def selected(runs: list[PlannedRun], only: str | None) -> list[PlannedRun]:
 
 def state_of(run_dir: Path, cfg: ExperimentConfig) -> str:
     """What running the sweep would do with this run, for --dry-run."""
+    if changed := _changed_settings(run_dir, cfg):
+        return (f"would be refused: its folder holds it made with other settings "
+                f"({'; '.join(changed)}; --restart starts it afresh)")  # fmt: skip
     done = finished_rounds(run_dir)
     if done is not None and done >= cfg.rounds:
-        return "done" if not _changed_settings(run_dir, cfg) else "done, settings changed"
+        return "done"
     if (run_dir / CHECKPOINT_NAME).is_file():
         ended = "" if done is None else f" (it ended after round {done})"
         return f"continues from its checkpoint{ended}"

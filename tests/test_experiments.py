@@ -474,6 +474,14 @@ def test_only_selects_the_same_runs_for_a_dry_run_and_refuses_a_filter_that_sele
         with pytest.raises(SweepError, match=re.escape(said)):
             runner.run_sweep(path, out, only=bad)
     assert not out.exists()  # nothing ran
+    run = out / "default-local-s1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("client:\n  lr: 0.02\n")
+    argv = [str(path), "--out", str(out), "--dry-run", "--only", "local-s1"]
+    assert runner.main(argv) == 0
+    assert "would be refused: its folder holds it made with other settings (client.lr: 0.02 ->" in (
+        capsys.readouterr().out
+    )
 
 
 def test_runs_need_a_fixed_number_of_clients(tmp_path):

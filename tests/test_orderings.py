@@ -183,4 +183,72 @@ def test_no_orderings_without_the_papers_setting(tmp_path):
     (tmp_path / "orderings.csv").write_text("an old table\n")
     assert write_report(tmp_path)["orderings"] == []
     assert not (tmp_path / "orderings.csv").exists()  # not left beside other runs
-    assert "paper's orderings" not in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "paired over seeds" not in text
+    # says why: here the config names no data, models, partitioner or client count
+    assert "Not compared: these runs are in no setting of the paper's Table 7 (" in text
+    assert "data.num_clients is None, not 10, 50 or 100" in text
+
+
+def test_what_keeps_a_run_out_of_table_7_is_said_one_setting_at_a_time():
+    from experiments.paper_table7 import mismatches
+
+    config = {"data": CIFAR10, "clients": {"models": ["lenet"]}}
+    assert mismatches(config) == []
+    small = {**config, "data": {**CIFAR10, "fraction": 0.05, "num_clients": 4}}
+    assert mismatches(small) == ["data.fraction is 0.05, not 1",
+                                 "data.num_clients is 4, not 10, 50 or 100"]  # fmt: skip
+
+
+def _with_settings(run, **settings):
+    run.settings = {"seed": run.seed, "method": run.method, "client.lr": 0.005,
+                    "hypernetwork.lr": 0.01, "pfedla.hn_lr": 50.0, **settings}  # fmt: skip
+    return run
+
+
+def test_runs_of_different_settings_are_neither_averaged_silently_nor_paired():
+    """A trial mixed lr-0.02 MH-pFedHN runs into a folder of lr-0.005 ones: the report paired
+    them with Local as the paper's ordering, and nothing said that the row mixed settings."""
+    from experiments.report import _mixed_rows, aggregate
+
+    mixed = [
+        _with_settings(_result("mh_pfedhn", 0, 0.8), **{"client.lr": 0.02}),
+        _with_settings(_result("mh_pfedhn", 1, 0.8)),
+        _with_settings(_result("local", 0, 0.8)),
+        _with_settings(_result("local", 1, 0.8)),
+    ]
+    verdicts, notes = _verdicts(mixed)
+    assert verdicts == {}
+    assert notes == ["x: mh_pfedhn left out (its runs differ in settings: client.lr (0.02, 0.005))"]
+    rows = aggregate(mixed)
+    assert [r["settings_differ"] for r in rows] == ["", "client.lr (0.02, 0.005)"]
+    assert "**x / mh_pfedhn mixes settings**: its runs differ in client.lr (0.02, 0.005)" in (
+        "\n".join(_mixed_rows(rows))
+    )
+    # two methods in different shared settings: not paired; their own sections may differ
+    apart = [_with_settings(_result("mh_pfedhn", s, 0.8), **{"client.lr": 0.02}) for s in (0, 1)]
+    apart += [_with_settings(_result("local", s, 0.8), **{"pfedla.hn_lr": 5e-3}) for s in (0, 1)]
+    verdicts, notes = _verdicts(apart)
+    assert verdicts == {} and notes == [
+        "x: mh_pfedhn and local not paired (their settings differ: client.lr (0.02, 0.005))"
+    ]
+    own = [_with_settings(_result("mh_pfedhn", s, 0.8), **{"pfedla.hn_lr": 5e-3}) for s in (0, 1)]
+    own += [_with_settings(_result("local", s, 0.79)) for s in (0, 1)]
+    assert _verdicts(own)[0]["mh_pfedhn", "local"][0] == "holds"
+    # a key an older run's config.yaml lacks is not a difference
+    old = _with_settings(_result("local", 2, 0.79))
+    del old.settings["hypernetwork.lr"]
+    assert (
+        _verdicts(
+            [*own, old, _with_settings(_result("mh_pfedhn", 2, 0.8), **{"pfedla.hn_lr": 5e-3})]
+        )[1]
+        == []
+    )
+
+
+def test_a_table_whose_rows_ran_for_different_lengths_says_so():
+    from experiments.report import _mixed_rows, aggregate
+
+    rows = aggregate([_result("local", 0, 0.8, rounds=4), _result("fedavg", 0, 0.5, rounds=2)])
+    assert _mixed_rows(rows) == ["", "- **x: rows of different lengths** (2, 4 rounds): compare "
+                                 "its rows with care."]  # fmt: skip
