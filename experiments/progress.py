@@ -3,7 +3,9 @@ metrics.jsonl that a run in another process writes."""
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,12 @@ from server_app.events import RunObserver, progress_line
 from server_app.outputs import parse_metrics
 
 
+def progress_bar(enabled: bool, **kwargs: Any) -> tqdm:
+    """A tqdm bar on a terminal; on a log file or pipe none (its carriage returns and cursor
+    moves garble a log): RoundBar then writes a plain line per round instead."""
+    return tqdm(disable=not enabled or not sys.stderr.isatty(), **kwargs)
+
+
 class RoundBar(RunObserver):
     """Moves a progress bar as the run's rounds end (and prints each round when `echo`).
 
@@ -20,10 +28,12 @@ class RoundBar(RunObserver):
     checkpoint at round k reports k + 1 first, and the bar starts at k (counted from 0, a
     resumed run's rate would be its checkpoint's rounds over one round's time)."""
 
-    def __init__(self, bar: tqdm, echo: bool = False) -> None:
+    def __init__(self, bar: tqdm, echo: bool = False, plain: str | None = None) -> None:
         self.bar = bar
         self.echo = echo
+        self.plain = plain  # the run's name: with the bar off, a line per round names it
         self.started = False
+        self.since = time.monotonic()
 
     def round_finished(self, row: dict[str, Any], num_rounds: int) -> None:
         self.bar.total = num_rounds
@@ -32,7 +42,11 @@ class RoundBar(RunObserver):
             self.bar.initial = max(row["round"] - 1, 0)
         self.bar.n = row["round"]
         self.bar.refresh()
-        if self.echo and not self.bar.disable:
+        if self.plain and self.bar.disable:
+            minutes = (time.monotonic() - self.since) / 60
+            print(f"{self.plain}: round {row['round']}/{num_rounds} ({minutes:.1f} min since "
+                  "this process started it)", file=sys.stderr, flush=True)  # fmt: skip
+        if self.echo:
             tqdm.write(progress_line(row, num_rounds))
 
 

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from client_app.data import forget_loaded_data
@@ -57,7 +56,7 @@ from common.config import (
 from deployment.processes import kill_tree
 from experiments.cli import add_set_option
 from experiments.flower import flwr_command, private_flower
-from experiments.progress import RoundBar, follow_metrics
+from experiments.progress import RoundBar, follow_metrics, progress_bar
 from experiments.report import write_report
 from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan
 from experiments.workers import Job, run_in_workers
@@ -222,7 +221,7 @@ def run_sweep(
     outcomes: list[Outcome] = []
     previous_data = None
     with logging_redirect_tqdm(loggers=[logging.getLogger("flwr"), log]):
-        bar = tqdm(runs, desc=f"sweep {sweep.name}", unit="run", disable=not progress)
+        bar = progress_bar(progress, iterable=runs, desc=f"sweep {sweep.name}", unit="run")
         for run, cfg, run_config in bar:
             bar.set_postfix_str(run.name)
             run_dir = out / run.name
@@ -376,8 +375,8 @@ def _one_run(
         log.info("run %s continues from its checkpoint", run.name)
     started = time.perf_counter()
     desc = f"  {run.name}"
-    with tqdm(total=cfg.rounds, desc=desc, unit="round", leave=False, disable=not progress) as bar:
-        observer = RoundBar(bar, echo=runtime.name == "flower")
+    with progress_bar(progress, total=cfg.rounds, desc=desc, unit="round", leave=False) as bar:
+        observer = RoundBar(bar, echo=progress and runtime.name == "flower")
         try:
             if runtime.name == "inprocess":
                 run_inprocess(

@@ -20,10 +20,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from deployment.processes import kill_tree
-from experiments.progress import RoundBar, follow_metrics
+from experiments.progress import RoundBar, follow_metrics, progress_bar
 
 
 @dataclass(frozen=True)
@@ -54,12 +52,13 @@ class _Progress:
 
     def __init__(self, job: Job, slot: int, enabled: bool) -> None:
         self.slot = slot
-        self.bar = tqdm(total=job.rounds, desc=f"  {job.name}", unit="round", position=slot,
-                        leave=False, disable=not enabled)  # fmt: skip
+        self.bar = progress_bar(enabled, total=job.rounds, desc=f"  {job.name}", unit="round",
+                                position=slot, leave=False)  # fmt: skip
         self.stop = threading.Event()
+        observer = RoundBar(self.bar, plain=job.name if enabled else None)
         self.thread = threading.Thread(
             target=follow_metrics,
-            args=(job.run_dir / "metrics.jsonl", RoundBar(self.bar), job.rounds, self.stop),
+            args=(job.run_dir / "metrics.jsonl", observer, job.rounds, self.stop),
             daemon=True,
         )
         self.thread.start()
@@ -86,7 +85,7 @@ def run_in_workers(
     running: dict[Any, tuple[Job, Connection, _Progress]] = {}
     outcomes: dict[str, Any] = {}
     slots = list(range(workers, 0, -1))
-    overall = tqdm(total=len(jobs), desc="runs", unit="run", position=0, disable=not progress)
+    overall = progress_bar(progress, total=len(jobs), desc="runs", unit="run", position=0)
     try:
         while waiting or running:
             while waiting and len(running) < workers:
