@@ -402,11 +402,18 @@ def _one_run(
 
 
 def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outcome]) -> None:
-    status = {
-        "sweep": name,
-        "runtime": runtime,
-        "runs": [o.__dict__ for o in outcomes],
-    }
+    """sweep_status.json: this invocation's outcomes (each naming its sweep), then those of
+    earlier invocations into the same folder for the other runs, so that a second sweep or an
+    --only subset run into the same --out does not hide the other runs' failures."""
+    try:
+        earlier = json.loads((out / STATUS).read_text())["runs"]
+        earlier = [r for r in earlier if isinstance(r, dict) and "run" in r]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = []
+    now = [{**o.__dict__, "sweep": name} for o in outcomes]
+    names = {o.run for o in outcomes}
+    runs = now + [r for r in earlier if r["run"] not in names]
+    status = {"sweep": name, "runtime": runtime, "runs": runs}
     (out / STATUS).write_text(json.dumps(status, indent=2) + "\n")
 
 

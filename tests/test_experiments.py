@@ -365,6 +365,14 @@ def test_runs_at_once_give_the_numbers_of_runs_one_at_a_time(tiny_npz, tmp_path)
         ("default-nodata-mh_pfedhn-s0", "failed"), ("default-nodata-local-s0", "failed"),
     ]  # fmt: skip
     assert "missing.npz" in status["runs"][2]["error"]
+    # a later invocation into the same folder (a subset, or another sweep) keeps the others
+    again = runner.run_sweep(path, tmp_path / "two", progress=False, only=good)
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    status = json.loads((tmp_path / "two" / "sweep_status.json").read_text())
+    assert [(r["run"], r["status"]) for r in status["runs"]] == [
+        ("default-mh_pfedhn-s0", "skipped"), ("default-local-s0", "skipped"),
+        ("default-nodata-mh_pfedhn-s0", "failed"), ("default-nodata-local-s0", "failed"),
+    ]  # fmt: skip
     assert "missing.npz" in (tmp_path / "two" / "logs" / "default-nodata-local-s0.log").read_text()
     for name in ("default-mh_pfedhn-s0", "default-local-s0"):
         alone, beside = (_untimed_metrics(tmp_path / d / name) for d in ("one", "two"))
