@@ -7,6 +7,7 @@
       - experiment: cifar10_homogeneous
         overrides: {data.partitioner: noniid2}
         tag: niid2                    # optional; default: made from the overrides
+        methods: [mh_pfedhn]          # optional; default: the sweep's methods
     seeds: [0, 1, 2]
     overrides:                        # dotted run-config keys, for every run
       rounds: 2
@@ -84,6 +85,18 @@ def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: ",".join(v) if isinstance(v, list) else v for k, v in overrides.items()}
 
 
+def _check_methods(methods: list[str] | None) -> list[str] | None:
+    if methods is None:
+        return None
+    known = known_methods()
+    unknown = [m for m in methods if known and m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(known)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a method is listed twice: {methods}")
+    return methods
+
+
 def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", str(value)).strip("_") or "x"
 
@@ -111,6 +124,9 @@ class ExperimentEntry(_Strict):
     experiment: str = Field(description="a name in configs/ or a path to an experiment YAML")
     overrides: dict[str, OverrideValue] = Field(default_factory=dict)
     tag: str | None = Field(None, pattern=NAME_PATTERN, description="run-name suffix")
+    methods: list[str] | None = Field(
+        None, min_length=1, description="this experiment's methods (default: the sweep's)"
+    )
 
     @field_validator("experiment")
     @classmethod
@@ -132,6 +148,11 @@ class ExperimentEntry(_Strict):
     def _overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
         return _check_overrides(overrides)
 
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: list[str] | None) -> list[str] | None:
+        return _check_methods(methods)
+
     @property
     def label(self) -> str:
         """The experiment's name in run names and tables: file stem plus the variant's tag."""
@@ -142,7 +163,7 @@ class ExperimentEntry(_Strict):
 
 class Sweep(_Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN)
-    methods: list[str] = Field(min_length=1)
+    methods: list[str] | None = Field(None, min_length=1)  # each entry's, unless it has its own
     experiments: list[ExperimentEntry] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
     overrides: dict[str, OverrideValue] = Field(default_factory=dict)
@@ -161,14 +182,8 @@ class Sweep(_Strict):
 
     @field_validator("methods")
     @classmethod
-    def _methods(cls, methods: list[str]) -> list[str]:
-        known = known_methods()
-        unknown = [m for m in methods if known and m not in known]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(known)}")
-        if len(set(methods)) != len(methods):
-            raise ValueError(f"a method is listed twice: {methods}")
-        return methods
+    def _methods(cls, methods: list[str] | None) -> list[str] | None:
+        return _check_methods(methods)
 
     @field_validator("seeds")
     @classmethod
@@ -176,6 +191,16 @@ class Sweep(_Strict):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"a seed is listed twice: {seeds}")
         return seeds
+
+    @model_validator(mode="after")
+    def _every_experiment_has_methods(self) -> Sweep:
+        bare = [e.label for e in self.experiments if not (e.methods or self.methods)]
+        if bare:
+            raise ValueError(
+                f"experiments {bare} have no methods: give `methods` at the top of the sweep "
+                "or in each experiment's entry"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Sweep:
@@ -201,7 +226,7 @@ class Sweep(_Strict):
         for entry in self.experiments:
             overrides = {**self.overrides, **entry.overrides, **extra}
             for seed in self.seeds:
-                for method in self.methods:
+                for method in entry.methods or self.methods or ():
                     out.append(
                         Run(
                             name=f"{entry.label}-{method}-s{seed}",
@@ -292,8 +317,8 @@ def _errors(err: ValidationError) -> str:
         loc = ".".join(str(part) for part in e["loc"] if not str(part).startswith("function-"))
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            message = "unknown key (allowed: name, methods, experiments, seeds, overrides; "
-            message += "an experiment entry: experiment, overrides, tag)"
+            message = (f"unknown key (allowed: {', '.join(Sweep.model_fields)}; an experiment "
+                       f"entry: {', '.join(ExperimentEntry.model_fields)})")  # fmt: skip
         problems.append(f"{loc}: {message}" if loc else message)
     return "; ".join(problems)
 

@@ -454,6 +454,20 @@ def _valid() -> dict:
         ({"overrides": {"server.run_name": "x"}}, "the runner names each run"),
         ({"experiments": ["default", "default"]}, "appear more than once"),
         ({"experiments": [{"experiment": "default", "tag": "a b"}]}, "tag"),
+        (
+            {"experiments": [{"experiment": "default", "methods": ["mh_pfdhn"]}]},
+            "unknown method(s) ['mh_pfdhn']",
+        ),
+        (
+            {
+                "methods": None,
+                "experiments": [
+                    "default",
+                    {"experiment": "default", "tag": "b", "methods": ["local"]},
+                ],
+            },
+            "experiments ['default'] have no methods",
+        ),
     ],
 )
 def test_invalid_sweeps_are_refused_with_a_clear_message(change, message):
@@ -490,6 +504,15 @@ def test_only_selects_the_same_runs_for_a_dry_run_and_refuses_a_filter_that_sele
     assert "would be refused: its folder holds it made with other settings (client.lr: 0.02 ->" in (
         capsys.readouterr().out
     )
+
+
+def test_an_experiment_may_run_methods_of_its_own():
+    """A variant of one method beside the sweep's methods, in one file."""
+    sweep = parse_sweep({**_valid(), "methods": ["local", "mh_pfedhn"], "experiments": [
+        "default", {"experiment": "default", "tag": "lr2", "overrides": {"client.lr": 0.02},
+                    "methods": ["mh_pfedhn"]}]}, "t")  # fmt: skip
+    assert [r.name for r in sweep.runs()] == [
+        "default-local-s0", "default-mh_pfedhn-s0", "default-lr2-mh_pfedhn-s0"]  # fmt: skip
 
 
 def test_runs_need_a_fixed_number_of_clients(tmp_path):
