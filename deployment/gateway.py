@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     c = Credentials.in_folder(args.credentials.resolve())
     runtime = args.runtime_dir.resolve()
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    runtime.mkdir(parents=True, exist_ok=True)
+    runtime.chmod(0o700)  # nginx keeps request bodies there
     print(nginx_config(listen=args.listen, upstream=args.upstream, upstream_name="superlink",
                        cert=c.gateway_cert, key=c.gateway_key, ca=c.ca,
                        runtime_dir=str(runtime)), end="")  # fmt: skip

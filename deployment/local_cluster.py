@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(done.stdout)
         sys.stderr.write(done.stderr)
     print(f"cluster stopped after {time.monotonic() - started:.0f} s; the run's outputs are in "
-          f"{workdir / 'outputs'}, logs in {workdir / 'logs'}", flush=True)  # fmt: skip
+          f"{workdir / 'outputs'} (unless the run config sets server.output_root), logs in "
+          f"{workdir / 'logs'}", flush=True)  # fmt: skip
     return done.returncode
 
 

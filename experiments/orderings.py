@@ -11,6 +11,7 @@ One seed says only whether that seed went as the paper or against it.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -27,8 +28,13 @@ MEASURES = (
     ("late_mean_accuracy", "late mean"),
 )
 OURS = ("mh_pfedhn", "mh_pfedhngd")
-# what two methods' runs may differ in and still be paired: the method, its own settings
-METHOD_SPECIFIC = ("method", *method_sections())
+
+
+@functools.cache
+def method_specific() -> tuple[str, ...]:
+    """What two methods' runs may differ in and still be paired: the method, and each
+    method's own settings section (looked up once, when first paired: it imports them all)."""
+    return ("method", *method_sections())
 
 
 @dataclass(frozen=True)
@@ -80,15 +86,16 @@ def _by_seed(runs: Iterable[Any], measure: str) -> dict[int, float]:
 
 def settings_that_differ(runs: Sequence[Any], ignore: Iterable[str] = ()) -> dict[str, list]:
     """The defining settings (a run's `settings`, seed left out) in which `runs` differ: for
-    each key, its values in the order first seen. Keys under a section or name of `ignore` and
-    keys that some run's config.yaml lacks (made by an older version) are not compared."""
+    each key, its values in the order first seen. Keys under a section or name of `ignore` are
+    not compared; a key is compared among the runs that have it (a config.yaml written by an
+    older version may lack it)."""
     ignored = tuple(ignore)
-    shared = set.intersection(*(set(r.settings) for r in runs)) if runs else set()
+    keys = sorted(set().union(*(r.settings for r in runs))) if runs else []
     out = {}
-    for key in sorted(shared):
+    for key in keys:
         if key == "seed" or key in ignored or key.split(".", 1)[0] in ignored:
             continue
-        values = list(dict.fromkeys(repr(r.settings[key]) for r in runs))
+        values = list(dict.fromkeys(repr(r.settings[key]) for r in runs if key in r.settings))
         if len(values) > 1:
             out[key] = values
     return out
@@ -146,7 +153,7 @@ def compare(runs: Sequence[Any]) -> tuple[list[Comparison], list[str]]:
                              f"against {rounds[b]})")  # fmt: skip
                 continue
             # each method's own section may differ; everything they share must not
-            if differ := settings_that_differ(usable[a] + usable[b], METHOD_SPECIFIC):
+            if differ := settings_that_differ(usable[a] + usable[b], method_specific()):
                 notes.append(f"{experiment}: {a} and {b} not paired (their settings differ: "
                              f"{said(differ)})")  # fmt: skip
                 continue

@@ -34,6 +34,8 @@ _ROWS = {
     "mh_pfedhngd": "93.56 91.75 92.12 82.92 87.50 86.25 93.81 90.26 88.73 83.83 85.52 80.88",
 }
 FIVE_MODELS = ("lenet", "vgg8", "resnet10", "resnet12", "resnet18")
+PARTITIONERS = tuple(dict.fromkeys(partitioner for _, partitioner, _ in COLUMNS))
+CLIENTS = tuple(dict.fromkeys(clients for _, _, clients in COLUMNS))
 TABLE7: dict[tuple[str, str, int], dict[str, float]] = {
     column: {method: float(_ROWS[method].split()[i]) / 100 for method in METHODS}
     for i, column in enumerate(COLUMNS)
@@ -45,15 +47,18 @@ def column_of(config: dict[str, Any]) -> tuple[str, str, int] | None:
     client, one LeNet for every client (homogeneous) or the five-model set (heterogeneous),
     non-IID_1 with 2 classes per client or non-IID_2 with beta 0.1 (docs/concepts/data.md), 10,
     50 or 100 clients and no novel clients; None for anything else (`mismatches` says why)."""
-    if mismatches(config):
-        return None
-    data = config["data"]
-    return (_kind(config), data["partitioner"], data["num_clients"])  # type: ignore[return-value]
+    data = config.get("data") or {}
+    column = (_kind(config), data.get("partitioner"), data.get("num_clients"))
+    return column if not mismatches(config) and column in TABLE7 else None  # type: ignore[return-value]
 
 
 def _kind(config: dict[str, Any]) -> str | None:
     models = tuple((config.get("clients") or {}).get("models") or [])
     return {("lenet",): "homogeneous", FIVE_MODELS: "heterogeneous"}.get(models)
+
+
+def _listed(values: tuple) -> str:
+    return ", ".join(map(str, values))
 
 
 def mismatches(config: dict[str, Any]) -> list[str]:
@@ -74,12 +79,11 @@ def mismatches(config: dict[str, Any]) -> list[str]:
          f"data.dirichlet_beta is {data.get('dirichlet_beta')}, not 0.1"),
         (not (config.get("generalization") or {}).get("novel_clients"), "it has novel clients"),
         (_kind(config) is not None,
-         "clients.models is neither one LeNet nor the five-model set (lenet, vgg8, resnet10, "
-         "resnet12, resnet18)"),
-        (data.get("partitioner") in ("noniid1", "noniid2"),
-         f"data.partitioner is {data.get('partitioner')}, not noniid1 or noniid2"),
-        (data.get("num_clients") in (10, 50, 100),
-         f"data.num_clients is {data.get('num_clients')}, not 10, 50 or 100"),
+         f"clients.models is neither one LeNet nor the five-model set ({', '.join(FIVE_MODELS)})"),
+        (data.get("partitioner") in PARTITIONERS,
+         f"data.partitioner is {data.get('partitioner')}, not {' or '.join(PARTITIONERS)}"),
+        (data.get("num_clients") in CLIENTS,
+         f"data.num_clients is {data.get('num_clients')}, not one of {_listed(CLIENTS)}"),
     ]  # fmt: skip
     return [reason for ok, reason in checks if not ok]
 

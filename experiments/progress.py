@@ -17,8 +17,9 @@ from server_app.outputs import parse_metrics
 
 def progress_bar(enabled: bool, **kwargs: Any) -> tqdm:
     """A tqdm bar on a terminal; on a log file or pipe none (its carriage returns and cursor
-    moves garble a log): RoundBar then writes a plain line per round instead."""
-    return tqdm(disable=not enabled or not sys.stderr.isatty(), **kwargs)
+    moves garble a log: tqdm's disable=None), where a RoundBar given `plain` writes a line per
+    round instead."""
+    return tqdm(disable=None if enabled else True, **kwargs)
 
 
 class RoundBar(RunObserver):

@@ -448,11 +448,15 @@ def _mixed_rows(table: list[dict[str, Any]]) -> list[str]:
     lines = [f"- **{row['experiment']} / {row['method']} mixes settings**: its runs differ in "
              f"{row['settings_differ']}; its mean and spread are not those of one setting."
              for row in table if row["settings_differ"]]  # fmt: skip
-    lengths: dict[str, set[str]] = {}
+    lines += [f"- **{row['experiment']} / {row['method']} mixes run lengths** ({row['rounds']} "
+              "rounds): its mean and spread are not those of one length."
+              for row in table if not isinstance(row["rounds"], int)]  # fmt: skip
+    lengths: dict[str, set[int]] = {}
     for row in table:
-        lengths.setdefault(row["experiment"], set()).add(str(row["rounds"]))
-    lines += [f"- **{experiment}: rows of different lengths** ({', '.join(sorted(rounds))} "
-              "rounds): compare its rows with care."
+        if isinstance(row["rounds"], int):
+            lengths.setdefault(row["experiment"], set()).add(row["rounds"])
+    lines += [f"- **{experiment}: rows of different lengths** "
+              f"({', '.join(map(str, sorted(rounds)))} rounds): compare its rows with care."
               for experiment, rounds in lengths.items() if len(rounds) > 1]  # fmt: skip
     return ["", *lines] if lines else []
 
@@ -460,9 +464,9 @@ def _mixed_rows(table: list[dict[str, Any]]) -> list[str]:
 def _no_orderings(runs: list[RunResult]) -> list[str]:
     """Why results.md has no orderings section, when it has runs of ours to order."""
     ours = [r for r in runs if r.method in orderings.OURS]
-    reasons = sorted({reason for r in ours for reason in r.outside_table7})
-    if not ours or not reasons:
+    if not ours or not all(r.outside_table7 for r in ours):
         return []
+    reasons = sorted({reason for r in ours for reason in r.outside_table7})
     return [
         "## The paper's orderings",
         "",

@@ -257,8 +257,10 @@ def selected(runs: list[PlannedRun], only: str | None) -> list[PlannedRun]:
     return chosen
 
 
-def state_of(run_dir: Path, cfg: ExperimentConfig) -> str:
-    """What running the sweep would do with this run, for --dry-run."""
+def state_of(run_dir: Path, cfg: ExperimentConfig, restart: bool = False) -> str:
+    """What running the sweep would do with this run, for --dry-run (as _one_run decides)."""
+    if restart:
+        return "starts afresh (--restart)"
     if changed := _changed_settings(run_dir, cfg):
         return (f"would be refused: its folder holds it made with other settings "
                 f"({'; '.join(changed)}; --restart starts it afresh)")  # fmt: skip
@@ -268,7 +270,9 @@ def state_of(run_dir: Path, cfg: ExperimentConfig) -> str:
     if (run_dir / CHECKPOINT_NAME).is_file():
         ended = "" if done is None else f" (it ended after round {done})"
         return f"continues from its checkpoint{ended}"
-    return "to run"
+    return (
+        "starts afresh (its folder's earlier attempt is cleared)" if run_dir.exists() else "to run"
+    )
 
 
 def _is_finished(run_dir: Path, cfg: ExperimentConfig, restart: bool) -> bool:
@@ -404,10 +408,11 @@ def _one_run(
 def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outcome]) -> None:
     """sweep_status.json: this invocation's outcomes (each naming its sweep), then those of
     earlier invocations into the same folder for the other runs, so that a second sweep or an
-    --only subset run into the same --out does not hide the other runs' failures."""
+    --only subset run into the same --out does not hide the other runs' failures. Its top-level
+    `sweep` and `runtime` are the latest invocation's; an unreadable earlier file is replaced."""
     try:
         earlier = json.loads((out / STATUS).read_text())["runs"]
-        earlier = [r for r in earlier if isinstance(r, dict) and "run" in r]
+        earlier = [r for r in earlier if isinstance(r, dict) and isinstance(r.get("run"), str)]
     except (OSError, ValueError, KeyError, TypeError):
         earlier = []
     now = [{**o.__dict__, "sweep": name} for o in outcomes]
@@ -483,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             out = output_dir(sweep, args.out)
             for run, cfg, _ in selected(plan(sweep, out, settings), args.only):
                 print(f"{run.name}: {cfg.data.num_clients} clients, {cfg.rounds} rounds, "
-                      f"{state_of(out / run.name, cfg)}")  # fmt: skip
+                      f"{state_of(out / run.name, cfg, args.restart)}")  # fmt: skip
             return 0
         outcomes = run_sweep(
             args.sweep,

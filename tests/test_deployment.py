@@ -178,6 +178,9 @@ def test_the_gateway_command_keeps_its_runtime_files_in_a_private_folder_of_its_
     runtime = tmp_path / "gateway-run"
     assert f"pid {runtime}/nginx.pid;" in conf and "/tmp/" not in conf.replace(str(tmp_path), "")
     assert runtime.is_dir() and runtime.stat().st_mode & 0o077 == 0
+    runtime.chmod(0o755)  # an existing folder is made private too
+    assert gateway.main(["--credentials", "creds"]) == 0
+    assert runtime.stat().st_mode & 0o077 == 0
 
 
 def test_compose_ports_and_node_configs_are_consistent():

@@ -365,7 +365,12 @@ def test_runs_at_once_give_the_numbers_of_runs_one_at_a_time(tiny_npz, tmp_path)
         ("default-nodata-mh_pfedhn-s0", "failed"), ("default-nodata-local-s0", "failed"),
     ]  # fmt: skip
     assert "missing.npz" in status["runs"][2]["error"]
-    # a later invocation into the same folder (a subset, or another sweep) keeps the others
+    # a later invocation into the same folder (a subset, or another sweep) keeps the others;
+    # an unreadable entry of an earlier file is dropped, not a crash
+    text = (tmp_path / "two" / "sweep_status.json").read_text()
+    (tmp_path / "two" / "sweep_status.json").write_text(
+        text.replace('"runs": [', '"runs": [{"run": ["x"]}, 3, ', 1)
+    )
     again = runner.run_sweep(path, tmp_path / "two", progress=False, only=good)
     assert [o.status for o in again] == ["skipped", "skipped"]
     status = json.loads((tmp_path / "two" / "sweep_status.json").read_text())
@@ -504,6 +509,11 @@ def test_only_selects_the_same_runs_for_a_dry_run_and_refuses_a_filter_that_sele
     assert "would be refused: its folder holds it made with other settings (client.lr: 0.02 ->" in (
         capsys.readouterr().out
     )
+    assert runner.main([*argv, "--restart"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(", starts afresh (--restart)")
+    (run / "config.yaml").unlink()  # an attempt that stopped before its first checkpoint
+    assert runner.main(argv) == 0
+    assert "starts afresh (its folder's earlier attempt is cleared)" in capsys.readouterr().out
 
 
 def test_an_experiment_may_run_methods_of_its_own():

@@ -600,6 +600,7 @@ def test_a_refused_mh_pfedhngd_registration_leaves_nothing_registered():
         ("<class 'ZeroDivisionError'>:<'division by zero'>", "ZeroDivisionError: division by zero"),
         ("RuntimeError: disk not mounted yet", "RuntimeError: disk not mounted yet"),  # in-process
         ("<class 'x'> and more", "<class 'x'> and more"),  # not Flower's wording: kept as sent
+        ("<class 'ValueError'>:<'it's <2>\nline two'>", "ValueError: it's <2>\nline two"),
     ],
 )  # fmt: skip
 def test_an_error_reply_is_said_plainly(reason, said):

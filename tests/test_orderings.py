@@ -187,7 +187,7 @@ def test_no_orderings_without_the_papers_setting(tmp_path):
     assert "paired over seeds" not in text
     # says why: here the config names no data, models, partitioner or client count
     assert "Not compared: these runs are in no setting of the paper's Table 7 (" in text
-    assert "data.num_clients is None, not 10, 50 or 100" in text
+    assert "data.num_clients is None, not one of 10, 50, 100" in text
 
 
 def test_what_keeps_a_run_out_of_table_7_is_said_one_setting_at_a_time():
@@ -197,7 +197,7 @@ def test_what_keeps_a_run_out_of_table_7_is_said_one_setting_at_a_time():
     assert mismatches(config) == []
     small = {**config, "data": {**CIFAR10, "fraction": 0.05, "num_clients": 4}}
     assert mismatches(small) == ["data.fraction is 0.05, not 1",
-                                 "data.num_clients is 4, not 10, 50 or 100"]  # fmt: skip
+                                 "data.num_clients is 4, not one of 10, 50, 100"]  # fmt: skip
 
 
 def _with_settings(run, **settings):
@@ -249,6 +249,19 @@ def test_runs_of_different_settings_are_neither_averaged_silently_nor_paired():
 def test_a_table_whose_rows_ran_for_different_lengths_says_so():
     from experiments.report import _mixed_rows, aggregate
 
-    rows = aggregate([_result("local", 0, 0.8, rounds=4), _result("fedavg", 0, 0.5, rounds=2)])
-    assert _mixed_rows(rows) == ["", "- **x: rows of different lengths** (2, 4 rounds): compare "
+    rows = aggregate([_result("local", 0, 0.8, rounds=4), _result("fedavg", 0, 0.5, rounds=20),
+                      _result("local", 1, 0.8, rounds=4)])  # fmt: skip
+    assert _mixed_rows(rows) == ["", "- **x: rows of different lengths** (4, 20 rounds): compare "
                                  "its rows with care."]  # fmt: skip
+    one_row = aggregate([_result("local", 0, 0.8, rounds=20), _result("local", 1, 0.8, rounds=30)])
+    assert _mixed_rows(one_row) == ["", "- **x / local mixes run lengths** (20-30 rounds): its "
+                                    "mean and spread are not those of one length."]  # fmt: skip
+
+
+def test_the_reason_for_no_orderings_is_given_only_when_every_run_of_ours_is_outside():
+    from experiments.report import _no_orderings
+
+    inside, outside = _result("mh_pfedhn", 0, 0.8), _result("mh_pfedhn", 0, 0.8, experiment="y")
+    outside.outside_table7 = ("data.fraction is 0.05, not 1",)
+    assert _no_orderings([inside, outside]) == []
+    assert "(data.fraction is 0.05, not 1)" in _no_orderings([outside])[-1]

@@ -120,11 +120,10 @@ def test_following_a_run_whose_file_appears_later(tmp_path: Path, monkeypatch) -
     thread.join()
 
 
-def test_a_log_file_gets_plain_lines_per_round_not_a_bar(capsys, monkeypatch) -> None:
+def test_a_log_file_gets_plain_lines_per_round_not_a_bar(capsys) -> None:
     """A sweep's output redirected to a file: the bars' carriage returns and cursor moves
     garbled it; there the bar is off and each round is one line naming the run."""
-    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
-    bar = progress.progress_bar(True, total=3, desc="  run-a", unit="round")
+    bar = progress.progress_bar(True, total=3, desc="  run-a", unit="round")  # stderr: a file
     assert bar.disable
     observer = RoundBar(bar, plain="run-a")
     for k in range(2):
@@ -133,6 +132,10 @@ def test_a_log_file_gets_plain_lines_per_round_not_a_bar(capsys, monkeypatch) ->
     assert "\r" not in err and "\x1b" not in err
     assert [line.split(" (")[0] for line in err.splitlines()] == ["run-a: round 0/3",
                                                                   "run-a: round 1/3"]  # fmt: skip
-    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
-    assert not progress.progress_bar(True, total=3, file=io.StringIO()).disable
-    assert progress.progress_bar(False, total=3).disable  # progress off: no bar anywhere
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert not progress.progress_bar(True, total=3, file=Terminal()).disable
+    assert progress.progress_bar(False, total=3, file=Terminal()).disable  # progress off

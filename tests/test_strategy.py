@@ -238,7 +238,10 @@ def test_the_summary_and_closing_line_name_the_clients_whose_replies_were_refuse
     }
     assert rejected["c1"]["last_reason"] == "delta holds 1 NaN/Inf values"
     assert rejected["c2"]["last_reason"].endswith("RuntimeError: deliberate failure")
-    assert "| 6 replies rejected from 2 clients (summary.json)" in caplog.records[-1].getMessage()
+    assert (
+        "| 6 replies refused or missing, from 2 clients (summary.json)"
+        in caplog.records[-1].getMessage()
+    )
 
 
 def test_a_node_that_joins_later_is_queried_and_trained():
