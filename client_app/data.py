@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def load_client_data(spec: ClientSpec, seed: int, device: str = "cpu") -> Client
 
 
 PARTITION_CACHE_FORMAT = 2
+logger = logging.getLogger("flwr.mh_pfedhn")
 
 
 @functools.lru_cache(maxsize=128)
@@ -68,7 +70,8 @@ def _cached_on_disk(
     data_json: str, partition_id: int, num_partitions: int, seed: int
 ) -> ClientData:
     data = DataConfig.model_validate_json(data_json)
-    key = json.dumps([PARTITION_CACHE_FORMAT, data_json, partition_id, num_partitions, seed,
+    what = data.model_dump_json(exclude={"cache_max_gb"})  # the cache's size keys nothing
+    key = json.dumps([PARTITION_CACHE_FORMAT, what, partition_id, num_partitions, seed,
                       source_fingerprint(data.source, data.root)])  # fmt: skip
     path = (
         Path(data.cache_dir).expanduser()
@@ -77,16 +80,59 @@ def _cached_on_disk(
     )
     if path.is_file():
         try:
-            return ClientData(**torch.load(path, weights_only=True))
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            cached = ClientData(**torch.load(path, weights_only=True))
+            os.utime(path)  # recently used: the last to be evicted
+            return cached
+        except Exception:  # noqa: BLE001 - a damaged (or just evicted) entry is rebuilt
             path.unlink(missing_ok=True)
     loaded = _client_data(data_json, partition_id, num_partitions, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(handle, "wb") as f:
-        torch.save(dataclasses.asdict(loaded), f)
-    os.replace(tmp, path)
+    if _saved(loaded, path):
+        evict_least_recent(path.parent, int(data.cache_max_gb * 1e9), keep=path)
     return loaded
+
+
+def _saved(data: ClientData, path: Path) -> bool:
+    """Write a cache entry atomically; a failure (a full disk) costs the cache, not the run."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(handle, "wb") as f:
+            torch.save(dataclasses.asdict(data), f)
+        os.replace(tmp, path)
+        return True
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        logger.warning("the partition cache %s was not written (%s); the client trains on",
+                       path.parent, err)  # fmt: skip
+        return False
+
+
+def evict_least_recent(folder: Path, limit_bytes: int, keep: Path) -> list[Path]:
+    """Delete the least recently used cache entries (by modification time, which a hit
+    renews) until the folder holds at most `limit_bytes`; never `keep`. 0: no limit. Entries
+    another process deletes meanwhile are skipped. Returns what was deleted."""
+    if limit_bytes <= 0:
+        return []
+    entries = []
+    for entry in folder.glob("*.pt"):
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((stat.st_mtime, stat.st_size, entry))
+    total = sum(size for _, size, _ in entries)
+    deleted = []
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):
+        if total <= limit_bytes:
+            break
+        if entry == keep:
+            continue
+        entry.unlink(missing_ok=True)
+        total -= size
+        deleted.append(entry)
+    return deleted
 
 
 @functools.lru_cache(maxsize=128)

@@ -69,6 +69,12 @@ class DataConfig(_Section):
     cache_partitions: bool = Field(
         True, description="keep each client's partition, as tensors, under cache_dir"
     )
+    cache_max_gb: float = Field(
+        10.0,
+        ge=0.0,
+        description="the most the partition cache may hold; the least recently used "
+        "partitions are deleted beyond it (0: no limit)",
+    )
     fraction: float = Field(
         1.0,
         gt=0.0,
@@ -759,6 +765,7 @@ OPERATIONAL = (
     "data.download",
     "data.cache_dir",
     "data.cache_partitions",
+    "data.cache_max_gb",
     "client.device",
     "client.state_dir",
     "hypernetwork.device",

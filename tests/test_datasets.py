@@ -230,3 +230,62 @@ def test_channel_statistics_match_a_direct_computation() -> None:
     x = images.astype(np.float64) / 255.0
     np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-9)
     np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-6)
+
+
+def _partitions(tiny_npz, cache, limit_gb):
+    """Both clients' data of a 2-client split of the tiny set, through the partition cache."""
+    from client_app.data import _cached_on_disk
+    from common.config import DataConfig
+
+    data = DataConfig(source=f"npz:{tiny_npz}", num_clients=2, partitioner="iid",
+                      cache_dir=str(cache), cache_max_gb=limit_gb)  # fmt: skip
+    _cached_on_disk.cache_clear()  # the process's memo would hide the disk
+    return [_cached_on_disk(data.model_dump_json(), i, 2, 0) for i in (0, 1)]
+
+
+def test_the_partition_cache_keeps_what_was_used_last_within_its_limit(tiny_npz, tmp_path):
+    """It grew to 13 GB over a week of sweeps here and filled the disk: now it is bounded."""
+    import os
+    import time
+
+    from client_app.data import evict_least_recent
+
+    cache = tmp_path / "c"
+    first = _partitions(tiny_npz, cache, 0)
+    entries = sorted((cache / "partitions").glob("*.pt"))
+    assert len(entries) == 2
+    old = time.time() - 100
+    for entry in entries:
+        os.utime(entry, (old, old))
+    again = _partitions(tiny_npz, cache, 0)  # read back (a hit renews the entry's time)
+    assert all(torch.equal(a.x_train, b.x_train) for a, b in zip(first, again, strict=True))
+    assert all(e.stat().st_mtime > old + 50 for e in entries)
+    oldest, newest = entries
+    os.utime(oldest, (old, old))
+    size = newest.stat().st_size
+    assert evict_least_recent(cache / "partitions", size + 1, keep=newest) == [oldest]
+    assert evict_least_recent(cache / "partitions", 1, keep=newest) == []  # never the one kept
+    assert evict_least_recent(cache / "partitions", 0, keep=newest) == []  # 0: no limit
+    assert (cache / "partitions" / newest.name).is_file()
+
+
+def test_the_cache_size_keys_nothing_and_a_full_disk_costs_only_the_cache(
+    tiny_npz, tmp_path, monkeypatch, caplog
+):
+    from client_app import data as client_data
+
+    cache = tmp_path / "c"
+    _partitions(tiny_npz, cache, 10)
+    names = sorted(p.name for p in (cache / "partitions").iterdir())
+    _partitions(tiny_npz, cache, 5)
+    assert sorted(p.name for p in (cache / "partitions").iterdir()) == names  # same entries
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(client_data.torch, "save", full)
+    with caplog.at_level("WARNING", logger="flwr.mh_pfedhn"):
+        loaded = _partitions(tiny_npz, tmp_path / "other", 10)
+    assert len(loaded) == 2 and len(loaded[0].y_train) > 0
+    assert "was not written (" in caplog.text and "No space left" in caplog.text
+    assert list((tmp_path / "other" / "partitions").iterdir()) == []  # no temporary file left
