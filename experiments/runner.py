@@ -15,7 +15,8 @@ client_state/, plus sweep_run.json from the runner). Starting a sweep again skip
 that are done, continues every unfinished one from its last checkpoint (with the clients'
 state as it was then, so the result is bit-identical to an uninterrupted run) and starts the
 others afresh; `--restart` starts everything afresh. A sweep checkpoints every
-`server.checkpoint_every` = 10 rounds unless it says otherwise. A run that fails is recorded in
+`server.checkpoint_every` = 10 rounds unless it says otherwise (`--drop-checkpoints` deletes a
+run's once it has all its rounds). A run that fails is recorded in
 <out>/sweep_status.json and reported at the end, and the sweep goes on. The table and plots
 (experiments.report) are written to <out> at the end. `--workers N` runs N in-process runs at
 once, each in a process of its own (experiments.workers), with the same numbers; their output
@@ -58,7 +59,7 @@ from experiments.cli import add_set_option
 from experiments.flower import flwr_command, private_flower
 from experiments.progress import RoundBar, follow_metrics, progress_bar
 from experiments.report import write_report
-from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan
+from experiments.sweep import CLIENT_STATE, Run, Sweep, SweepError, load_sweep, plan
 from experiments.workers import Job, run_in_workers
 from server_app.checkpoint import CHECKPOINT_NAME
 from server_app.events import RunObserver
@@ -105,6 +106,7 @@ class Runtime:
     federation_extra: str = ""  # flower: e.g. "client-resources-num-gpus=0.25"
     timeout: float | None = None  # flower: seconds per run
     workers: int = 1  # inprocess: runs at once, each in its own process (experiments.workers)
+    drop_checkpoints: bool = False  # delete a finished run's checkpoint (drop_checkpoint)
 
     def client_threads(self) -> int:
         env = os.environ.get("OMP_NUM_THREADS", "")
@@ -394,6 +396,8 @@ def _one_run(
                 run_flower(cfg, run_config, observer, run_dir, out / ".flower" / "home", runtime)
             if (finished_rounds(run_dir) or 0) < cfg.rounds:
                 raise RunFailed(f"the run ended without a summary.json of its {cfg.rounds} rounds")
+            if runtime.drop_checkpoints:
+                drop_checkpoint(run_dir)
         except KeyboardInterrupt:
             raise
         except Exception as err:
@@ -403,6 +407,14 @@ def _one_run(
             log.error("run %s failed after %.0f s: %s", run.name, seconds, message)
             return Outcome(run.name, "failed", seconds, message, resumed)
     return Outcome(run.name, "ok", time.perf_counter() - started, resumed=resumed)
+
+
+def drop_checkpoint(run_dir: Path) -> None:
+    """Delete a finished run's checkpoint and its clients' copy: the disk a long sweep needs
+    (a heterogeneous MH-pFedHN checkpoint is 2.9 GB). More rounds for it later start afresh."""
+    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    for copy in run_dir.glob(f"{CLIENT_STATE}.round*"):
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outcome]) -> None:
@@ -447,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         "from their checkpoints)",
     )
     parser.add_argument("--only", help="run only the runs whose name matches this regex")
+    parser.add_argument(
+        "--drop-checkpoints",
+        action="store_true",
+        help="delete each run's checkpoint once it has all its rounds, to save disk; more "
+        "rounds for it later run it again from round 0",
+    )
     parser.add_argument(
         "--cpus-per-client",
         type=float,
@@ -499,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.federation_config,
                 args.timeout,
                 args.workers,
+                args.drop_checkpoints,
             ),
             restart=args.restart,
             only=args.only,

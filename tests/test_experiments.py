@@ -269,6 +269,26 @@ def test_a_sweep_started_again_continues_unfinished_runs_bit_for_bit(tiny_npz, t
     assert [o.status for o in again] == ["skipped", "skipped"]
 
 
+def test_dropped_checkpoints_free_the_disk_and_more_rounds_then_start_afresh(tiny_npz, tmp_path):
+    sweep = {"methods": ["local"], "experiments": ["default"], "seeds": [0],
+             "overrides": {**tiny_data(tiny_npz, tmp_path, 2), "clients.models": "mlp",
+                           "rounds": 3, "server.checkpoint_every": 1}}  # fmt: skip
+    path = _write_sweep(tmp_path / "sweep.yaml", sweep)
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"  # a first pass of 2 rounds each
+    runner.run_sweep(path, kept, progress=False, settings={"rounds": 2})
+    assert runner.main([str(path), "--out", str(dropped), "--set", "rounds=2",
+                        "--drop-checkpoints"]) == 0  # fmt: skip
+    run = "default-local-s0"
+    assert (kept / run / "checkpoint.pt").is_file() and list(kept.glob(f"{run}/client_state.*"))
+    assert not (dropped / run / "checkpoint.pt").exists()
+    assert not list(dropped.glob(f"{run}/client_state.round*"))
+    assert json.loads((dropped / run / "summary.json").read_text())["rounds"] == 2
+    # to the file's 3 rounds: run again from round 0, so as a run made straight to 3 rounds
+    assert [o.status for o in runner.run_sweep(path, dropped, progress=False)] == ["ok"]
+    runner.run_sweep(path, tmp_path / "whole", progress=False)
+    assert _untimed_metrics(dropped / run) == _untimed_metrics(tmp_path / "whole" / run)
+
+
 def test_a_first_pass_with_fewer_rounds_is_extended_to_the_sweeps_rounds(
     tiny_npz, tmp_path, capsys
 ):
