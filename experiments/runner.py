@@ -59,10 +59,11 @@ from experiments.cli import add_set_option
 from experiments.flower import flwr_command, private_flower
 from experiments.progress import RoundBar, follow_metrics, progress_bar
 from experiments.report import write_report
-from experiments.sweep import CLIENT_STATE, Run, Sweep, SweepError, load_sweep, plan
+from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan
 from experiments.workers import Job, run_in_workers
 from server_app.checkpoint import CHECKPOINT_NAME
 from server_app.events import RunObserver
+from server_app.run import checkpoint_writer
 from simulation.run import run_inprocess
 
 PlannedRun = tuple[Run, ExperimentConfig, dict]  # experiments.sweep.plan's items
@@ -106,7 +107,7 @@ class Runtime:
     federation_extra: str = ""  # flower: e.g. "client-resources-num-gpus=0.25"
     timeout: float | None = None  # flower: seconds per run
     workers: int = 1  # inprocess: runs at once, each in its own process (experiments.workers)
-    drop_checkpoints: bool = False  # delete a finished run's checkpoint (drop_checkpoint)
+    drop_checkpoints: bool = False  # delete a finished run's checkpoint (--drop-checkpoints)
 
     def client_threads(self) -> int:
         env = os.environ.get("OMP_NUM_THREADS", "")
@@ -280,13 +281,7 @@ def state_of(run_dir: Path, cfg: ExperimentConfig, restart: bool = False) -> str
 def _is_finished(run_dir: Path, cfg: ExperimentConfig, restart: bool) -> bool:
     """Done with all its rounds and the settings it is planned with (else it is run, or
     refused by _one_run when its settings changed)."""
-    done = finished_rounds(run_dir)
-    return (
-        not restart
-        and done is not None
-        and done >= cfg.rounds
-        and not _changed_settings(run_dir, cfg)
-    )
+    return state_of(run_dir, cfg, restart) == "done"
 
 
 def _changed_settings(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
@@ -396,8 +391,8 @@ def _one_run(
                 run_flower(cfg, run_config, observer, run_dir, out / ".flower" / "home", runtime)
             if (finished_rounds(run_dir) or 0) < cfg.rounds:
                 raise RunFailed(f"the run ended without a summary.json of its {cfg.rounds} rounds")
-            if runtime.drop_checkpoints:
-                drop_checkpoint(run_dir)
+            if runtime.drop_checkpoints:  # disk: a heterogeneous MH-pFedHN one is 2.9 GB
+                checkpoint_writer(cfg, run_dir).remove()
         except KeyboardInterrupt:
             raise
         except Exception as err:
@@ -407,14 +402,6 @@ def _one_run(
             log.error("run %s failed after %.0f s: %s", run.name, seconds, message)
             return Outcome(run.name, "failed", seconds, message, resumed)
     return Outcome(run.name, "ok", time.perf_counter() - started, resumed=resumed)
-
-
-def drop_checkpoint(run_dir: Path) -> None:
-    """Delete a finished run's checkpoint and its clients' copy: the disk a long sweep needs
-    (a heterogeneous MH-pFedHN checkpoint is 2.9 GB). More rounds for it later start afresh."""
-    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    for copy in run_dir.glob(f"{CLIENT_STATE}.round*"):
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outcome]) -> None:

@@ -179,9 +179,22 @@ class CheckpointWriter:
         save_checkpoint(self.path, checkpoint, self.key)
         if self.client_state is not None:
             keep = self._snapshot(checkpoint.round).name
-            for old in self.client_state.parent.glob(f"{self.client_state.name}.round*"):
+            for old in self._snapshots():
                 if old.name != keep:
                     shutil.rmtree(old, ignore_errors=True)
+
+    def _snapshots(self) -> list[Path]:
+        """The clients' copies kept beside checkpoints (none without client_state)."""
+        if self.client_state is None:
+            return []
+        return list(self.client_state.parent.glob(f"{self.client_state.name}.round*"))
+
+    def remove(self) -> None:
+        """Delete the checkpoint and the clients' copy that goes with it (a finished run's,
+        for the disk: such a run can then only be run again from round 0)."""
+        self.path.unlink(missing_ok=True)
+        for copy in self._snapshots():
+            shutil.rmtree(copy, ignore_errors=True)
 
     def restore_client_state(self, server_round: int) -> None:
         """Put the clients' state back as it was at the checkpoint's round."""
