@@ -85,9 +85,9 @@ def closing_line(summary: dict[str, Any], directory: Path | None = None) -> str:
         f" up {summary['total_bytes_up'] / 1e6:.2f} MB"
     )
     rejected = summary.get("rejected", {})
-    if rejected:  # keyed by client and phase ("c1 (global phase)"); a timeout counts too
+    if rejected:  # keyed by client and phase; a timeout counts too
         count = sum(entry["count"] for entry in rejected.values())
-        clients = len({key.split(" (", 1)[0] for key in rejected})
+        clients = len({entry["client"] for entry in rejected.values()})
         text += f" | {count} replies refused or missing, from {clients} clients (summary.json)"
     return text if directory is None else f"{text} | outputs: {directory}"
 

@@ -128,11 +128,20 @@ def rejections_by_client(history: list[dict[str, Any]]) -> dict[str, dict[str, A
     out: dict[str, dict[str, Any]] = {}
     for row in history:
         for record in row.get("rejected") or []:
-            entry = out.setdefault(record["client"], {"count": 0, "first_round": row["round"]})
+            entry = out.setdefault(
+                rejection_label(record),
+                {"client": record["client"], "count": 0, "first_round": row["round"]},
+            )
             entry["count"] += 1
             entry["last_round"] = row["round"]
             entry["last_reason"] = record["reason"]
     return out
+
+
+def rejection_label(record: dict[str, str]) -> str:
+    """How a refusal names its reply: the client, and its phase if the round has several."""
+    phase = record.get("phase")
+    return f"{record['client']} ({phase} phase)" if phase else record["client"]
 
 
 def select_by_validation(history: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -43,7 +43,13 @@ from server_app.client_directory import ClientDirectory
 from server_app.defences import DeltaNormBound
 from server_app.events import Observers, RunObserver
 from server_app.exchange import Exchange, Posted
-from server_app.round_log import RoundLog, pending_from_state, pending_state, run_summary
+from server_app.round_log import (
+    RoundLog,
+    pending_from_state,
+    pending_state,
+    rejection_label,
+    run_summary,
+)
 from server_app.schedules import Parallel, schedule_named
 from server_app.server_state import (
     ClientRecord,
@@ -112,12 +118,14 @@ class RoundOutcome:
     evaluation: dict[str, Any] | None = None
 
 
-def reject(server_round: int, who: str, reason: str) -> None:
-    """Refuse a reply: logged, and kept in the round's row by the loop (`collecting`); the
-    client's text is escaped (a forged log line cannot be made of it)."""
-    who, reason = protocol.printable(who), protocol.printable(reason)
-    rejections.warning("round %d: rejected reply from %s: %s", server_round, who, reason,
-                       extra={"client": who, "reason": reason})  # fmt: skip
+def reject(server_round: int, client: str, reason: str, phase: str = "") -> None:
+    """Refuse a reply of `client` (in `phase`, e.g. "global", when a round has several):
+    logged, and kept in the round's row by the loop (`collecting`); the client's text is
+    escaped (a forged log line cannot be made of it)."""
+    client, reason = protocol.printable(client), protocol.printable(reason)
+    record = {"client": client, "reason": reason} | ({"phase": phase} if phase else {})
+    rejections.warning("round %d: rejected reply from %s: %s", server_round,
+                       rejection_label(record), reason, extra={"rejection": record})  # fmt: skip
 
 
 class _Collector(logging.Handler):
@@ -126,8 +134,8 @@ class _Collector(logging.Handler):
         self.log = log
 
     def emit(self, record: logging.LogRecord) -> None:
-        if hasattr(record, "client"):
-            self.log.rejected.append({"client": record.client, "reason": record.reason})
+        if hasattr(record, "rejection"):
+            self.log.rejected.append(record.rejection)
 
 
 @contextlib.contextmanager
@@ -445,16 +453,18 @@ class RoundLoop(Strategy):
             if reply.has_error():
                 reason = protocol.error_text(reply)
                 if self.cfg.server.stop_on_client_error:
-                    raise RunAborted(f"round {server_round}: client {protocol.printable(key)}"
-                                     f"{phase} failed, {protocol.printable(reason)} "
-                                     "(server.stop_on_client_error)")  # fmt: skip
-                reject(server_round, f"{key}{phase}", reason)
+                    who = rejection_label({"client": protocol.printable(key), "phase": phase})
+                    raise RunAborted(
+                        f"round {server_round}: client {who} failed, "
+                        f"{protocol.printable(reason)} (server.stop_on_client_error)"
+                    )
+                reject(server_round, key, reason, phase)
             elif reply.metadata.src_node_id != by_key[key].metadata.dst_node_id:
-                reject(server_round, f"{key}{phase}", "the reply came from another node")
+                reject(server_round, key, "the reply came from another node", phase)
             else:
                 accepted[key] = reply
         for key in missing:
-            reject(server_round, f"{key}{phase}", "no reply before the timeout")
+            reject(server_round, key, "no reply before the timeout", phase)
         seconds = time.perf_counter() - sent.started if by_key else 0.0
         bytes_down = sum(_payload(m) for m in by_key.values())
         return Exchanged(accepted, len(by_key), seconds, bytes_down, [t for t in timings if t])
@@ -474,10 +484,13 @@ class RoundLoop(Strategy):
             try:
                 results[key] = parse(key, reply)
             except protocol.ReplyError as err:
-                reject(server_round, f"{key}{phase}", str(err))
+                reject(server_round, key, str(err), phase)
             except Exception as err:  # noqa: BLE001 - one reply never stops the server
-                logger.exception("%s%s: unexpected failure on its reply", key, phase)
-                reject(server_round, f"{key}{phase}", f"unusable reply ({type(err).__name__})")
+                logger.exception(
+                    "%s: unexpected failure on its reply",
+                    rejection_label({"client": key, "phase": phase}),
+                )
+                reject(server_round, key, f"unusable reply ({type(err).__name__})", phase)
         return results
 
     def global_arrays(self) -> ArrayRecord:

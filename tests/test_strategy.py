@@ -244,6 +244,24 @@ def test_the_summary_and_closing_line_name_the_clients_whose_replies_were_refuse
     )
 
 
+def test_a_client_refused_in_both_phases_counts_once_and_each_phase_is_named():
+    """MH-pFedHNGD refuses per phase: the summary keeps the phases apart, the closing line
+    counts the client once."""
+    from server_app.events import closing_line
+    from server_app.round_log import run_summary
+
+    def row(n, *rejected):
+        return {"round": n, "accuracy": None, "seconds": 1.0, "bytes_down": 0, "bytes_up": 0,
+                "rejected": list(rejected)}  # fmt: skip
+
+    global_refusal = {"client": "c1", "phase": "global", "reason": "no reply before the timeout"}
+    history = [row(1, {"client": "c1", "reason": "r"}, global_refusal), row(2, global_refusal)]
+    summary = run_summary(history)
+    counts = {k: (v["client"], v["count"]) for k, v in summary["rejected"].items()}
+    assert counts == {"c1": ("c1", 1), "c1 (global phase)": ("c1", 2)}
+    assert "3 replies refused or missing, from 1 clients" in closing_line(summary)
+
+
 def test_a_node_that_joins_later_is_queried_and_trained():
     strategy, grid = run({i: "good" for i in range(3)}, rounds=2)
     grid.disconnected.add(1002)

@@ -141,7 +141,7 @@ class MHpFedHNGD(MHpFedHN):
         if not keys or self.state.global_model is None:
             return {}, None
         w_g = self.state.global_vector()
-        phase = " (global phase)"
+        phase = "global"
         messages = self.messages(
             protocol.TRAIN_GLOBAL,
             server_round,
@@ -167,7 +167,7 @@ class MHpFedHNGD(MHpFedHN):
                                    [weights[k] / total for k in results])  # fmt: skip
         except UpdateRejected as err:
             for key in results:
-                reject(server_round, f"{key}{phase}", str(err))
+                reject(server_round, key, str(err), phase)
             return metrics, exchanged
         metrics.update(
             global_clients_trained=len(results),
