@@ -244,6 +244,16 @@ def test_the_summary_and_closing_line_name_the_clients_whose_replies_were_refuse
     )
 
 
+def test_a_failing_client_stops_a_run_that_asks_for_it_naming_the_client_and_its_error():
+    """server.stop_on_client_error (set by the sweep runner: a simulated client is the
+    experiment's own, so its failure is a bug to see, not a site to ride out)."""
+    from server_app.round_loop import RunAborted
+
+    strategy, grid = run({0: "good", 1: "raises"}, **{"server.stop_on_client_error": True})
+    with pytest.raises(RunAborted, match=r"round 1: client c1 failed, .*deliberate failure"):
+        strategy.start(grid)
+
+
 def test_a_client_refused_in_both_phases_counts_once_and_each_phase_is_named():
     """MH-pFedHNGD refuses per phase: the summary keeps the phases apart, the closing line
     counts the client once."""
