@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -290,7 +291,10 @@ def _decode(files: list[str], *, force_rgb: bool, desc: str) -> np.ndarray:
     """
     images: np.ndarray | None = None
     all_gray = not force_rgb
-    for i, path in enumerate(tqdm(files, desc=desc, unit="img")):
+    bar = tqdm(files, desc=desc, unit="img", disable=None)  # no bar on a log file or pipe
+    if bar.disable:  # one line instead, so a log still says what the wait is
+        print(f"{desc}: {len(files)} images (once: a cache serves later runs)", file=sys.stderr)
+    for i, path in enumerate(bar):
         with Image.open(path) as img:
             gray = img.mode in _GRAYSCALE_MODES
             pixels = np.asarray(img.convert("L" if gray else "RGB"))

@@ -55,6 +55,20 @@ def test_npz_color_with_column_labels(tmp_path: Path) -> None:
     assert raw.images.shape == (4, 32, 32, 3) and raw.labels.tolist() == [0, 1, 2, 1]
 
 
+def test_decoding_into_a_log_file_writes_one_line_not_a_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep's log is a file: a bar's carriage returns would garble it (and did)."""
+    root = tmp_path / "Pets"
+    _write_images(root / "train" / "cat", _rgb(np.random.default_rng(2), 3))
+    D.load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == [
+        f"decoding {root / 'train'}: 3 images (once: a cache serves later runs)"
+    ]
+
+
 def test_npz_problems_are_reported(tmp_path: Path) -> None:
     with pytest.raises(D.DatasetUnavailableError, match="missing.npz"):
         D.load_dataset(f"npz:{tmp_path / 'missing.npz'}")
