@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# Paper scale on a GPU (issue 25 step 7): configs/sweeps/paper_scale_gpu.yaml for at most $1
-# seconds (default 540), then the curves, times and the table into results/paper_scale_gpu/.
-# Checkpoints stay in outputs/ (a five-model hypernetwork with Adam state is several GB).
-# Start it again (on a GPU) to continue from the last checkpoint.
+# Paper scale on a GPU (issue 25 step 7): configs/sweeps/paper_scale_gpu.yaml (the 50-client
+# LeNet case and the five-model case, side by side on the one GPU) for at most $1 seconds
+# (default 540), then their curves, times and table into $PAPER_SCALE_RESULTS
+# (default results/paper_scale_gpu/). Checkpoints stay in $PAPER_SCALE_OUT (default
+# outputs/paper_scale_gpu; a five-model hypernetwork with Adam state is several GB): start it
+# again to continue from the last one. Arguments after the first go to experiments.runner
+# (e.g. --only lenet50, --set rounds=20).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-540}
-out=outputs/paper_scale_gpu
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+shift $(($# > 0 ? 1 : 0))
+out=${PAPER_SCALE_OUT:-outputs/paper_scale_gpu}
+results=${PAPER_SCALE_RESULTS:-results/paper_scale_gpu}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 timeout --signal=INT "$budget" python -m experiments.runner configs/sweeps/paper_scale_gpu.yaml \
-    --out "$out" --cpus-per-client 1
-mkdir -p results/paper_scale_gpu
+    --out "$out" --workers 2 --cpus-per-client 4 "$@"
+status=$?
+[ "$status" = 124 ] && echo "the time budget ran out: start again to continue from the checkpoints"
+mkdir -p "$results"
 for run in "$out"/*/; do
+    [ -f "${run}metrics.jsonl" ] || continue
     name=$(basename "$run")
-    mkdir -p "results/paper_scale_gpu/$name"
+    mkdir -p "$results/$name"
     for f in config.yaml metrics.jsonl summary.json sweep_run.json; do
-        [ -f "$run$f" ] && cp "$run$f" "results/paper_scale_gpu/$name/"
+        [ -f "$run$f" ] && cp "$run$f" "$results/$name/"
     done
 done
-python -m experiments.report results/paper_scale_gpu
+python -m experiments.report "$results"
+[ "$status" = 124 ] || exit "$status"  # a failed run fails the script (after copying its rows)
