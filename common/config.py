@@ -523,8 +523,10 @@ class ExperimentConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _method_sections(cls, data: Any) -> Any:
-        """Validate every method section given (with its method's model), add the active
-        method's with its defaults, and refuse any other unknown key."""
+        """Validate every method section given (with its method's model), keep only the
+        active method's (with its defaults: a sweep's `--set fedprox.mu=...` reaches its Local
+        runs too, where it means nothing and must not tell them apart), and refuse any other
+        unknown key."""
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
@@ -540,6 +542,8 @@ class ExperimentConfig(_Section):
                     raise ValueError(_problems(err, f"{name}.")) from None
         method = data.get("method", cls.model_fields["method"].default)
         section = section_of(method) if method in METHODS else None
+        for name in set(sections) - {section}:
+            data.pop(name, None)
         if section is not None and section not in data:
             data[section] = sections[section]()
         return data
@@ -802,7 +806,11 @@ def defining_settings(config: ExperimentConfig | Mapping[str, Any]) -> dict[str,
             elif f"{prefix}{key}" not in OPERATIONAL:
                 flat[f"{prefix}{key}"] = value
 
-    walk(config if isinstance(config, Mapping) else config.model_dump(mode="json"), "")
+    dump = config if isinstance(config, Mapping) else config.model_dump(mode="json")
+    method = dump.get("method", ExperimentConfig.model_fields["method"].default)
+    own = section_of(method) if method in METHODS else None
+    # other methods' sections (in a config.yaml written before they were dropped) mean nothing
+    walk({k: v for k, v in dump.items() if k == own or k not in method_sections()}, "")
     return flat
 
 

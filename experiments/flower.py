@@ -2,7 +2,7 @@
 
 `flwr run` starts a detached SuperLink (its own session) on fixed ports and leaves it running;
 we give it private ports and FLWR_HOME, then kill its whole process tree afterwards.
-Used by the experiment runner (`--engine flower`) and by the tests.
+Used by the experiment runner (`--runtime flower`) and by the tests.
 """
 
 from __future__ import annotations

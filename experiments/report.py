@@ -682,6 +682,20 @@ RESULT_COLUMNS = [
 ]
 
 
+def title_of(directory: Path) -> str:
+    """The sweep's name (from the runner's sweep_status.json) when one sweep made the folder,
+    with the folder's name if that differs; otherwise the folder's name."""
+    try:
+        status = json.loads((directory / "sweep_status.json").read_text())
+        names = {r.get("sweep") for r in status["runs"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        names = set()
+    name = names.pop() if len(names) == 1 else None
+    if not isinstance(name, str) or name == directory.name:
+        return directory.name
+    return f"{name} (folder {directory.name})"
+
+
 def write_report(directory: str | Path) -> dict[str, Any]:
     """Write results.csv, runs.csv, results.md and the plots; returns what it found.
 
@@ -701,7 +715,7 @@ def write_report(directory: str | Path) -> dict[str, Any]:
     else:  # a report of other runs must not leave an old table beside them
         (directory / "orderings.csv").unlink(missing_ok=True)
     (directory / "results.md").write_text(
-        markdown(table, runs, incomplete, directory.name, compared)
+        markdown(table, runs, incomplete, title_of(directory), compared)
     )
     plots = plot(runs, directory)
     plots += plot_progress(runs, [i.so_far for i in incomplete if i.so_far], directory)

@@ -59,7 +59,7 @@ from experiments.cli import add_set_option
 from experiments.flower import flwr_command, private_flower
 from experiments.progress import RoundBar, follow_metrics, progress_bar
 from experiments.report import write_report
-from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan
+from experiments.sweep import Run, Sweep, SweepError, load_sweep, plan, unused_settings
 from experiments.workers import Job, run_in_workers
 from server_app.checkpoint import CHECKPOINT_NAME
 from server_app.events import RunObserver
@@ -217,7 +217,7 @@ def run_sweep(
         raise SweepError(f"unknown runtime {runtime.name!r}; choose one of {RUNTIMES}")
     sweep = load_sweep(sweep_path)
     out = output_dir(sweep, out)
-    runs = selected(plan(sweep, out, settings), only)  # every configuration checked first
+    runs = selected(planned(sweep, out, settings), only)  # every configuration checked first
     out.mkdir(parents=True, exist_ok=True)
     if runtime.workers > 1:
         return _run_in_workers(sweep, runs, out, runtime, restart, progress)
@@ -404,6 +404,15 @@ def _one_run(
     return Outcome(run.name, "ok", time.perf_counter() - started, resumed=resumed)
 
 
+def planned(sweep: Sweep, out: Path, settings: dict) -> list[PlannedRun]:
+    """experiments.sweep.plan, warning of `--set` keys that no run's method reads."""
+    runs = plan(sweep, out, settings)
+    for key in unused_settings(settings, [run for run, _, _ in runs]):
+        log.warning("--set %s: no run of this sweep is of the method whose setting it is; "
+                    "it changes nothing", key)  # fmt: skip
+    return runs
+
+
 def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outcome]) -> None:
     """sweep_status.json: this invocation's outcomes (each naming its sweep), then those of
     earlier invocations into the same folder for the other runs, so that a second sweep or an
@@ -491,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             sweep = load_sweep(args.sweep)
             out = output_dir(sweep, args.out)
-            for run, cfg, _ in selected(plan(sweep, out, settings), args.only):
+            for run, cfg, _ in selected(planned(sweep, out, settings), args.only):
                 print(f"{run.name}: {cfg.data.num_clients} clients, {cfg.rounds} rounds, "
                       f"{state_of(out / run.name, cfg, args.restart)}")  # fmt: skip
             return 0

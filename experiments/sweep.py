@@ -44,7 +44,9 @@ from common.config import (
     ExperimentConfig,
     experiment_path,
     leaf_keys,
+    method_sections,
     resolve_config,
+    section_of,
     unknown_settings,
 )
 from common.methods import METHODS
@@ -76,11 +78,21 @@ def known_methods() -> tuple[str, ...]:
 
 def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     valid = set(leaf_keys())
-    for key in overrides:
+    sections = method_sections()
+    for key, value in overrides.items():
         if key in RESERVED_KEYS:
             raise ValueError(f"{key!r} cannot be overridden in a sweep: {RESERVED_KEYS[key]}")
         if key not in valid:
             raise ValueError(unknown_settings([key], leaf_keys()))
+        section, _, name = key.partition(".")
+        if (
+            section in sections
+        ):  # checked here, once, not as a problem of some run of another method
+            try:
+                sections[section].model_validate({name: value})
+            except ValidationError as err:
+                problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                raise ValueError(f"{key}={value!r}: {problems}") from None
     # Lists (clients.models) travel as comma-separated strings, as on Flower's command line.
     return {k: ",".join(v) if isinstance(v, list) else v for k, v in overrides.items()}
 
@@ -345,6 +357,14 @@ def load_sweep(path: str | Path) -> Sweep:
     if isinstance(raw, dict) and raw.get("name") is None:
         raw = {**raw, "name": _slug(path.stem)}
     return parse_sweep(raw, str(path), base=path.parent)
+
+
+def unused_settings(settings: Mapping[str, Any], runs: list[Run]) -> list[str]:
+    """The `--set` keys of a method's own section that no run's method reads (they reach
+    every run but change none: most likely a mistake in the method or the key)."""
+    used = {section_of(run.method) for run in runs}
+    sections = method_sections()
+    return [k for k in settings if k.partition(".")[0] in sections.keys() - used]
 
 
 def plan(

@@ -14,8 +14,10 @@ from common.config import (
     CONFIG_DIR,
     ConfigError,
     config_from_run_config,
+    defining_settings,
     leaf_keys,
     resolve_config,
+    settings_changed,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,8 +122,27 @@ def test_a_misspelt_key_is_named_with_the_keys_it_was_probably_meant_to_be():
     message = str(err.value)
     assert "did you mean 'hypernetwork.embedding_std'" in message
     assert "'hypernetwork.lr'" in message and "'client.lr'" not in message  # its section only
-    with pytest.raises(ConfigError, match=r"did you mean 'fedprox.mu'\? the top-level keys"):
+    with pytest.raises(ConfigError) as err:  # another method's `mu` may be suggested too
         resolve_config("default", {"fedproxx.mu": 1})
+    assert re.search(r"did you mean [^?]*'fedprox.mu'[^?]*\? the top-level keys", str(err.value))
+
+
+def test_another_methods_setting_is_checked_then_left_out_of_a_run():
+    """A sweep's `--set fedprox.mu=...` reaches its Local runs: it is validated there but
+    neither kept nor able to tell two Local runs apart (a resume, the report's rows)."""
+    local = resolve_config("default", {"method": "local", "fedprox.mu": 0.5})
+    assert "fedprox" not in local.model_dump() and local.method_settings is None
+    with pytest.raises(ConfigError, match="fedprox.mu"):
+        resolve_config("default", {"method": "local", "fedprox.mu": -1})
+    fedprox = resolve_config(
+        "default", {"method": "fedprox", "fedprox.mu": 0.5, "clients.models": ["lenet"]}
+    )
+    assert fedprox.method_settings.mu == 0.5
+    plain = resolve_config("default", {"method": "local"})
+    assert settings_changed(defining_settings(local), plain) == []
+    older_dump = {**plain.model_dump(mode="json"), "fedprox": {"mu": 0.5}}  # kept it once
+    assert defining_settings(older_dump) == defining_settings(plain)
+    assert settings_changed(defining_settings(older_dump), plain) == []
 
 
 @settings(max_examples=60, deadline=None)

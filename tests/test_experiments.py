@@ -358,6 +358,37 @@ def test_a_first_pass_with_fewer_rounds_is_extended_to_the_sweeps_rounds(
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_methods_own_setting_given_to_a_sweep_is_checked_once_and_warned_of_if_unused(
+    tmp_path, caplog
+):
+    """`--set fedprox.mu=-1` is refused as itself (not as the problem of some run that is not
+    FedProx, with every override listed); a valid one that no run reads is warned of."""
+    smoke = load_sweep(ROOT / "configs" / "sweeps" / "smoke.yaml")  # MH-pFedHN and -GD only
+    with pytest.raises(SweepError) as err:
+        runner.planned(smoke, tmp_path, {"fedprox.mu": -1})
+    assert str(err.value) == "--set: fedprox.mu=-1: Input should be greater than or equal to 0"
+    with caplog.at_level("WARNING", logger=runner.log.name):
+        runner.planned(smoke, tmp_path, {"fedprox.mu": 0.3, "global_model.temperature": 2.0})
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("--set fedprox.mu: no run"), warned
+
+
+def test_a_report_is_titled_by_its_sweep_and_by_its_folder_when_they_differ(tmp_path):
+    from experiments.report import title_of
+
+    folder = tmp_path / "my-try"
+    folder.mkdir()
+    assert title_of(folder) == "my-try"  # no status: the folder
+    status = {"sweep": "smoke", "runs": [{"run": "a", "sweep": "smoke"}]}
+    (folder / "sweep_status.json").write_text(json.dumps(status))
+    assert title_of(folder) == "smoke (folder my-try)"
+    status["runs"].append({"run": "b", "sweep": "other"})  # two sweeps made it
+    (folder / "sweep_status.json").write_text(json.dumps(status))
+    assert title_of(folder) == "my-try"
+    (folder / "sweep_status.json").write_text("{not json")
+    assert title_of(folder) == "my-try"
+
+
 # ------------------------------------------------------------ runs at once
 def test_runs_at_once_give_the_numbers_of_runs_one_at_a_time(tiny_npz, tmp_path):
     """--workers 2: every run in a process of its own, the metrics those of the sweep run one
