@@ -6,6 +6,8 @@ DataLoader, so a client's data order depends only on (seed, round, client) and c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ClientTrainConfig
+from common.seeding import stable_seed
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,17 @@ class Objective:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def seeded_global_generator(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Dropout (and any draw a model makes in `forward`) uses torch's global generator: seed it
+    from the client's own generator's seed, without drawing from that one (the data order
+    stays what it was), so that such a model repeats its numbers with the run's seed."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(stable_seed(generator.initial_seed(), "forward"))
+        yield
+
+
 def train_sgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -119,22 +133,23 @@ def train_sgd(
     device = next(model.parameters()).device
     # summed on the device in float64 (as Python floats would be): no GPU sync per step
     total, batches = torch.zeros((), dtype=torch.float64, device=device), 0
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            xb, yb = _batch(x[idx], device, layout), y[idx].to(device)
-            optimizer.zero_grad()
-            logits = model(xb)
-            if objective is None:
-                loss = F.cross_entropy(logits, yb)
-            else:
-                loss = objective(model, xb, logits, yb)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            optimizer.step()
-            total += loss.detach()
-            batches += 1
+    with seeded_global_generator(generator, device):  # dropout repeats with the seed
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), settings.batch_size):
+                idx = order[start : start + settings.batch_size]
+                xb, yb = _batch(x[idx], device, layout), y[idx].to(device)
+                optimizer.zero_grad()
+                logits = model(xb)
+                if objective is None:
+                    loss = F.cross_entropy(logits, yb)
+                else:
+                    loss = objective(model, xb, logits, yb)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                optimizer.step()
+                total += loss.detach()
+                batches += 1
     return float(total) / max(batches, 1)
 
 

@@ -76,3 +76,26 @@ def test_channels_last_and_contiguous_training_agree_up_to_float_rounding(archit
     assert abs(fast_correct - correct) <= 1
     mlp = build_model("mlp", num_classes=10, in_channels=1, image_size=28)
     assert memory_format_for(mlp, "auto") is None  # no convolution: left as it is
+
+
+def test_a_model_with_dropout_repeats_its_numbers_with_its_generator_seed():
+    """Dropout draws from torch's global generator, which other code advances by varying
+    amounts (found by a user: two runs of one command differed); training seeds it from the
+    client's generator, and leaves the global generator as it found it."""
+    from client_app.training import SGDSettings, train_sgd
+    from common.param_vector import model_to_vector
+
+    x, y = torch.randn(64, 20, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 4
+    settings = SGDSettings(lr=0.1, epochs=2, batch_size=16)
+
+    def trained(seed: int, global_draws: int) -> torch.Tensor:
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+        torch.rand(global_draws)  # what other code did before
+        before = torch.random.get_rng_state()
+        train_sgd(model, x, y, settings, torch.Generator().manual_seed(seed))
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return model_to_vector(model)
+
+    assert torch.equal(trained(7, 0), trained(7, 5))
+    assert not torch.equal(trained(7, 0), trained(8, 0))
