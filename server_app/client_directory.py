@@ -125,6 +125,14 @@ class ClientDirectory:
         self.refused[node] = Refusal(reason, server_round, retry, count)
         logger.warning("node %d refused: %s", node, reason)
 
+    def unadmitted(self) -> dict[str, dict[str, Any]]:
+        """Nodes refused at registration and not admitted since, for the run's summary: a
+        site that never joined must not go unnoticed in a run that went on without it."""
+        return {
+            str(node): {"count": r.count, "last_round": r.round, "last_reason": r.reason}
+            for node, r in sorted(self.refused.items())
+        }
+
     def connected(self, live: Iterable[int]) -> list[str]:
         """Keys whose node is connected, sorted."""
         nodes = set(live)

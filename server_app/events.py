@@ -89,6 +89,8 @@ def closing_line(summary: dict[str, Any], directory: Path | None = None) -> str:
         count = sum(entry["count"] for entry in rejected.values())
         clients = len({entry["client"] for entry in rejected.values()})
         text += f" | {count} replies refused or missing, from {clients} clients (summary.json)"
+    if summary.get("unadmitted_nodes"):
+        text += f" | {len(summary['unadmitted_nodes'])} nodes never admitted (summary.json)"
     return text if directory is None else f"{text} | outputs: {directory}"
 
 

@@ -888,7 +888,10 @@ class RoundLoop(Strategy):
             if pending is not log:
                 self.finish_row(log, result, num_rounds)
             self.checkpoint(server_round, num_rounds, pending)
-        self.observers.run_finished(run_summary(self.history))
+        summary = run_summary(self.history)
+        if self.directory.refused:
+            summary["unadmitted_nodes"] = self.directory.unadmitted()
+        self.observers.run_finished(summary)
         result.arrays = self.final_arrays()
         return result
 

@@ -168,6 +168,29 @@ def test_a_bad_parameter_count_is_refused(bad_k, caplog):
     assert strategy.history[-1]["clients_trained"] == 1
 
 
+def test_a_node_never_admitted_is_in_the_summary_and_the_closing_line(caplog):
+    """A run goes on without a site whose registration fails (server.min_clients allows it);
+    its end must say so, not only a warning at the start (found by a user under flwr run)."""
+    from server_app.events import ConsoleProgress, Observers
+
+    strategy, grid = run({0: "good", 1: "good"}, size_of={1: 0}, rounds=2)
+    summaries = []
+
+    class Keep(ConsoleProgress):
+        def run_finished(self, summary):
+            summaries.append(summary)
+            super().run_finished(summary)
+
+    strategy.observers = Observers([Keep()])
+    with caplog.at_level("INFO", logger="flwr.mh_pfedhn"):
+        strategy.start(grid)
+    (node,) = strategy.directory.refused
+    (entry,) = summaries[0]["unadmitted_nodes"].values()
+    assert list(summaries[0]["unadmitted_nodes"]) == [str(node)]
+    assert entry["count"] >= 1 and "K must be a positive integer" in entry["last_reason"]
+    assert "| 1 nodes never admitted (summary.json)" in caplog.records[-1].getMessage()
+
+
 def test_a_key_reporting_a_different_k_is_refused():
     configs = [{"partition-id": 0, "client-key": "same"}, {"partition-id": 1, "client-key": "same"}]
     strategy, grid = run({}, size_of={0: 40, 1: 48}, node_configs=configs)
