@@ -273,14 +273,23 @@ def read_timings(message: Message) -> dict[str, float]:
 
 
 # How Flower's runtimes word an exception a ClientApp raised: "<class 'pkg.Name'>:<'text'>".
-_FLOWER_EXCEPTION = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+_FLOWER_EXCEPTION = re.compile(r"<class '(?:[\w.]*\.)?([\w()]+)'>:<'(.*)'>", re.DOTALL)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.MULTILINE)  # a traceback's "ValueError: ..."
 
 
 def error_text(message: Message) -> str:
-    """An error reply, said plainly: `client error 2: NodeConfigError: unknown ...`."""
-    reason = str(message.error.reason)
+    """An error reply, said plainly: `client error 2: NodeConfigError: unknown ...`. Flower's
+    simulation wraps the client's exception in Ray's traceback (colours included): the first
+    exception raised in it is the cause, which is what is said."""
+    reason = _ANSI.sub("", str(message.error.reason))
     if match := _FLOWER_EXCEPTION.fullmatch(reason.strip()):
-        reason = f"{match[1]}: {match[2]}"
+        name, said = match[1], match[2]
+        if '\n  File "' in said:
+            raised = [m for m in _RAISED.finditer(said) if not m[1].endswith("ClientAppException")]
+            if raised:
+                name, said = raised[0][1].rsplit(".", 1)[-1], raised[0][2]
+        reason = f"{name}: {said}"
     return f"client error {message.error.code}: {reason}"[:500]
 
 

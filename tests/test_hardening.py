@@ -601,6 +601,15 @@ def test_a_refused_mh_pfedhngd_registration_leaves_nothing_registered():
         ("RuntimeError: disk not mounted yet", "RuntimeError: disk not mounted yet"),  # in-process
         ("<class 'x'> and more", "<class 'x'> and more"),  # not Flower's wording: kept as sent
         ("<class 'ValueError'>:<'it's <2>\nline two'>", "ValueError: it's <2>\nline two"),
+        # as Flower's Ray simulation words it (a ClientAppException in Ray's coloured traceback)
+        ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+         ".run()\x1b[39m (pid=1, ip=127.0.0.1)\n  File \"/x/ray_actor.py\", line 60, in run\n"
+         "client_app.models.ModelError: cannot import module 'mynets'\n\nThe above exception was "
+         "the direct cause of the following exception:\n\n\x1b[36mray::ClientAppActor.run()"
+         "\x1b[39m (pid=1, ip=127.0.0.1)\n  File \"/x/ray_actor.py\", line 65, in run\n"
+         "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+         "Message: cannot import module 'mynets''>",
+         "ModelError: cannot import module 'mynets'"),
     ],
 )  # fmt: skip
 def test_an_error_reply_is_said_plainly(reason, said):
