@@ -32,7 +32,13 @@ from flwr.common.config import parse_config_args
 from common.config import toml_value
 from deployment.credentials import Credentials, make_credentials
 from deployment.gateway import nginx_config
-from deployment.processes import free_port, kill_tree, wait_for_listen, wait_for_port
+from deployment.processes import (
+    exit_on_termination,
+    free_port,
+    kill_tree,
+    wait_for_listen,
+    wait_for_port,
+)
 from deployment.topology import TLS, Node, Service, default_nodes, services
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.insecure:
         print("WARNING: insecure laptop mode: no TLS, no authentication", file=sys.stderr)
-    with LocalCluster(nodes, workdir, tls=tls, insecure=args.insecure) as cluster:
+    with (
+        exit_on_termination(),
+        LocalCluster(nodes, workdir, tls=tls, insecure=args.insecure) as cluster,
+    ):
         mode = "locked" if cluster.locked else ("TLS only" if tls else "INSECURE")
         print(f"cluster up ({mode}): SuperLink {cluster.host}:{cluster.superlink_port}, "
               f"{len(nodes)} SuperNodes, logs in {cluster.logs}", flush=True)  # fmt: skip

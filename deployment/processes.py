@@ -11,7 +11,8 @@ import os
 import signal
 import socket
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -119,3 +120,20 @@ def _zombie(pid: int) -> bool:
 
 def pids_matching(marker: str) -> set[int]:
     return {pid for pid, (_, cmd) in _processes().items() if marker in cmd and pid != os.getpid()}
+
+
+@contextmanager
+def exit_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit inside the block, so that `with` blocks within it
+    stop what they started, as on Ctrl-C (a `timeout` or a closed terminal otherwise left the
+    local cluster's SuperLink and SuperNodes running); the previous handlers come back after."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -526,3 +526,30 @@ def test_a_deployment_where_no_client_can_load_its_data_fails_loudly(tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode != 0 and "finished:failed" in done.stderr, log[-3000:]
     assert "0 client(s) admitted" in log and log.count("not available") >= 2, log[-3000:]
+
+
+def test_a_terminated_command_still_stops_what_its_with_block_started(tmp_path):
+    """`timeout` or a closed terminal sends SIGTERM/SIGHUP: the local cluster's `with` block
+    must still run its cleanup (it left its SuperLink and SuperNodes running; found by a user)."""
+    marker = tmp_path / "cleaned"
+    script = f"""
+import contextlib, pathlib, sys, time
+from deployment.processes import exit_on_termination
+
+@contextlib.contextmanager
+def started():
+    try:
+        yield
+    finally:
+        pathlib.Path({str(marker)!r}).write_text("stopped")
+
+with exit_on_termination(), started():
+    print("up", flush=True)
+    time.sleep(60)
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert child.stdout.readline().strip() == "up"
+    child.terminate()
+    assert child.wait(timeout=30) == 128 + 15
+    assert marker.read_text() == "stopped"
