@@ -67,7 +67,7 @@ def train_together(
         return []
     template = models[0]
     device = next(template.parameters()).device
-    if not uses_vmap(device, vectorize):
+    if not uses_vmap(device, vectorize) or not all(map(_vmappable, models)):
         return train_each(models, datasets, settings, generators, workers)
     count = len(models)
     params = _stacked([dict(m.named_parameters()) for m in models])
@@ -157,13 +157,27 @@ def train_each(
     def cost(i: int) -> int:
         return len(datasets[i][1]) * sum(p.numel() for p in models[i].parameters())
 
-    with ThreadPoolExecutor(min(workers, count), thread_name_prefix="client") as pool:
+    cuda = sorted({p.device.index or 0 for m in models for p in m.parameters() if p.is_cuda})
+    # each client's train_sgd forks and restores the global generator; threads interleave
+    # those restores, so the state the pool leaves behind is set back here, once
+    with (
+        torch.random.fork_rng(devices=cuda),
+        ThreadPoolExecutor(min(workers, count), thread_name_prefix="client") as pool,
+    ):
         futures = {i: pool.submit(one, i) for i in sorted(range(count), key=cost, reverse=True)}
     return [futures[i].result() for i in range(count)]
 
 
 def _draws_randomness(model: nn.Module) -> bool:
+    """Dropout modules (a model drawing random numbers some other way in `forward` should use
+    `engine: loop`, docs/simulations.md)."""
     return any(isinstance(m, DROPOUT) for m in model.modules())
+
+
+def _vmappable(model: nn.Module) -> bool:
+    """vmap steps every stacked parameter with no generator of the client's: a model with
+    dropout or with frozen (requires_grad=False) parameters trains client by client."""
+    return not _draws_randomness(model) and all(p.requires_grad for p in model.parameters())
 
 
 def _rows(tensors: dict[str, torch.Tensor], pick: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -104,9 +104,16 @@ def seeded_global_generator(generator: torch.Generator, device: torch.device) ->
     """Dropout (and any draw a model makes in `forward`) uses torch's global generator: seed it
     from the client's own generator's seed, without drawing from that one (the data order
     stays what it was), so that such a model repeats its numbers with the run's seed."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(stable_seed(generator.initial_seed(), "forward"))
+    seed = stable_seed(generator.initial_seed(), "forward")
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # only what is forked and restored
+            yield
+        return
+    index = torch.cuda.current_device() if device.index is None else device.index
+    with torch.random.fork_rng(devices=[index]):
+        torch.default_generator.manual_seed(seed)
+        torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 

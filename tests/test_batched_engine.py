@@ -227,3 +227,33 @@ def test_models_with_dropout_train_one_at_a_time_in_the_loops_order():
         assert torch.equal(
             parameters_to_vector(a.parameters()), parameters_to_vector(b.parameters())
         )
+
+
+@pytest.mark.parametrize("kind", ["dropout", "frozen"])
+def test_models_vmap_cannot_train_as_the_loop_does_train_client_by_client(kind):
+    """vmap has no client generator for dropout (it raised) and steps every stacked parameter
+    (a frozen one moved): such models fall back to the loop's training, bit for bit."""
+    settings = SGDSettings(lr=0.05, epochs=1, batch_size=8)
+
+    def built():
+        models, data = clients(["mlp", "mlp"], [24, 16], dropout=kind == "dropout")
+        if kind == "frozen":
+            for m in models:
+                next(m.parameters()).requires_grad_(False)
+        return models, data
+
+    loop_models, data = built()
+    frozen = [next(m.parameters()).clone() for m in loop_models]
+    loop_losses = [
+        train_sgd(m, x, y, settings, torch.Generator().manual_seed(i))
+        for i, (m, (x, y)) in enumerate(zip(loop_models, data, strict=True))
+    ]
+    models, _ = built()
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    assert train_together(models, data, settings, generators, vectorize=True) == loop_losses
+    for a, b, start in zip(loop_models, models, frozen, strict=True):
+        assert torch.equal(
+            parameters_to_vector(a.parameters()), parameters_to_vector(b.parameters())
+        )
+        if kind == "frozen":
+            assert torch.equal(next(b.parameters()), start)
