@@ -275,7 +275,10 @@ def read_timings(message: Message) -> dict[str, float]:
 # How Flower's runtimes word an exception a ClientApp raised: "<class 'pkg.Name'>:<'text'>".
 _FLOWER_EXCEPTION = re.compile(r"<class '(?:[\w.]*\.)?([\w()]+)'>:<'(.*)'>", re.DOTALL)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.MULTILINE)  # a traceback's "ValueError: ..."
+# a traceback's exception line: "ValueError: ...", or a bare "AssertionError"
+_RAISED = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?:: (.*))?$", re.MULTILINE
+)
 
 
 def error_text(message: Message) -> str:
@@ -286,9 +289,9 @@ def error_text(message: Message) -> str:
     if match := _FLOWER_EXCEPTION.fullmatch(reason.strip()):
         name, said = match[1], match[2]
         if '\n  File "' in said:
-            raised = [m for m in _RAISED.finditer(said) if not m[1].endswith("ClientAppException")]
-            if raised:
-                name, said = raised[0][1].rsplit(".", 1)[-1], raised[0][2]
+            raised = (m for m in _RAISED.finditer(said) if not m[1].endswith("ClientAppException"))
+            if cause := next(raised, None):
+                name, said = cause[1].rsplit(".", 1)[-1], cause[2] or "(no message)"
         reason = f"{name}: {said}"
     return f"client error {message.error.code}: {reason}"[:500]
 

@@ -129,6 +129,8 @@ def exit_on_termination() -> Iterator[None]:
     local cluster's SuperLink and SuperNodes running); the previous handlers come back after."""
 
     def stop(signum: int, _frame: object) -> None:
+        for sig in previous:  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}

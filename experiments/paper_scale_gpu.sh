@@ -13,8 +13,12 @@ shift $(($# > 0 ? 1 : 0))
 out=${PAPER_SCALE_OUT:-outputs/paper_scale_gpu}
 results=${PAPER_SCALE_RESULTS:-results/paper_scale_gpu}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-timeout --signal=INT "$budget" python -m experiments.runner configs/sweeps/paper_scale_gpu.yaml \
-    --out "$out" --workers 2 --cpus-per-client 4 "$@"
+for arg in "$@"; do
+    [ "$arg" = --out ] && { echo "--out: set PAPER_SCALE_OUT instead" >&2; exit 2; }
+done
+# INT: the runner stops its workers; KILL a minute later if it hangs (the GPU time is counted)
+timeout -k 60 --signal=INT "$budget" python -m experiments.runner \
+    configs/sweeps/paper_scale_gpu.yaml --out "$out" --workers 2 --cpus-per-client 4 "$@"
 status=$?
 [ "$status" = 124 ] && echo "the time budget ran out: start again to continue from the checkpoints"
 mkdir -p "$results"
@@ -26,5 +30,11 @@ for run in "$out"/*/; do
         [ -f "$run$f" ] && cp "$run$f" "$results/$name/"
     done
 done
-python -m experiments.report "$results"
-[ "$status" = 124 ] || exit "$status"  # a failed run fails the script (after copying its rows)
+if ls "$results"/*/metrics.jsonl >/dev/null 2>&1; then
+    python -m experiments.report "$results" || exit 1
+fi
+# a failed run fails the script (after copying its rows); so does one in a run out of time
+if [ "$status" = 124 ] && grep -q '"status": "failed"' "$out/sweep_status.json" 2>/dev/null; then
+    exit 1
+fi
+[ "$status" = 124 ] || exit "$status"

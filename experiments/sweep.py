@@ -85,9 +85,8 @@ def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
         if key not in valid:
             raise ValueError(unknown_settings([key], leaf_keys()))
         section, _, name = key.partition(".")
-        if (
-            section in sections
-        ):  # checked here, once, not as a problem of some run of another method
+        # a method's own setting: checked here, once, not as the problem of some run
+        if section in sections:
             try:
                 sections[section].model_validate({name: value})
             except ValidationError as err:

@@ -46,6 +46,7 @@ class Refusal:
     round: int  # when it was refused
     retry_round: int | None  # when to ask again (None: never)
     count: int = 1
+    key: str | None = None  # the client key it claimed, if its reply said one
 
 
 class ClientDirectory:
@@ -114,7 +115,7 @@ class ClientDirectory:
         self.key_of[node] = key
         self.refused.pop(node, None)
 
-    def refuse(self, node: int, reason: str, server_round: int) -> None:
+    def refuse(self, node: int, reason: str, server_round: int, key: str | None = None) -> None:
         reason = protocol.printable(reason)  # it may quote what the client sent
         previous = self.refused.get(node)
         count = 1 if previous is None else previous.count + 1
@@ -122,15 +123,18 @@ class ClientDirectory:
         if self.requery_rounds:
             wait = min(self.requery_rounds * 2 ** (count - 1), MAX_REQUERY_ROUNDS)
             retry = server_round + wait
-        self.refused[node] = Refusal(reason, server_round, retry, count)
+        self.refused[node] = Refusal(reason, server_round, retry, count, key)
         logger.warning("node %d refused: %s", node, reason)
 
     def unadmitted(self) -> dict[str, dict[str, Any]]:
-        """Nodes refused at registration and not admitted since, for the run's summary: a
-        site that never joined must not go unnoticed in a run that went on without it."""
+        """Nodes refused at registration and not admitted since (nor their key, from a node
+        of its own: a fixed site restarts with a new node id), for the run's summary: a site
+        that never joined must not go unnoticed in a run that went on without it."""
         return {
             str(node): {"count": r.count, "last_round": r.round, "last_reason": r.reason}
+            | ({"key": r.key} if r.key is not None else {})
             for node, r in sorted(self.refused.items())
+            if r.key is None or r.key not in self.node_of
         }
 
     def connected(self, live: Iterable[int]) -> list[str]:

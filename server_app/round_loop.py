@@ -340,12 +340,12 @@ class RoundLoop(Strategy):
                 self.check_room(identity)
                 record = self.admit(identity, server_round)
             except (protocol.ReplyError, RegistrationError) as err:
-                self.directory.refuse(node, str(err), server_round)
+                self.directory.refuse(node, str(err), server_round, identity.client_key)
                 continue
             except Exception as err:  # noqa: BLE001 - one reply never stops the server
                 logger.exception("node %d: unexpected failure on its query reply", node)
                 self.directory.refuse(node, f"unusable reply ({type(err).__name__})",
-                                      server_round)  # fmt: skip
+                                      server_round, identity.client_key)  # fmt: skip
                 continue
             self.directory.bind(identity, node)
             self.log_admission(identity, record)
@@ -889,8 +889,8 @@ class RoundLoop(Strategy):
                 self.finish_row(log, result, num_rounds)
             self.checkpoint(server_round, num_rounds, pending)
         summary = run_summary(self.history)
-        if self.directory.refused:
-            summary["unadmitted_nodes"] = self.directory.unadmitted()
+        if unadmitted := self.directory.unadmitted():
+            summary["unadmitted_nodes"] = unadmitted
         self.observers.run_finished(summary)
         result.arrays = self.final_arrays()
         return result

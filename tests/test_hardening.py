@@ -610,6 +610,11 @@ def test_a_refused_mh_pfedhngd_registration_leaves_nothing_registered():
          "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
          "Message: cannot import module 'mynets''>",
          "ModelError: cannot import module 'mynets'"),
+        ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() "
+         "(pid=1)\n  File \"/x/a.py\", line 3, in run\nAssertionError\n\nThe above exception "
+         "was the direct cause of the following exception:\n\nflwr.clientapp.client_app."
+         "ClientAppException: \nException ClientAppException occurred. Message: '>",
+         "AssertionError: (no message)"),
     ],
 )  # fmt: skip
 def test_an_error_reply_is_said_plainly(reason, said):

@@ -38,3 +38,19 @@ def test_the_paper_scale_script_runs_copies_its_curves_and_reports(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]  # round 0: the initial evaluation
     assert json.loads((run / "summary.json").read_text())["rounds"] == 2
     assert (results / "results.md").is_file()
+
+
+def test_the_paper_scale_script_fails_when_a_run_fails_and_refuses_out(tmp_path):
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "PAPER_SCALE_OUT": str(tmp_path / "out"),
+           "PAPER_SCALE_RESULTS": str(tmp_path / "results"), "PATH": path}  # fmt: skip
+    script = str(ROOT / "experiments" / "paper_scale_gpu.sh")
+    missing = ["--set", f"data.source=npz:{tmp_path / 'missing.npz'}", "--set", "rounds=1",
+               "--set", "client.device=cpu", "--set", "hypernetwork.device=cpu"]  # fmt: skip
+    failed = subprocess.run(["bash", script, "120", "--only", "lenet50", *missing], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert failed.returncode != 0, failed.stdout[-2000:]
+    assert "FAILED cifar10_homogeneous-lenet50" in failed.stderr
+    refused = subprocess.run(["bash", script, "10", "--out", "x"], env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "PAPER_SCALE_OUT" in refused.stderr

@@ -191,6 +191,19 @@ def test_a_node_never_admitted_is_in_the_summary_and_the_closing_line(caplog):
     assert "| 1 nodes never admitted (summary.json)" in caplog.records[-1].getMessage()
 
 
+def test_a_site_refused_then_admitted_from_a_new_node_is_not_reported_as_never_admitted():
+    """A fixed site restarts with a new node id; its old id's refusal is not a missing site."""
+    from server_app.client_directory import ClientDirectory
+
+    directory = ClientDirectory(require_proof=False)
+    directory.refuse(1001, "K=0", 0, key="site-a")
+    directory.refuse(1002, "no identity", 0)  # said no key
+    directory.refuse(1003, "K=0", 0, key="site-b")
+    directory.bind(protocol.Identity("site-a", 40), 1004)
+    assert list(directory.unadmitted()) == ["1002", "1003"]
+    assert directory.unadmitted()["1003"]["key"] == "site-b"
+
+
 def test_a_key_reporting_a_different_k_is_refused():
     configs = [{"partition-id": 0, "client-key": "same"}, {"partition-id": 1, "client-key": "same"}]
     strategy, grid = run({}, size_of={0: 40, 1: 48}, node_configs=configs)
@@ -287,12 +300,14 @@ def test_a_client_refused_in_both_phases_counts_once_and_each_phase_is_named():
         return {"round": n, "accuracy": None, "seconds": 1.0, "bytes_down": 0, "bytes_up": 0,
                 "rejected": list(rejected)}  # fmt: skip
 
-    global_refusal = {"client": "c1", "phase": "global", "reason": "no reply before the timeout"}
-    history = [row(1, {"client": "c1", "reason": "r"}, global_refusal), row(2, global_refusal)]
+    north, south = "lab (north)", "lab (south)"  # keys may hold " (": the phase is a field
+    global_refusal = {"client": north, "phase": "global", "reason": "no reply before the timeout"}
+    history = [row(1, {"client": north, "reason": "r"}, global_refusal),
+               row(2, global_refusal, {"client": south, "reason": "r"})]  # fmt: skip
     summary = run_summary(history)
     counts = {k: (v["client"], v["count"]) for k, v in summary["rejected"].items()}
-    assert counts == {"c1": ("c1", 1), "c1 (global phase)": ("c1", 2)}
-    assert "3 replies refused or missing, from 1 clients" in closing_line(summary)
+    assert counts == {north: (north, 1), f"{north} (global phase)": (north, 2), south: (south, 1)}
+    assert "4 replies refused or missing, from 2 clients" in closing_line(summary)
 
 
 def test_a_node_that_joins_later_is_queried_and_trained():
