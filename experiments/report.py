@@ -527,6 +527,19 @@ def _with_blank(section: list[str]) -> list[str]:
     return [*section, ""] if section else []
 
 
+def comparable(lines: dict[str, list[RunResult]]) -> tuple[dict[str, list[RunResult]], str]:
+    """Each method's runs of the seeds every method finished, and what they are: the seeds
+    differ in their partitions, so a mean over seeds 0-2 beside one of seed 0 alone would
+    compare the seeds, not the methods. Without a seed in common, every run, said so."""
+    shared = set.intersection(*({m.seed for m in members} for members in lines.values()))
+    if not shared:
+        return lines, "the methods' seeds differ"
+    said = f"seed{'s' * (len(shared) > 1)} {', '.join(map(str, sorted(shared)))}"
+    if any(m.seed not in shared for members in lines.values() for m in members):
+        said += ", those every method finished"
+    return {k: [m for m in ms if m.seed in shared] for k, ms in lines.items()}, said
+
+
 def plot(runs: list[RunResult], directory: Path) -> list[Path]:
     """accuracy.png (a panel per experiment), accuracy-<experiment>.png, and for a sweep of
     variants (one method per experiment) accuracy-variants.png with every variant on one axes."""
@@ -542,9 +555,8 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
         return []
 
     def draw(ax, experiment: str, first: int = 0) -> None:
-        lines = by_experiment[experiment]
-        seeds = max(len(members) for members in lines.values())
-        title = f"{experiment} (mean of {seeds} seed{'s' * (seeds != 1)}, min-max band)"
+        lines, seeds = comparable(by_experiment[experiment])
+        title = f"{experiment} ({seeds}; mean, min-max band)"
         _draw_curves(ax, lines, title if first == 0 else
                      f"rounds {first}+ (the late mean's window)", first)  # fmt: skip
 

@@ -404,10 +404,10 @@ def _one_run(
     return Outcome(run.name, "ok", time.perf_counter() - started, resumed=resumed)
 
 
-def planned(sweep: Sweep, out: Path, settings: dict) -> list[PlannedRun]:
+def planned(sweep: Sweep, out: Path, settings: Mapping[str, Any] | None) -> list[PlannedRun]:
     """experiments.sweep.plan, warning of `--set` keys that no run's method reads."""
     runs = plan(sweep, out, settings)
-    for key in unused_settings(settings, [run for run, _, _ in runs]):
+    for key in unused_settings(settings or {}, [run for run, _, _ in runs]):
         log.warning("--set %s: no run of this sweep is of the method whose setting it is; "
                     "it changes nothing", key)  # fmt: skip
     return runs
