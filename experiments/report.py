@@ -556,9 +556,9 @@ def plot(runs: list[RunResult], directory: Path) -> list[Path]:
 
     def draw(ax, experiment: str, first: int = 0) -> None:
         lines, seeds = comparable(by_experiment[experiment])
-        title = f"{experiment} ({seeds}; mean, min-max band)"
+        title = f"{experiment}\n{seeds}; mean, min-max band"
         _draw_curves(ax, lines, title if first == 0 else
-                     f"rounds {first}+ (the late mean's window)", first)  # fmt: skip
+                     f"rounds {first}+\nthe late mean's window", first)  # fmt: skip
 
     written = []
     for experiment in by_experiment:
