@@ -89,7 +89,8 @@ def test_a_clients_text_cannot_forge_a_log_line(caplog):
         strategy.start(grid)
     assert not any(line.startswith("[round 1/1] accuracy 0.9990") for line in
                    caplog.text.splitlines())  # fmt: skip
-    assert "\\n[round 1/1] accuracy 0.9990 \\x1b[31m" in caplog.text
+    assert "boom\\n[round 1/1] accuracy 0.9990" in caplog.text  # escaped, on one line
+    assert "\x1b" not in caplog.text  # a colour code is escaped or (in a reason) dropped
     # in-process, the client's traceback is logged too: each line marked with its node, escaped
     assert " | Traceback (most recent call last):" in caplog.text
     assert " | [round 1/1] accuracy 0.9990 \\x1b[31m" in caplog.text
