@@ -105,15 +105,13 @@ def seeded_global_generator(generator: torch.Generator, device: torch.device) ->
     from the client's own generator's seed, without drawing from that one (the data order
     stays what it was), so that such a model repeats its numbers with the run's seed."""
     seed = stable_seed(generator.initial_seed(), "forward")
-    if device.type != "cuda":
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)  # only what is forked and restored
-            yield
-        return
-    index = torch.cuda.current_device() if device.index is None else device.index
-    with torch.random.fork_rng(devices=[index]):
-        torch.default_generator.manual_seed(seed)
-        torch.cuda.default_generators[index].manual_seed(seed)
+    cuda = []
+    if device.type == "cuda":
+        cuda = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)  # only what is forked and restored
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 
