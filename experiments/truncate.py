@@ -4,7 +4,9 @@ equal rounds (e.g. a 150-round Table 7 run's first 80 rounds beside an 80-round 
     python -m experiments.truncate SRC_RUN DST_RUN --rounds 80 [--experiment NAME]
 
 Writes DST_RUN/config.yaml (`rounds: N`), metrics.jsonl (the rows up to round N), summary.json
-(recomputed as an N-round run writes it) and sweep_run.json (the experiment name the report
+(recomputed as an N-round run writes it; nodes never admitted, which metrics.jsonl does not
+record, are those of the source's summary first refused by round N, with their counts and last
+reasons as the whole run saw them) and sweep_run.json (the experiment name the report
 groups it under, and `truncated_from`). An N-round run computes exactly the first N rounds of a
 longer run of the same config and seed, which is why raising `rounds` extends a run
 (docs/concepts/round.md); tests/test_truncate.py checks the equality end to end.
@@ -39,6 +41,8 @@ def truncate(source: Path, target: Path, rounds: int, experiment: str | None = N
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     kept = [r for r in rows if r["round"] <= rounds]
     summary = run_summary(kept)
+    if unadmitted := unadmitted_by(source, rounds):
+        summary["unadmitted_nodes"] = unadmitted
     target.mkdir(parents=True)
     (target / "config.yaml").write_text(yaml.safe_dump({**config, "rounds": rounds},
                                                        sort_keys=False))  # fmt: skip
@@ -59,6 +63,13 @@ def truncate(source: Path, target: Path, rounds: int, experiment: str | None = N
     }
     (target / "sweep_run.json").write_text(json.dumps(info, indent=2) + "\n")
     return summary
+
+
+def unadmitted_by(source: Path, rounds: int) -> dict[str, dict]:
+    """The source summary's nodes never admitted that were refused by round `rounds`."""
+    path = source / "summary.json"
+    nodes = json.loads(path.read_text()).get("unadmitted_nodes", {}) if path.is_file() else {}
+    return {node: entry for node, entry in nodes.items() if entry["first_round"] <= rounds}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ class Refusal:
     reason: str
     round: int  # when it was refused
     retry_round: int | None  # when to ask again (None: never)
+    first_round: int  # when this node was first refused
     count: int = 1
     key: str | None = None  # the client key it claimed, if its reply said one
 
@@ -119,11 +120,12 @@ class ClientDirectory:
         reason = protocol.printable(reason)  # it may quote what the client sent
         previous = self.refused.get(node)
         count = 1 if previous is None else previous.count + 1
+        first = server_round if previous is None else previous.first_round
         retry = None
         if self.requery_rounds:
             wait = min(self.requery_rounds * 2 ** (count - 1), MAX_REQUERY_ROUNDS)
             retry = server_round + wait
-        self.refused[node] = Refusal(reason, server_round, retry, count, key)
+        self.refused[node] = Refusal(reason, server_round, retry, first, count, key)
         logger.warning("node %d refused: %s", node, reason)
 
     def unadmitted(self) -> dict[str, dict[str, Any]]:
@@ -131,7 +133,12 @@ class ClientDirectory:
         of its own: a fixed site restarts with a new node id), for the run's summary: a site
         that never joined must not go unnoticed in a run that went on without it."""
         return {
-            str(node): {"count": r.count, "last_round": r.round, "last_reason": r.reason}
+            str(node): {
+                "count": r.count,
+                "first_round": r.first_round,
+                "last_round": r.round,
+                "last_reason": r.reason,
+            }
             | ({"key": r.key} if r.key is not None else {})
             for node, r in sorted(self.refused.items())
             if r.key is None or r.key not in self.node_of

@@ -199,9 +199,16 @@ def test_a_site_refused_then_admitted_from_a_new_node_is_not_reported_as_never_a
     directory.refuse(1001, "K=0", 0, key="site-a")
     directory.refuse(1002, "no identity", 0)  # said no key
     directory.refuse(1003, "K=0", 0, key="site-b")
+    directory.refuse(1003, "K=0", 2, key="site-b")
     directory.bind(protocol.Identity("site-a", 40), 1004)
     assert list(directory.unadmitted()) == ["1002", "1003"]
-    assert directory.unadmitted()["1003"]["key"] == "site-b"
+    assert directory.unadmitted()["1003"] == {
+        "count": 2,
+        "first_round": 0,
+        "last_round": 2,
+        "last_reason": "K=0",
+        "key": "site-b",
+    }
 
 
 def test_a_key_reporting_a_different_k_is_refused():

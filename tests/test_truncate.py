@@ -57,3 +57,20 @@ def test_truncating_refuses_what_it_cannot_do_and_overwrites_nothing(tmp_path, c
     assert main([str(run), str(tmp_path / "taken"), "--rounds", "2"]) == 2
     assert "exists" in capsys.readouterr().err and not list((tmp_path / "taken").iterdir())
     assert main([str(run), str(tmp_path / "cut"), "--rounds", "2"]) == 0
+
+
+def test_a_cut_run_keeps_the_nodes_never_admitted_by_its_last_round(tmp_path):
+    """metrics.jsonl does not record registration refusals: the summary's list is carried."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: exp\nmethod: local\nrounds: 4\n")
+    rows = [{"round": r, "accuracy": 0.5, "seconds": 1.0, "bytes_down": 0, "bytes_up": 0,
+             "accuracy_client_mean": 0.5} for r in range(5)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    early = {"count": 3, "first_round": 1, "last_round": 4, "last_reason": "K=0", "key": "a"}
+    late = {"count": 1, "first_round": 3, "last_round": 3, "last_reason": "K=0"}
+    summary = {"unadmitted_nodes": {"7": early, "8": late}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert truncate(run, tmp_path / "cut2", 2)["unadmitted_nodes"] == {"7": early}
+    (run / "summary.json").write_text(json.dumps({"unadmitted_nodes": {"8": late}}))
+    assert "unadmitted_nodes" not in truncate(run, tmp_path / "cut1", 2)
