@@ -119,7 +119,7 @@ class DataConfig(_Section):
         "(seeded per client), evaluated beside the test split so that a round can be "
         "selected without looking at test data; 0: no validation split",
     )
-    normalize: str = Field(
+    normalize: Literal["auto", "none"] = Field(
         "auto",
         description="auto: per-channel statistics chosen by the dataset's name (for other "
         "datasets, the pool's own); none: only scale to [0, 1]",
@@ -295,7 +295,8 @@ class ServerConfig(_Section):
         4.0,
         ge=0,
         description="a client's example count weighs at most this many times the "
-        "round's lower median (FedAvg, MH-pFedHNGD phase 1); 0: unbounded",
+        "round's lower median, in aggregation (FedAvg, MH-pFedHNGD phase 1) and in pooled "
+        "accuracy and loss; 0: unbounded",
     )
     delta_norm_bound: float = Field(
         0.0,

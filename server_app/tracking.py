@@ -37,7 +37,9 @@ SCALARS = {
     "global_accuracy": "accuracy/global_model",
     "novel_accuracy": "accuracy/novel_clients",
     "training_accuracy": "accuracy/training_clients",
+    "val_accuracy": "accuracy/validation",
     "loss": "loss/test",
+    "val_loss": "loss/validation",
     "train_loss": "loss/train",
     "global_train_loss": "loss/train_global_model",
     "seconds": "time/round_seconds",
@@ -47,7 +49,10 @@ SCALARS = {
     "clients_trained": "clients/trained",
     "clients_evaluated": "clients/evaluated",
 }
-SUMMARY = ("final_accuracy", "final_round", "best_accuracy", "best_round", "total_seconds")
+SUMMARY = (
+    "final_accuracy", "final_round", "best_accuracy", "best_round", "selected_accuracy",
+    "selected_round", "total_seconds",
+)  # fmt: skip
 HPARAMS = (  # the settings a sweep varies, as TensorBoard's hparams columns
     "method", "seed", "data.source", "data.partitioner", "clients.models",
     "hypernetwork.schedule", "hypernetwork.embedding_std", "hypernetwork.lr", "client.lr",

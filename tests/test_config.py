@@ -173,6 +173,7 @@ def test_an_experiment_can_be_a_path(tmp_path):
         ({"hypernetwork.schedule": "parallel"}, "schedule"),
         ({"hypernetwork.update_mode": "batched"}, "is now hypernetwork.schedule"),
         ({"data.partitioner": "dirichlet"}, "partitioner"),
+        ({"data.normalize": "None"}, r"data\.normalize: Input should be 'auto' or 'none'"),
         ({"preset": "fast"}, "unknown preset"),
         (
             {"method": "fedavg"},

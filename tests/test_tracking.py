@@ -129,3 +129,16 @@ def test_a_missing_tracking_library_is_a_clear_configuration_error(monkeypatch):
         ConfigError, match=r"mlflow is not installed: pip install -e \".\[tracking\]\""
     ):
         trackers(cfg, __import__("pathlib").Path("/tmp"))
+
+
+def test_a_rounds_validation_figures_are_logged_beside_its_test_figures():
+    from server_app.tracking import round_scalars
+
+    row = {"accuracy": 0.8, "loss": 0.5, "val_accuracy": 0.7, "val_loss": 0.9, "rejected": []}
+    assert round_scalars(row) == {
+        "accuracy/pooled": 0.8,
+        "loss/test": 0.5,
+        "accuracy/validation": 0.7,
+        "loss/validation": 0.9,
+        "clients/rejected_replies": 0.0,
+    }
