@@ -187,14 +187,14 @@ def markdown(comparisons: Sequence[Comparison], notes: Sequence[str] = ()) -> li
         "## The paper's orderings, paired over seeds",
         "",
         "MH-pFedHN and MH-pFedHNGD, each against every other method of the experiment with a "
-        "figure in the paper's Table 7: the paper's order, by how much it puts the higher "
-        "method ahead, and, per accuracy, this folder's difference higher minus lower in that "
-        "order, computed seed by seed over the seeds both methods finished, in points: mean ± "
-        "sample standard deviation and whether the paper's order **holds** in every seed, is "
-        "**reversed** in every seed or is **mixed**. One seed gives no spread and cannot say "
-        "that an order holds: such a cell says only whether that seed went as the paper or "
-        "against it. The paper's figures are best rounds within up to 500 rounds, averaged "
-        "over three runs; these runs are as long as the table above says. Runs without "
+        "figure in the paper's Table 7: the paper's order, by how much it puts the higher method "
+        "ahead, and, per accuracy, this folder's difference higher minus lower in that order, "
+        "computed seed by seed over the seeds both methods finished, in points: mean ± sample "
+        "standard deviation and whether the paper's order **holds** in every seed, is **reversed**"
+        " in every seed, is **level** (equal in every seed) or is **mixed**. One seed gives no "
+        "spread and cannot say that an order holds: such a cell says only whether that seed went "
+        "as the paper or against it. The paper's figures are best rounds within up to 500 rounds, "
+        "averaged over three runs; these runs are as long as the table above says. Runs without "
         "results (listed at the end) are not included.",
         "",
         "| experiment | paper's order | paper (pts) | seeds "

@@ -142,11 +142,19 @@ def _nan_if_none(value: Any) -> float:
 
 
 def _readable_rows(directory: Path) -> list[dict[str, Any]]:
-    """An unfinished run's metrics rows; none when they cannot be read."""
+    """An unfinished run's metrics rows up to the first unreadable line (a running run's last
+    line may be half written); none when the file cannot be read."""
     try:
-        return read_metrics(directory / "metrics.jsonl")
+        lines = (directory / "metrics.jsonl").read_text().splitlines()
     except (OSError, ValueError):
         return []
+    rows = []
+    for line in filter(str.strip, lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
 
 
 def _progress(rows: list[dict[str, Any]], planned: int | None) -> str:
@@ -335,6 +343,12 @@ def aggregate(runs: Iterable[RunResult]) -> list[dict[str, Any]]:
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(r, name) for r in members])
         row["paper_accuracy"] = members[0].paper_accuracy
         row["settings_differ"] = orderings.said(orderings.settings_that_differ(members))
+        seeds = [r.seed for r in members]
+        row["repeated_seeds"] = " ".join(str(s) for s in sorted(set(seeds)) if seeds.count(s) > 1)
+        row["partial_figures"] = " ".join(
+            name for name, _ in orderings.MEASURES
+            if 0 < sum(math.isnan(getattr(r, name)) for r in members) < len(members)
+        )  # fmt: skip
         row["best_selected_by"] = BEST_LABEL
         row["selected_by"] = SELECTED_LABEL
         table.append(row)
@@ -448,6 +462,12 @@ def _mixed_rows(table: list[dict[str, Any]]) -> list[str]:
     lines = [f"- **{row['experiment']} / {row['method']} mixes settings**: its runs differ in "
              f"{row['settings_differ']}; its mean and spread are not those of one setting."
              for row in table if row["settings_differ"]]  # fmt: skip
+    lines += [f"- **{row['experiment']} / {row['method']} has more than one run of seed "
+              f"{row['repeated_seeds']}**: they count as separate seeds in its mean and spread."
+              for row in table if row["repeated_seeds"]]  # fmt: skip
+    lines += [f"- **{row['experiment']} / {row['method']}: {row['partial_figures']} missing from "
+              "some runs**: those means and spreads are over fewer runs than its seeds."
+              for row in table if row["partial_figures"]]  # fmt: skip
     lines += [f"- **{row['experiment']} / {row['method']} mixes run lengths** ({row['rounds']} "
               "rounds): its mean and spread are not those of one length."
               for row in table if not isinstance(row["rounds"], int)]  # fmt: skip
@@ -689,6 +709,8 @@ RESULT_COLUMNS = [
     *(f"{name}_{stat}" for name in SUMMARISED for stat in ("mean", "std")),
     "paper_accuracy",
     "settings_differ",
+    "repeated_seeds",
+    "partial_figures",
     "best_selected_by",
     "selected_by",
 ]

@@ -782,7 +782,7 @@ def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
     odd.mkdir()
     lines = ['{"round": 0, "accuracy": NaN}', '{"round": 1, "accuracy": 0.4, "seconds": null}',
              '{"round": 2, "accuracy": 0.5, "bytes_down": null}']  # fmt: skip
-    (odd / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (odd / "metrics.jsonl").write_text("\n".join(lines) + '\n{"round": 3, "accur')  # half written
     done, incomplete = load_runs(tmp_path)
     odd_figures = next(item.so_far for item in incomplete if item.run == "odd")
     assert (odd_figures.best_accuracy, odd_figures.best_round, odd_figures.rounds) == (0.5, 2, 2)

@@ -258,6 +258,28 @@ def test_a_table_whose_rows_ran_for_different_lengths_says_so():
                                     "mean and spread are not those of one length."]  # fmt: skip
 
 
+def test_a_row_with_two_runs_of_one_seed_or_a_figure_missing_from_some_runs_says_so():
+    """A copied rerun of seed 0 must not pass for a second seed, and a mean over two of three
+    runs must not pass for a three-seed mean."""
+    from experiments.report import _mixed_rows, aggregate
+
+    rerun = [_result("local", 0, 0.85), _result("local", 0, 0.65), _result("local", 1, 0.8)]
+    (row,) = aggregate(rerun)
+    assert (row["seeds"], row["repeated_seeds"], row["partial_figures"]) == (3, "0", "")
+    partial = [_result("local", s, 0.8) for s in (0, 1, 2)]
+    partial[1].selected_accuracy = float("nan")  # a run without a validation split
+    (other,) = aggregate(partial)
+    assert other["partial_figures"] == "selected_accuracy"
+    assert _mixed_rows([row, other]) == [
+        "",
+        "- **x / local has more than one run of seed 0**: they count as separate seeds in its "
+        "mean and spread.",
+        "- **x / local: selected_accuracy missing from some runs**: those means and spreads are "
+        "over fewer runs than its seeds.",
+    ]
+    assert _mixed_rows(aggregate([_result("local", s, 0.8) for s in (0, 1)])) == []
+
+
 def test_the_reason_for_no_orderings_is_given_only_when_every_run_of_ours_is_outside():
     from experiments.report import _no_orderings
 
