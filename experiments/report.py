@@ -478,6 +478,16 @@ def _mixed_rows(table: list[dict[str, Any]]) -> list[str]:
     lines += [f"- **{experiment}: rows of different lengths** "
               f"({', '.join(map(str, sorted(rounds)))} rounds): compare its rows with care."
               for experiment, rounds in lengths.items() if len(rounds) > 1]  # fmt: skip
+    seed_sets: dict[str, dict[str, list[str]]] = {}
+    for row in table:
+        seed_sets.setdefault(row["experiment"], {}).setdefault(row["seed_list"], []).append(
+            row["method"]
+        )
+    lines += [f"- **{experiment}: rows over different seeds** ("
+              + "; ".join(f"{', '.join(methods)}: {seeds}" for seeds, methods in sets.items())
+              + "): a seed draws the partition, so rows over other seeds differ by more than "
+              "their methods; the orderings pair methods seed by seed."
+              for experiment, sets in seed_sets.items() if len(sets) > 1]  # fmt: skip
     return ["", *lines] if lines else []
 
 

@@ -249,8 +249,8 @@ def test_runs_of_different_settings_are_neither_averaged_silently_nor_paired():
 def test_a_table_whose_rows_ran_for_different_lengths_says_so():
     from experiments.report import _mixed_rows, aggregate
 
-    rows = aggregate([_result("local", 0, 0.8, rounds=4), _result("fedavg", 0, 0.5, rounds=20),
-                      _result("local", 1, 0.8, rounds=4)])  # fmt: skip
+    rows = aggregate([_result("local", s, 0.8, rounds=4) for s in (0, 1)]
+                     + [_result("fedavg", s, 0.5, rounds=20) for s in (0, 1)])  # fmt: skip
     assert _mixed_rows(rows) == ["", "- **x: rows of different lengths** (4, 20 rounds): compare "
                                  "its rows with care."]  # fmt: skip
     one_row = aggregate([_result("local", 0, 0.8, rounds=20), _result("local", 1, 0.8, rounds=30)])
@@ -270,14 +270,31 @@ def test_a_row_with_two_runs_of_one_seed_or_a_figure_missing_from_some_runs_says
     partial[1].selected_accuracy = float("nan")  # a run without a validation split
     (other,) = aggregate(partial)
     assert other["partial_figures"] == "selected_accuracy"
-    assert _mixed_rows([row, other]) == [
+    assert _mixed_rows([row]) == [
         "",
         "- **x / local has more than one run of seed 0**: they count as separate seeds in its "
         "mean and spread.",
+    ]
+    assert _mixed_rows([other]) == [
+        "",
         "- **x / local: selected_accuracy missing from some runs**: those means and spreads are "
         "over fewer runs than its seeds.",
     ]
     assert _mixed_rows(aggregate([_result("local", s, 0.8) for s in (0, 1)])) == []
+
+
+def test_a_table_whose_rows_average_different_seeds_says_so():
+    """A three-seed mean beside a one-seed figure compares the seeds' partitions too."""
+    from experiments.report import _mixed_rows, aggregate
+
+    runs = [_result("local", s, 0.8) for s in (0, 1, 2)] + [_result("fedgh", 0, 0.7)]
+    runs += [_result("pfedhn", s, 0.8) for s in (0, 1, 2)]
+    assert _mixed_rows(aggregate(runs)) == [
+        "",
+        "- **x: rows over different seeds** (fedgh: 0; local, pfedhn: 0 1 2): a seed draws the "
+        "partition, so rows over other seeds differ by more than their methods; the orderings "
+        "pair methods seed by seed.",
+    ]
 
 
 def test_the_reason_for_no_orderings_is_given_only_when_every_run_of_ours_is_outside():
