@@ -69,7 +69,11 @@ def unadmitted_by(source: Path, rounds: int) -> dict[str, dict]:
     """The source summary's nodes never admitted that were refused by round `rounds`."""
     path = source / "summary.json"
     nodes = json.loads(path.read_text()).get("unadmitted_nodes", {}) if path.is_file() else {}
-    return {node: entry for node, entry in nodes.items() if entry["first_round"] <= rounds}
+    return {  # a summary of before first_round was recorded: known refused by its last round
+        node: entry
+        for node, entry in nodes.items()
+        if entry.get("first_round", entry["last_round"]) <= rounds
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
