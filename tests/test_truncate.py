@@ -42,13 +42,19 @@ def test_a_run_cut_at_round_n_is_the_n_round_run(tiny_npz, tmp_path):
     assert "rounds: 2" in (cut / "config.yaml").read_text()
 
 
-def test_truncating_refuses_what_it_cannot_do_and_overwrites_nothing(tmp_path, capsys):
+def _logged_run(tmp_path, planned, logged):
+    """A run folder planning `planned` rounds whose metrics.jsonl has rounds 0..logged-1."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("name: exp\nmethod: local\nrounds: 3\n")
+    (run / "config.yaml").write_text(f"name: exp\nmethod: local\nrounds: {planned}\n")
     rows = [{"round": r, "accuracy": 0.5, "seconds": 1.0, "bytes_down": 0, "bytes_up": 0,
-             "accuracy_client_mean": 0.5} for r in range(3)]  # fmt: skip
+             "accuracy_client_mean": 0.5} for r in range(logged)]  # fmt: skip
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_truncating_refuses_what_it_cannot_do_and_overwrites_nothing(tmp_path, capsys):
+    run = _logged_run(tmp_path, planned=3, logged=3)  # round 3 never logged
     for rounds in (0, 3, 4):  # round 3 was planned but never logged
         with pytest.raises(ValueError, match=f"no round {rounds}"):
             truncate(run, tmp_path / "cut", rounds)
@@ -61,12 +67,7 @@ def test_truncating_refuses_what_it_cannot_do_and_overwrites_nothing(tmp_path, c
 
 def test_a_cut_run_keeps_the_nodes_never_admitted_by_its_last_round(tmp_path):
     """metrics.jsonl does not record registration refusals: the summary's list is carried."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text("name: exp\nmethod: local\nrounds: 4\n")
-    rows = [{"round": r, "accuracy": 0.5, "seconds": 1.0, "bytes_down": 0, "bytes_up": 0,
-             "accuracy_client_mean": 0.5} for r in range(5)]  # fmt: skip
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = _logged_run(tmp_path, planned=4, logged=5)
     early = {"count": 3, "first_round": 1, "last_round": 4, "last_reason": "K=0", "key": "a"}
     late = {"count": 1, "first_round": 3, "last_round": 3, "last_reason": "K=0"}
     summary = {"unadmitted_nodes": {"7": early, "8": late}}
