@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,22 @@ class Layout:
     shared: list[str] | None  # the vector's parameters; None = all trainable ones
     local: list[str]
     frozen: list[str]
+
+
+def model_layout(
+    model: nn.Module, local_layers: Sequence[str] = (), frozen_layers: Sequence[str] = ()
+) -> Layout:
+    """The layout a client's `local-layers` and `frozen-layers` patterns give its model;
+    a selection that matches nothing, or that keeps every parameter home, is refused."""
+    local = matching_parameter_names(model, local_layers, "local-layers")
+    frozen = matching_parameter_names(model, frozen_layers, "frozen-layers")
+    if set(local) & set(frozen):
+        raise ValueError(f"layers both local and frozen: {sorted(set(local) & set(frozen))}")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if len(local) == len(trainable):
+        raise ValueError("local-layers keep every parameter on the client: nothing to send")
+    shared = [n for n in trainable if n not in set(local)] if local else None
+    return Layout(shared, local, frozen)
 
 
 @dataclass(frozen=True)
@@ -85,15 +101,7 @@ class Session:
             model.load_state_dict(state, strict=False)
 
     def layout(self, model: nn.Module) -> Layout:
-        local = matching_parameter_names(model, self.spec.local_layers, "local-layers")
-        frozen = matching_parameter_names(model, self.spec.frozen_layers, "frozen-layers")
-        if set(local) & set(frozen):
-            raise ValueError(f"layers both local and frozen: {sorted(set(local) & set(frozen))}")
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        if len(local) == len(trainable):
-            raise ValueError("local-layers keep every parameter on the client: nothing to send")
-        shared = [n for n in trainable if n not in set(local)] if local else None
-        return Layout(shared, local, frozen)
+        return model_layout(model, self.spec.local_layers, self.spec.frozen_layers)
 
     def save_buffers(self, model: nn.Module, slot: str = BUFFERS) -> None:
         """BatchNorm statistics for the next message (in `slot`: a method may keep several)."""
