@@ -7,8 +7,10 @@ This is all a client implementation has to honour (see README "Plugging in your 
                                     client keeps; the first one registered binds the key)]
                                  [, "role": "novel"  (joins after training, paper 4.4)]
                                  [, "global-num-params": K_g  (MH-pFedHNG/GD)]
-                                 [, "tensor-sizes": [int, ...]  (pFedHN baseline)]}
-                        arrays  {"initial": float32[K]}  (FedAvg baseline only)
+                                 [, "tensor-sizes": [int, ...]  (pFedHN, pFedLHN, pFedLA,
+                                    PeFLL)]}
+                        arrays  {"initial": float32[K]}  (FedAvg, FedAvgM, FedProx, pFedLA;
+                                 FedAKT: its adapter's)
 - train         in      arrays  {"theta": float32[K] [, "teacher": float32[K_g]]},
                         config  {"server-round": int [, "evaluate": true] [, "distill": bool,
                                  "distill-weight": a, "temperature": T, "teacher":
@@ -615,7 +617,7 @@ class Sizes(Field):
     max_length: int = MAX_TENSORS
 
     def read(self, scalars, arrays: ArrayRecord | None) -> list[int]:
-        value = scalars[self.name]
+        value = scalars.get(self.name)  # None (refused below) if it came as an array
         if (
             not isinstance(value, list)
             or not value

@@ -333,6 +333,10 @@ class RoundLoop(Strategy):
                 identities[int(label)] = protocol.parse_identity(reply, self.wire.reports)
             except protocol.ReplyError as err:
                 self.directory.refuse(int(label), str(err), server_round)
+            except Exception as err:  # noqa: BLE001 - one reply never stops the server
+                logger.exception("node %s: unexpected failure on its query reply", label)
+                self.directory.refuse(int(label), f"unusable reply ({type(err).__name__})",
+                                      server_round)  # fmt: skip
         for node in self.admission_order(identities):
             identity = identities[node]
             try:

@@ -266,3 +266,36 @@ def fake_reply(scalars: dict, arrays: dict) -> RecordDict:
     if arrays:
         content["arrays"] = ArrayRecord(arrays)
     return content
+
+
+FIELD_KINDS = [
+    protocol.Count("count"),
+    protocol.Number("number", 0.0, 1.0),
+    protocol.Sizes("sizes"),
+    protocol.Floats("floats"),
+    protocol.Indices("indices"),
+]
+
+
+@pytest.mark.parametrize("field", FIELD_KINDS, ids=lambda f: type(f).__name__)
+def test_every_field_kind_refuses_hostile_values_and_the_wrong_record(field):
+    """Each kind of field, those no registered method declares yet included (`Number`): its
+    hostile values, and its honest value sent in the other record (an array where a scalar
+    belongs, or the reverse), are refused as ReplyError, never another exception."""
+    honest = field.example()
+    in_arrays = isinstance(honest, np.ndarray)
+    misplaced = (
+        ({field.name: honest.tolist()}, {})
+        if in_arrays
+        else ({}, {field.name: Array(np.asarray(honest, np.float32).reshape(-1))})
+    )
+    placed = [({}, {field.name: Array(v)}) if isinstance(v, np.ndarray) else ({field.name: v}, {})
+              for v in field.hostile()]  # fmt: skip
+    for scalars, arrays in [misplaced, *placed]:
+        message = fake_reply(scalars, arrays)
+        with pytest.raises(protocol.ReplyError, match=field.name):
+            protocol.read_fields([field], message["config"], message.get("arrays"))
+    good = fake_reply(
+        *(({}, {field.name: Array(honest)}) if in_arrays else ({field.name: honest}, {}))
+    )
+    assert field.name in protocol.read_fields([field], good["config"], good.get("arrays"))

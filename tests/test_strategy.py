@@ -220,6 +220,25 @@ def test_a_key_reporting_a_different_k_is_refused():
     assert "registered with K=40" in refusal.reason
 
 
+def test_a_query_reply_the_parser_fails_on_is_refused_and_the_others_admitted(monkeypatch):
+    """Defence in depth: a parser bug (not a ReplyError) on one site's query reply refuses
+    that site, naming the error, instead of stopping the server."""
+    parse = protocol.parse_identity
+
+    def failing_for_c1(reply, fields=()):
+        identity = parse(reply, fields)
+        if identity.client_key == "c1":
+            raise KeyError("tensor-sizes")
+        return identity
+
+    monkeypatch.setattr(protocol, "parse_identity", failing_for_c1)
+    strategy, grid = run({0: "good", 1: "good"})
+    strategy.start(grid)
+    assert list(strategy.state.clients) == ["c0"]
+    (refusal,) = strategy.directory.refused.values()
+    assert refusal.reason == "unusable reply (KeyError)"
+
+
 def test_missing_identity_is_refused():
     app = ClientApp()
 
