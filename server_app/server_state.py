@@ -62,10 +62,13 @@ class ServerState(Protocol):
 def bounded_weights(counts: Mapping[str, int], ratio: float) -> dict[str, float]:
     """Example counts as weights, each at most `ratio` x the round's lower median: a client
     cannot take a weighted step over by claiming 10^12 examples (it counts as `ratio`
-    typical clients at most). `ratio` 0 leaves the counts as they are."""
-    if not counts or ratio <= 0:
+    typical clients at most). `ratio` 0 leaves the counts as they are. The median is over
+    the clients that have examples: clients reporting none (an empty test split) would
+    otherwise pull the cap to 0 and every weight with it."""
+    positive = [v for v in counts.values() if v > 0]
+    if not positive or ratio <= 0:
         return {k: float(v) for k, v in counts.items()}
-    cap = ratio * statistics.median_low(counts.values())
+    cap = ratio * statistics.median_low(positive)
     return {k: float(min(v, cap)) for k, v in counts.items()}
 
 

@@ -336,6 +336,19 @@ def test_a_huge_example_count_weighs_no_more_than_the_cap():
     assert bounded_weights({"a": 10, "c": 10**12}, 0) == {"a": 10.0, "c": 1e12}
 
 
+def test_clients_without_examples_do_not_pull_the_cap_to_zero():
+    """A client with an empty test split reports 0 examples; the cap is 4 x the median of
+    the others, so the pool is theirs (it divided by zero when the median was 0)."""
+    assert bounded_weights({"a": 0, "b": 50}, 4.0) == {"a": 0.0, "b": 50.0}
+    assert bounded_weights({"a": 0, "b": 0, "c": 10, "d": 10**9}, 4.0)["d"] == 40.0
+    assert bounded_weights({"a": 0, "b": 0}, 4.0) == {"a": 0.0, "b": 0.0}
+    strategy = build_strategy(resolve_config("default", SMALL))
+    stats = strategy.evaluation_stats(
+        {"a": protocol.EvalResult(0, 0, 0.0), "b": protocol.EvalResult(50, 25, 10.0)}
+    )
+    assert stats["accuracy"] == 0.5 and stats["clients_evaluated"] == 2
+
+
 def test_fedavg_refuses_a_nan_initial_vector():
     bad = np.ones(SIZE, np.float32)
     bad[3] = np.nan
