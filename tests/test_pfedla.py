@@ -8,10 +8,17 @@ import copy
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
+from flwr.clientapp import ClientApp
 
+from common import protocol
+from common.config import resolve_config
 from server_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server_app.methods.pfedla import PFedLAServer, PFedLASettings, mixed, normalised
+from server_app.run import build_strategy
 from server_app.server_state import RegistrationError
+from simulation.grid import InProcessGrid
+from tests.test_strategy import SMALL, proof_of
 from tests.tiny_runs import mnist_accuracies
 
 SIZES = [6, 2, 4]  # three tensors, K = 12
@@ -121,3 +128,74 @@ def test_pfedla_learns_on_mnist_and_without_keeping_the_models_does_not(mnist_np
     honest = mnist_run(mnist_npz, False, monkeypatch)
     assert honest[0] < 0.2 and honest[-1] > 0.6, honest
     assert max(mnist_run(mnist_npz, True, monkeypatch)) < 0.2
+
+
+def scripted_pfedla_app(received: list) -> ClientApp:
+    """Clients of one 12-parameter model: client i "trains" theta to theta - 0.3 (theta -
+    target_i); `received` records (key, round, theta) of every train message."""
+    app = ClientApp()
+    initial = np.random.default_rng(5).normal(size=12).astype(np.float32)
+
+    def key_of(context) -> str:
+        return f"c{context.node_config['partition-id']}"
+
+    def target(key: str) -> np.ndarray:
+        return np.random.default_rng(int(key[1:]) + 17).normal(size=12).astype(np.float32)
+
+    @app.query()
+    def query(msg, context):
+        extras = {protocol.TENSOR_SIZES: SIZES, protocol.INITIAL: initial}
+        reply = protocol.identity_reply(key_of(context), 12, proof=proof_of(key_of(context)),
+                                        extras=extras)  # fmt: skip
+        return Message(reply, reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        key, theta = key_of(context), protocol.read_theta(msg).copy()
+        received.append((key, protocol.read_round(msg), theta))
+        delta = (0.3 * (theta - target(key))).astype(np.float32)
+        return Message(protocol.train_reply(delta, 10, 0.1), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return Message(protocol.evaluate_reply(protocol.EvalResult(10, 5, 1.0)), reply_to=msg)
+
+    return app
+
+
+def scripted_run(schedule: str, in_flight: int, clients: int = 4, rounds: int = 2):
+    settings = {**SMALL, "method": "pfedla", "rounds": rounds, "data.num_clients": clients,
+                "hypernetwork.schedule": schedule, "hypernetwork.in_flight": in_flight,
+                "pfedla.hn_lr": 0.5}  # fmt: skip
+    received: list = []
+    grid = InProcessGrid(scripted_pfedla_app(received),
+                         [{"partition-id": i} for i in range(clients)], {})  # fmt: skip
+    strategy = build_strategy(resolve_config("default", settings))
+    strategy.discover(grid, timeout=10)
+    strategy.start(grid)
+    return strategy.state, received
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_the_kept_model_is_what_the_client_trained_whatever_is_in_flight(in_flight):
+    """Client i's model on the server is the mix it was sent minus its delta, also when
+    another cohort's model was kept between its mix being sent and its delta applied."""
+    state, received = scripted_run("one_by_one", in_flight)
+    last = {key: theta for key, _, theta in received}  # each client's mix of the last round
+    for key, theta in last.items():
+        target = np.random.default_rng(int(key[1:]) + 17).normal(size=12).astype(np.float32)
+        trained = theta - (0.3 * (theta - target)).astype(np.float32)
+        assert np.array_equal(state.models[state.index(key)].numpy(), trained), key
+    assert not state.sent_from or all(r == 2 for r, _ in state.sent_from.values())
+
+
+def test_every_client_in_flight_is_the_parallel_round_bit_for_bit():
+    """With all four in flight every mix is made from the round's start models and every
+    step taken against them: the parallel round, exactly."""
+    flight, _ = scripted_run("one_by_one", 4)
+    parallel, _ = scripted_run("parallel_sequential", 1)
+    assert torch.equal(flight.models, parallel.models)
+    for key in parallel.nets:
+        for a, b in zip(flight.nets[key].parameters(), parallel.nets[key].parameters(),
+                        strict=True):  # fmt: skip
+            assert torch.equal(a, b), key

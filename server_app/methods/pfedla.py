@@ -11,16 +11,20 @@ VJP of thetabar_i with delta_i (pFedHN's descent direction: the reference code's
 Homogeneous models only: the clients' tensors are mixed element by element. The client set is
 fixed (the heads have one output per client): data.num_clients of them, registered in order.
 Under `one_by_one` a client's mix already holds the models trained before it this round (the
-reference's sequential round); parallel schedules mix and step against the round's start.
+reference's sequential round); parallel schedules mix and step against the round's start. With
+clients in flight (`hypernetwork.in_flight` > 1), a client's mix and step use the models as they
+were when its mix was sent, kept until its delta is applied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Self
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -102,6 +106,7 @@ class PFedLAServer(ClientRegistry):
         self.models: torch.Tensor | None = None  # (N, K): row j is client j's latest theta
         self.nets: dict[str, AggregationNet] = {}
         self.optimizers: dict[str, torch.optim.SGD] = {}
+        self.sent_from: dict[str, tuple[int, torch.Tensor]] = {}  # (round, models) in flight
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> Self:
@@ -150,8 +155,25 @@ class PFedLAServer(ClientRegistry):
         return normalised(self.nets[key](), self.index(key))
 
     def generate(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        return {k: self.mix(k, self.models).numpy() for k in keys}
+
+    def mix(self, key: str, models: torch.Tensor) -> torch.Tensor:
+        """Client `key`'s mix of `models` (its network moves only when its own delta is
+        applied, so this is the mix it was sent if `models` are those it was made from)."""
         with torch.no_grad():
-            return {k: mixed(self.weights(k), self.models, self.bounds).numpy() for k in keys}
+            return mixed(self.weights(key), models, self.bounds)
+
+    def remember_models(self, server_round: int, keys: Sequence[str]) -> None:
+        """Keep the models these clients' mixes are made from now, until their deltas are
+        applied (other cohorts' models change meanwhile); earlier rounds' entries go."""
+        models = self.models.clone()
+        self.sent_from = {k: v for k, v in self.sent_from.items() if v[0] == server_round}
+        self.sent_from.update(dict.fromkeys(keys, (server_round, models)))
+
+    def models_sent_to(self, key: str, server_round: int, current: torch.Tensor) -> torch.Tensor:
+        """The models `key`'s mix of this round was made from: those remembered, or `current`."""
+        sent_round, models = self.sent_from.pop(key, (None, current))
+        return models if sent_round == server_round else current
 
     def step(self, key: str, delta: np.ndarray, models: torch.Tensor) -> None:
         """psi_i <- psi_i - lr J^T delta, the mix taken over `models` (the round's start, or
@@ -206,15 +228,26 @@ class PFedLA(RoundLoop):
     def federation_value(self, identity: protocol.Identity) -> Any:
         return tuple(identity.extras.get(protocol.TENSOR_SIZES) or ())  # the architecture
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The train messages; with clients in flight, later cohorts' are sent before this
+        one is applied, so the models these mixes come from are kept."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.schedule.in_flight > 1:
+            self.state.remember_models(server_round, [self.key_of(m) for m in messages])
+        return messages
+
     def apply_train(
         self, server_round: int, results: Mapping[str, protocol.TrainResult]
     ) -> dict[str, str]:
         """Each client's network steps against the models its mix was made from (the
-        cohort's start), then its trained model is kept."""
-        start = self.state.models.clone()
-        sent = {k: self.state.generate([k])[k] for k in results}  # the mixes they trained
+        cohort's start, or what was kept when it was sent), then its trained model is kept."""
+        current = self.state.models.clone()
+        origin = {k: self.state.models_sent_to(k, server_round, current) for k in results}
+        sent = {k: self.state.mix(k, origin[k]).numpy() for k in results}  # what they trained
         for key in sorted(results):
-            self.state.step(key, results[key].delta, start)
+            self.state.step(key, results[key].delta, origin[key])
         for key in sorted(results):
             self.state.keep(key, sent[key] - results[key].delta)
         logger.debug("round %d: pFedLA stepped %d clients", server_round, len(results))
