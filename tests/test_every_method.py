@@ -9,6 +9,7 @@ import json
 import pytest
 
 from client_app.app import app as client_app
+from common import protocol
 from common.config import resolve_config
 from common.methods import METHODS
 from server_app.round_loop import RoundLoop
@@ -88,3 +89,25 @@ def test_the_batched_engine_gives_every_method_the_loops_results(method, tiny_np
     loop = run(method, tiny_npz, tmp_path, "loop", 2)
     batched = run(method, tiny_npz, tmp_path, "batched", 2, engine="batched")
     assert batched == loop
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_delta_a_method_parses_passes_the_norm_bound(method, tiny_npz, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    """`server.delta_norm_bound` is a defence of the server, not of some methods: every
+    train reply's delta parsed (both phases of MH-pFedHNGD included) goes through it."""
+    parsed, bounded = [], []
+    parse, bound = protocol.parse_train_reply, RoundLoop.bounded
+
+    def counted_parse(*args, **kwargs):
+        parsed.append(result := parse(*args, **kwargs))
+        return result
+
+    def counted_bound(self, server_round, key, result):
+        bounded.append(result)
+        return bound(self, server_round, key, result)
+
+    monkeypatch.setattr(protocol, "parse_train_reply", counted_parse)
+    monkeypatch.setattr(RoundLoop, "bounded", counted_bound)
+    run(method, tiny_npz, tmp_path, "bound", 1, **{"server.delta_norm_bound": 3.0})
+    assert {id(r) for r in parsed} <= {id(r) for r in bounded}, f"{len(parsed)} parsed"

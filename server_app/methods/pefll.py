@@ -17,6 +17,7 @@ training: one descriptor exchange. Homogeneous models only (one set of per-tenso
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
@@ -260,6 +261,8 @@ class PeFLL(RoundLoop):
         exchanged = self.exchange(grid, train, timeout)
         outcome.exchanges.append(exchanged)
         results = self.parse_all(server_round, exchanged.replies.values(), self.parse_train)
+        bounded = {k: self.bounded(server_round, k, results[k]) for k in sorted(results)}
+        results = {k: result for k, (result, _) in bounded.items()}
         grads = {k: self.state.gradients(k, results[k].delta) for k in sorted(results)}
         field = protocol.Floats(EMBED_GRAD, max_size=protocol.MAX_VECTOR,
                                 max_abs=self.cfg.server.max_delta_abs,
@@ -273,10 +276,13 @@ class PeFLL(RoundLoop):
         done = sorted(e_grads)
         for key in set(results) - set(done):
             reject(server_round, key, "no embedding gradient: its update is left out")
+        started = time.perf_counter()
         self.state.step([grads[k][0] for k in done], [e_grads[k] for k in done])
         applied = {k: results[k] for k in done}
-        outcome.metrics = {**self.train_metrics(applied, 0.0),
+        outcome.metrics = {**self.train_metrics(applied, time.perf_counter() - started),
                            "bytes_up": sum(r.bytes_up for r in results.values())}  # fmt: skip
+        if scaled := sum(was_scaled for _, was_scaled in bounded.values()):
+            outcome.metrics["deltas_scaled"] = scaled
         outcome.metrics = self.combine([outcome.metrics])
         return outcome
 
