@@ -64,6 +64,7 @@ def load(
     state: dict,
     device: str | torch.device = "cpu",
     memory_budget: float | str = "auto",
+    client_memory: float | str = "auto",
 ) -> State:
     server = cls(
         settings_from_dict(state["settings"]),
@@ -71,6 +72,7 @@ def load(
         device=device,
         max_params=state.get("max_params", DEFAULT_MAX_PARAMS),
         memory_budget=memory_budget,
+        client_memory=client_memory,
         **cls.options_from_state(state),
     )
     server.restore_extra(state)

@@ -331,11 +331,16 @@ class HypernetworkServer:
 
     @classmethod
     def from_state_dict(
-        cls, state: dict, device: str | torch.device = "cpu", memory_budget: float | str = "auto"
+        cls,
+        state: dict,
+        device: str | torch.device = "cpu",
+        memory_budget: float | str = "auto",
+        client_memory: float | str = "auto",
     ) -> HypernetworkServer:
+        """A saved state, under the budgets of the run that loads it (they are not saved)."""
         from server_app.hypernetwork_persistence import load
 
-        return load(cls, state, device, memory_budget)
+        return load(cls, state, device, memory_budget, client_memory)
 
     def extra_state(self) -> dict:
         """What a subclass adds to the state dict (nothing here)."""

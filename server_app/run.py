@@ -57,6 +57,7 @@ def resume_state(cfg: ExperimentConfig) -> tuple[ServerState, ResumePoint, RunRe
         cfg.hypernetwork.device,
         key=checkpoint_key(cfg.server.checkpoint_key_file),
         memory_budget=cfg.server.memory_budget_gb,
+        client_memory=cfg.server.client_memory_gb,
     )
     changed = settings_changed(checkpoint.settings, cfg)
     if changed:

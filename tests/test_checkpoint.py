@@ -12,7 +12,7 @@ from common.config import resolve_config
 from server_app.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
 from server_app.methods.mh_pfedhn import MHpFedHN
-from server_app.run import run_experiment
+from server_app.run import build_state, resume_state, run_experiment
 from server_app.schedules import ParallelSequential
 from simulation.grid import InProcessGrid
 from tests.test_strategy import SMALL, scripted_app
@@ -120,3 +120,22 @@ def test_resume_from_a_directory_without_checkpoint_says_so(tmp_path):
     grid = InProcessGrid(scripted_app({}, {}), [{"partition-id": 0}], {})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_experiment(grid, cfg, run_id=0)
+
+
+BUDGETS = {"server.memory_budget_gb": 0.5, "server.client_memory_gb": 0.01}
+
+
+@pytest.mark.parametrize("method", ["mh_pfedhn", "pfedhn", "pfedlhn", "mh_pfedhngd"])
+def test_every_hypernetwork_state_takes_the_memory_budgets_of_the_configuration(method):
+    state = build_state(resolve_config("default", {**SMALL, **BUDGETS, "method": method}))
+    assert (state.memory_budget, state.client_quota) == (500_000_000, 10_000_000)
+
+
+def test_a_resumed_run_takes_the_memory_budgets_of_the_configuration(tmp_path):
+    """They are budgets, not state: a resumed run fell back to "auto" for the client's."""
+    settings = {**SMALL, **BUDGETS, "server.output_root": str(tmp_path), "server.run_name": "run"}
+    grid = InProcessGrid(scripted_app({}, {}), [{"partition-id": i} for i in range(2)], {})
+    run_experiment(grid, resolve_config("default", settings), run_id=0)
+    resume = {**settings, "rounds": 2, "server.resume": str(tmp_path / "run")}
+    resumed, _, _ = resume_state(resolve_config("default", resume))
+    assert (resumed.memory_budget, resumed.client_quota) == (500_000_000, 10_000_000)

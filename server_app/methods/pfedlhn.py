@@ -85,7 +85,8 @@ class PFedLHNServer(PFedHNServer):
         )
         return cls(settings, bank_dim=own.bank_dim, seed=cfg.seed,
                    device=cfg.hypernetwork.device, max_params=cfg.server.max_params,
-                   memory_budget=cfg.server.memory_budget_gb)  # fmt: skip
+                   memory_budget=cfg.server.memory_budget_gb,
+                   client_memory=cfg.server.client_memory_gb)  # fmt: skip
 
     # ------------------------------------------------------------- head hooks
     def rows_for(self, key: str, num_params: int) -> int:
