@@ -89,3 +89,20 @@ def test_a_resumed_run_completes_the_round_that_awaited_its_evaluation(tiny_npz,
     history, _ = run(tiny_npz, tmp_path, "mh_pfedhn", True, "split", rounds=4, **resume)
     assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
     assert [r["accuracy"] for r in history] == [r["accuracy"] for r in whole]
+
+
+def test_a_round_with_no_one_to_train_still_evaluates_the_round_before(
+    tiny_npz, tmp_path, monkeypatch
+):
+    """Round 2 trains nobody (say every eligible client is gone): its exchange still goes
+    out, with the evaluate messages that carry round 1's evaluation, and no row lacks one."""
+    from server_app.methods.mh_pfedhn import MHpFedHN
+
+    eligible = MHpFedHN.eligible
+    nobody_in_round_2 = lambda self, r, keys: [] if r == 2 else eligible(self, r, keys)  # noqa: E731
+    monkeypatch.setattr(MHpFedHN, "eligible", nobody_in_round_2)
+    history, _ = run(tiny_npz, tmp_path, "mh_pfedhn", True, "idle")
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert history[2]["clients_trained"] == 0
+    assert all(r["accuracy"] is not None for r in history)
+    assert history[1]["clients_evaluated"] == 4
