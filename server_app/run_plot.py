@@ -50,35 +50,37 @@ def plot_runs(directories: Sequence[str | Path], out: str | Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for directory in directories:
-        directory = Path(directory)
-        rows = read_metrics(directory / "metrics.jsonl")
-        run_label = f"{directory.name}: " if len(directories) > 1 else ""
-        split = any(r.get("novel_accuracy") is not None for r in rows)
-        color = None
-        for key, label, style in CURVES:
-            if split and key == "accuracy":
-                continue  # novel + training say more than their pool
-            points = [(r["round"], 100 * r[key]) for r in rows if r.get(key) is not None]
-            if not points:
-                continue
-            x, y = zip(*points, strict=True)
-            (line,) = ax.plot(x, y, style, color=color, marker="o", markersize=2.5,
-                              label=f"{run_label}{label}")  # fmt: skip
-            if len(directories) > 1:
-                color = line.get_color()  # one colour per run, one style per curve
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("pooled test accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no evaluated round yet", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:  # a run's unreadable metrics must not leave the figure open (sweeps plot many)
+        for directory in directories:
+            directory = Path(directory)
+            rows = read_metrics(directory / "metrics.jsonl")
+            run_label = f"{directory.name}: " if len(directories) > 1 else ""
+            split = any(r.get("novel_accuracy") is not None for r in rows)
+            color = None
+            for key, label, style in CURVES:
+                if split and key == "accuracy":
+                    continue  # novel + training say more than their pool
+                points = [(r["round"], 100 * r[key]) for r in rows if r.get(key) is not None]
+                if not points:
+                    continue
+                x, y = zip(*points, strict=True)
+                (line,) = ax.plot(x, y, style, color=color, marker="o", markersize=2.5,
+                                  label=f"{run_label}{label}")  # fmt: skip
+                if len(directories) > 1:
+                    color = line.get_color()  # one colour per run, one style per curve
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("pooled test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no evaluated round yet", ha="center", transform=ax.transAxes)
+        fig.tight_layout()
+        out = Path(out)
+        fig.savefig(out, dpi=120)
+    finally:
+        plt.close(fig)
     return out
 
 
