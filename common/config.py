@@ -363,7 +363,9 @@ class ServerConfig(_Section):
     )
     output_root: str = Field("outputs", description="folder that holds the run directories")
     run_name: str = Field(
-        "auto", description="the run directory's name; auto: <name>-<date>-<time>-run<id>"
+        "auto",
+        description="the run directory's name; auto: <name>-<date>-<time>-run<id>; a folder "
+        "that holds a run already is refused (server.resume continues it)",
     )
     fuse_evaluation: bool = Field(
         True,

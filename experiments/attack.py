@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, Message
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 "server.wait_for_nodes_s": 0, **dict(args.set),
             }  # fmt: skip
             cfg = resolve_config(args.experiment, run_config)
+            shutil.rmtree(out / name, ignore_errors=True)  # a rerun measures afresh
             run_config["server.min_nodes"] = int(cfg.data.num_clients)
             cfg = resolve_config(args.experiment, run_config)
             app = FlippingClientApp(args.scale) if attacked else client_app

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def child(spec: dict) -> dict:
     from simulation.run import run_inprocess
 
     rc = {**spec["run_config"], "server.output_root": spec["out"], "server.run_name": "run"}
+    shutil.rmtree(Path(spec["out"], "run"), ignore_errors=True)  # a rerun's measurement
     cfg = resolve_config("default", rc)
     if cfg.client.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -185,6 +187,7 @@ def flower_run(args: argparse.Namespace, case: str, threads: int, out: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "flower_sweep.yaml"
     path.write_text(json.dumps(sweep))
+    shutil.rmtree(out / "flower", ignore_errors=True)  # else a rerun finds its run finished
     started = time.perf_counter()
     outcomes = run_sweep(path, out / "flower", runtime=Runtime("flower", threads), progress=False)
     total = time.perf_counter() - started

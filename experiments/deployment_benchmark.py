@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -49,6 +50,9 @@ BASE = {"hypernetwork.schedule": "parallel_sequential"}
 
 
 def settings(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dict:
+    """The run config of one measured run, whose folder `out/name` is cleared (a rerun
+    measures afresh)."""
+    shutil.rmtree(out / name, ignore_errors=True)
     return {
         "data.source": args.data,
         "data.fraction": args.fraction,

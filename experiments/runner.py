@@ -345,7 +345,7 @@ def _prepare(
         run_config["server.resume"] = str(run_dir)
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier attempt's, if any
     else:
-        if run_dir.exists():  # a fresh start (metrics.jsonl is appended to)
+        if run_dir.exists():  # a fresh start (the server refuses a folder holding a run)
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import ExperimentConfig, to_yaml
+from common.config import ConfigError, ExperimentConfig, to_yaml
 from server_app.events import RunObserver
 
 
@@ -46,11 +46,18 @@ class RunRecorder(RunObserver):
 
     @classmethod
     def create(cls, cfg: ExperimentConfig, run_id: int | str = "local") -> RunRecorder:
-        """outputs/<name>-<time>-run<id>/ unless server.run_name is set."""
+        """outputs/<name>-<time>-run<id>/ unless server.run_name is set; a folder that holds
+        a run already is refused (its rows would mix with the new run's, its config go)."""
         name = cfg.server.run_name
         if name == "auto":
             name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
         directory = Path(cfg.server.output_root).expanduser().resolve() / name
+        if (directory / "metrics.jsonl").exists():
+            raise ConfigError(
+                f"{directory} holds a run already (metrics.jsonl): continue it with "
+                f"server.resume={str(directory)!r}, or choose another server.run_name, or "
+                "remove the folder"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)  # the checkpoint in it holds every client's model
         _atomic_write(directory / "config.yaml", to_yaml(cfg))

@@ -139,3 +139,13 @@ def test_a_resumed_run_takes_the_memory_budgets_of_the_configuration(tmp_path):
     resume = {**settings, "rounds": 2, "server.resume": str(tmp_path / "run")}
     resumed, _, _ = resume_state(resolve_config("default", resume))
     assert (resumed.memory_budget, resumed.client_quota) == (500_000_000, 10_000_000)
+
+
+def test_a_fresh_run_into_a_folder_that_holds_a_run_is_refused_and_loses_nothing(tmp_path):
+    """server.run_name fixed and run again without server.resume: the first run's rows and
+    config stay as they were (they were appended to and overwritten)."""
+    run(tmp_path, "named", rounds=1)
+    before = {f: (tmp_path / "named" / f).read_bytes() for f in ("metrics.jsonl", "config.yaml")}
+    with pytest.raises(ValueError, match=r"holds a run already.*server.resume="):
+        run(tmp_path, "named", rounds=2)
+    assert before == {f: (tmp_path / "named" / f).read_bytes() for f in before}
