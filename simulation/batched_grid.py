@@ -39,8 +39,9 @@ class BatchedGrid(InProcessGrid):
         for message in messages:
             context = self.contexts[message.metadata.dst_node_id]
             try:
-                session = open_session(context)
-                job = client_method(session.cfg.method).train_job(session, message)
+                with torch_threads(self.train_threads):  # as the ClientApp's (it may evaluate)
+                    session = open_session(context)
+                    job = client_method(session.cfg.method).train_job(session, message)
             except Exception:
                 job = None  # the ClientApp reports the same error itself
             if job is None:
@@ -50,7 +51,7 @@ class BatchedGrid(InProcessGrid):
                 vmapped = uses_vmap(next(job.model.parameters()).device, self.vectorize)
                 groups.setdefault((kind, job.architecture if vmapped else ""), []).append(job)
             else:
-                self._answer(message, lambda job=job: job.reply(job.run()))
+                self._answer(message, lambda job=job: self._run_alone(job))
         for jobs in groups.values():
             try:
                 with torch_threads(self.train_threads):
@@ -69,6 +70,12 @@ class BatchedGrid(InProcessGrid):
             for job, loss in zip(jobs, losses, strict=True):
                 self._answer(job.msg, lambda job=job, loss=loss: job.reply(loss))
         super().deliver(rest)
+
+    def _run_alone(self, job: TrainJob) -> Message:
+        """A job with its own objective (FedProx, distillation...), with the threads the
+        ClientApp would have."""
+        with torch_threads(self.train_threads):
+            return job.reply(job.run())
 
 
 def _raise(err: Exception) -> Message:

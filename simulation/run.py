@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from client_app.app import app as client_app
+from client_app.app import app as project_app
 from common.config import ExperimentConfig
 from server_app.events import RunObserver
 from server_app.round_loop import RoundLoop
@@ -33,12 +33,17 @@ def run_inprocess(
     threads_per_client: int = 1,
     parallel_clients: int = 1,
     observers: Sequence[RunObserver] = (),
-    client_app: Any = client_app,
+    client_app: Any = project_app,
 ) -> RoundLoop:
     """Clients one after another (`engine: loop`) or trained together per architecture
     (`engine: batched`, `parallel_clients` at a time on the CPU). The ClientApp gets
     `threads_per_client` torch threads, as Flower's `client-resources-num-cpus` gives it;
     `client_app` is this project's unless given (a scripted or wrapped one, in experiments)."""
+    if cfg.engine == "batched" and client_app is not project_app:
+        raise ValueError(
+            "engine: batched trains through this project's client methods, so a given "
+            "ClientApp would never see the train messages: use engine: loop with it"
+        )
     app = ThreadLimitedClientApp(client_app, threads_per_client)
     num_clients = int(cfg.data.num_clients)
     if cfg.engine == "batched":

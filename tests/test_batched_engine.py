@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.clientapp import ClientApp
 from torch.nn.utils import parameters_to_vector
 
 from client_app.app import app as client_app
@@ -23,6 +24,7 @@ from common.models import build_model
 from server_app.run import build_strategy
 from simulation.batched_grid import BatchedGrid
 from simulation.grid import InProcessGrid, torch_threads
+from simulation.run import run_inprocess
 
 NUM_CLIENTS = 6
 
@@ -257,3 +259,11 @@ def test_models_vmap_cannot_train_as_the_loop_does_train_client_by_client(kind):
         )
         if kind == "frozen":
             assert torch.equal(next(b.parameters()), start)
+
+
+def test_a_given_client_app_is_refused_by_the_batched_engine():
+    """The batched engine trains through the client methods, not the ClientApp: a scripted
+    or attacking ClientApp would be silently bypassed (an attack that never happens)."""
+    cfg = resolve_config("default", {"engine": "batched"})
+    with pytest.raises(ValueError, match="use engine: loop"):
+        run_inprocess(cfg, {"engine": "batched"}, client_app=ClientApp())
