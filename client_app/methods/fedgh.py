@@ -56,7 +56,7 @@ def prototypes(
     features = torch.cat(captured).double() if captured else torch.zeros(0, header.in_features)
     classes = torch.unique(y)
     means = torch.stack([features[y == c].mean(0) for c in classes]) if len(classes) else features
-    return classes.numpy().astype(np.int32), means.float().numpy()
+    return classes.cpu().numpy().astype(np.int32), means.float().cpu().numpy()
 
 
 class GeneralizedHeaderClient(ClientMethod):

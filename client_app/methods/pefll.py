@@ -92,14 +92,14 @@ class DescriptorClient(TensorSizesClient):
         if kind not in self.actions:
             return super().handle_action(session, msg)
         dim = int(protocol.read_config(msg)["descriptor-dim"])
-        net = embedding_net(session, msg, dim)
         picked = descriptor_samples(session, msg)
         x, y = session.data.x_train[picked], session.data.y_train[picked]
+        net = embedding_net(session, msg, dim).to(x.device)  # where the data is (client.device)
         if kind == TRAIN_DESCRIPTOR:
             with torch.no_grad():
                 v = net.embed(x, y).mean(0)
-            return protocol.fields_reply({DESCRIPTOR: v.numpy().astype(np.float32)})
-        g = torch.from_numpy(msg.content["arrays"][DESCRIPTOR_GRAD].numpy())
+            return protocol.fields_reply({DESCRIPTOR: v.cpu().numpy().astype(np.float32)})
+        g = torch.from_numpy(msg.content["arrays"][DESCRIPTOR_GRAD].numpy()).to(x.device)
         net.embed(x, y).mean(0).backward(g)
         grads = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
-        return protocol.fields_reply({EMBED_GRAD: grads.numpy().astype(np.float32)})
+        return protocol.fields_reply({EMBED_GRAD: grads.cpu().numpy().astype(np.float32)})
