@@ -82,15 +82,24 @@ def _processes() -> dict[int, tuple[int, str]]:
     return table
 
 
+def declared_parent(cmd: str) -> int | None:
+    """The pid a Flower process names with `--parent-pid N` (a SuperExec's ClientApp), if any."""
+    args = cmd.split()
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag == "--parent-pid" and value.isdigit():
+            return int(value)
+    return None
+
+
 def process_tree(roots: set[int]) -> set[int]:
     """The roots and every process descending from them (by parent or --parent-pid)."""
-    table = _processes()
+    table = {pid: (ppid, declared_parent(cmd)) for pid, (ppid, cmd) in _processes().items()}
     tree = {pid for pid in roots if pid in table}
     while True:
         children = {
             pid
-            for pid, (ppid, cmd) in table.items()
-            if pid not in tree and (ppid in tree or any(f"--parent-pid {p}" in cmd for p in tree))
+            for pid, (ppid, declared) in table.items()
+            if pid not in tree and (ppid in tree or declared in tree)
         }
         if not children:
             return tree

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.config import DEPLOYED_IN_FLIGHT
+from deployment import processes
 from deployment.local_cluster import LocalCluster
 from deployment.topology import (
     APP_IMAGE,
@@ -300,6 +301,22 @@ def test_sites_are_started_only_once_the_link_no_longer_counts_them_online(tmp_p
     cluster._launch_nodes([0, 1, 2])
     assert events == ["list", "list", "supernode-0", "clientapp-0", "supernode-1", "clientapp-1",
                       "supernode-2", "clientapp-2", "list", "list"]  # fmt: skip
+
+
+def test_a_process_tree_follows_parents_and_exact_parent_pid_flags(monkeypatch):
+    """A ClientApp names its SuperExec by `--parent-pid N`; pid 12's tree must not take a
+    process of pid 123 (tearing one cluster down killed another's ClientApps)."""
+    table = {
+        12: (1, "flower-superexec"),
+        13: (1, "flwr-clientapp --token t --parent-pid 123"),
+        14: (12, "python child"),
+        15: (1, "flwr-clientapp --parent-pid 12 --token t"),
+        16: (15, "python grandchild"),
+    }
+    monkeypatch.setattr(processes, "_processes", lambda: table)
+    assert processes.process_tree({12}) == {12, 14, 15, 16}
+    assert processes.declared_parent("x --parent-pid 123") == 123
+    assert processes.declared_parent("x --parent-pid") is None
 
 
 # ------------------------------------------------------------ real processes
