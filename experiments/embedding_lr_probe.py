@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     trained.start(grid)
     state, history = trained.state.state_dict(), list(trained.history)
     curves = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for lr in args.lrs:
         run_cfg = {**base, "generalization.embedding_lr": lr}
         variant = resolve_config(args.experiment, run_cfg)
@@ -61,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
              "training_accuracy": r.get("training_accuracy")}
             for r in strategy.history if r["round"] >= join
         ]  # fmt: skip
-        print(lr, [round(c["novel_accuracy"], 3) for c in curves[str(lr)]], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "embedding_lr_probe.json").write_text(json.dumps(curves, indent=2) + "\n")
+        said = [
+            None if (a := c["novel_accuracy"]) is None else round(a, 3) for c in curves[str(lr)]
+        ]
+        print(lr, said, flush=True)  # None: a round not evaluated
+        (out / "embedding_lr_probe.json").write_text(json.dumps(curves, indent=2) + "\n")
     return 0
 
 
