@@ -124,6 +124,22 @@ def table(results: dict, model: dict, clients: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_sites(text: str) -> dict[str, list[str]]:
+    """`--model-sites` ("10:1,2,5;50:1,5"): the values of c to model per site count, each
+    with c = 1 (the baseline the table divides by) and every c in 1..sites."""
+    sites: dict[str, list[str]] = {}
+    for spec in text.split(";"):
+        count, _, values = spec.partition(":")
+        try:
+            n, cs = int(count), [int(c) for c in values.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{spec!r} is not sites:c,c,...") from None
+        if 1 not in cs or not all(1 <= c <= n for c in cs):
+            raise argparse.ArgumentTypeError(f"{spec!r}: each c in 1..{n}, and c = 1 among them")
+        sites[str(n)] = [str(c) for c in cs]
+    return sites
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="npz:../shared/data/mnist.npz")
@@ -133,16 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--in-flight", default="1,2,3,6", help="values of c to run")
-    parser.add_argument("--model-sites", default="10:1,2,5,10;50:1,5,10,25,50",
+    parser.add_argument("--model-sites", type=model_sites, default="10:1,2,5,10;50:1,5,10,25,50",
                         help="sites:c,c,...;... to model from the c = 1 run")  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.data = absolute_data_path(args.data, Path.cwd())
     out = (args.out or Path(tempfile.mkdtemp(prefix="in-flight-deployed-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    values = [int(c) for c in args.in_flight.split(",")]
-    if 1 not in values:
-        parser.error("--in-flight must include 1: the model is fitted to that run")
+    try:
+        values = [int(c) for c in args.in_flight.split(",")]
+    except ValueError:
+        parser.error(f"--in-flight {args.in_flight!r}: integers separated by commas")
+    if 1 not in values or min(values) < 1:
+        parser.error("--in-flight: values of at least 1, with 1 among them (the model is fitted "
+                     "to that run)")  # fmt: skip
     results: dict[str, dict] = {}
     for c in values:
         results[f"c{c}"] = run_variant(args, out, f"c{c}", {"hypernetwork.in_flight": c})
@@ -151,11 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                                            {"hypernetwork.schedule": "parallel_mean"})  # fmt: skip
     exchange_s, server_s = per_exchange(results["c1"])
     model: dict = {"exchange_s": exchange_s, "server_s": server_s, "sites": {}}
-    for spec in args.model_sites.split(";"):
-        sites, cs = spec.split(":")
+    for sites, cs in args.model_sites.items():
         model["sites"][sites] = {
-            c: modelled_round_seconds(int(sites), int(c), exchange_s, server_s)
-            for c in cs.split(",")
+            c: modelled_round_seconds(int(sites), int(c), exchange_s, server_s) for c in cs
         }
     record = {"args": {**vars(args), "out": str(out)}, "results": results, "model": model}
     (out / "in_flight_deployed.json").write_text(json.dumps(record, indent=2) + "\n")

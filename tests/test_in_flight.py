@@ -248,6 +248,17 @@ def test_the_deployed_round_model():
     assert modelled_round_seconds(50, 10, 3.0, 0.1) == pytest.approx(3.1 * 5 + 0.9 + 3.0)
 
 
+@pytest.mark.parametrize("bad", ["10:2,5", "10:1,11", "10:1,x", "ten:1", "10"])
+def test_model_sites_without_c_1_or_out_of_range_are_refused_before_any_run(bad, capsys):
+    """The table divides by c = 1: without it the measurement (minutes of clusters) was lost
+    at the end, on a KeyError."""
+    from experiments.in_flight_deployed import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model-sites", bad])
+    assert exit_.value.code == 2 and "--model-sites" in capsys.readouterr().err
+
+
 class Interrupted(RuntimeError):
     pass
 
