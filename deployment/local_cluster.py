@@ -399,14 +399,17 @@ def main(argv: list[str] | None = None) -> int:
                         "anyone who reaches a port can run code on every site")  # fmt: skip
     parser.add_argument("--workdir", type=Path, help="logs and state (default: a temp folder)")
     args = parser.parse_args(argv)
+    cwd = Path.cwd()
+    source = absolute_data_path(args.data_source, cwd) if args.data_source else ""
+    try:
+        nodes = default_nodes(args.clients, args.models.split(","), source)
+    except ValueError as err:
+        parser.error(f"--clients: {err}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mh-pfedhn-cluster-"))
     tls = None
     if args.tls_dir:
         d = args.tls_dir.resolve()
         tls = TLS(str(d / "ca.crt"), str(d / "server.pem"), str(d / "server.key"))
-    cwd = Path.cwd()
-    source = absolute_data_path(args.data_source, cwd) if args.data_source else ""
-    nodes = default_nodes(args.clients, args.models.split(","), source)
     started = time.monotonic()
     if args.insecure:
         print("WARNING: insecure laptop mode: no TLS, no authentication", file=sys.stderr)

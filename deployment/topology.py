@@ -78,6 +78,8 @@ class TLS:
 
 def default_nodes(num_clients: int, models: Sequence[str] = PAPER_HETEROGENEOUS_MODELS,
                   data_source: str = "", state_dir: str = "") -> list[Node]:  # fmt: skip
+    if num_clients < 1:
+        raise ValueError(f"a federation needs at least one client site, not {num_clients}")
     return [
         Node(i, num_clients, models[i % len(models)], f"site-{i}", data_source, state_dir)
         for i in range(num_clients)
@@ -207,8 +209,15 @@ def services(
     return out
 
 
+# each site's network is a /24 of 172.30.0.0/16 from 172.30.10.0 (site_address)
+MAX_COMPOSE_SITES = 256 - 10
+
+
 def compose_nodes(num_clients: int) -> list[Node]:
     """The sites of the compose files: data and client state at fixed container paths."""
+    if num_clients > MAX_COMPOSE_SITES:
+        raise ValueError(f"the compose file has room for {MAX_COMPOSE_SITES} sites (a /24 "
+                         f"network each), not {num_clients}")  # fmt: skip
     return default_nodes(num_clients, data_source="imagefolder:/data/cifar10", state_dir="/state")
 
 
@@ -454,8 +463,11 @@ def main() -> None:
     args = parser.parse_args()  # fmt: skip
     if args.gateway_config:
         print(gateway_conf(), end="")
-    else:
+        return
+    try:
         print(compose_yaml(args.clients, insecure=args.insecure_laptop), end="")
+    except ValueError as err:
+        parser.error(f"--clients: {err}")
 
 
 if __name__ == "__main__":

@@ -281,6 +281,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what a child process would only fail on, minutes later, as "exit status 1"."""
+    unknown = sorted(set(args.cases.split(",")) - set(CASES))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; valid: {sorted(CASES)}")
+    if set(args.engines.split(",")) - {"loop", "batched"}:
+        parser.error(f"--engines {args.engines!r}: loop and/or batched")
+    threads = args.threads.split(",")
+    if not all(t.isdigit() and int(t) >= 1 for t in threads):
+        parser.error(f"--threads {args.threads!r}: positive integers separated by commas")
+    for name in ("clients", "rounds", "epochs", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="imagefolder:../shared/data/cifar10")
@@ -318,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(Path(args.child).read_text())
         Path(args.result).write_text(json.dumps(child(spec)))
         return 0
+    _check(parser, args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # Repeats run interleaved (loop, batched, loop, batched, ...) so that a slow spell on a

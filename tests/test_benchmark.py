@@ -51,3 +51,19 @@ def test_repeats_that_disagree_are_reported_not_averaged():
 def test_a_failed_repeat_fails_the_row():
     ok = {"seconds_per_round": 1.0, "final_accuracy": 0.5, "round_seconds": [1.0]}
     assert benchmark.aggregate([ok, {"error": "exit status 1"}]) == {"error": "exit status 1"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--cases", "lenet,fiv"], "unknown ['fiv']"),
+        (["--threads", "0"], "--threads '0'"),
+        (["--engines", "loop,gpu"], "loop and/or batched"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_child_runs(argv, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -303,6 +303,18 @@ def test_sites_are_started_only_once_the_link_no_longer_counts_them_online(tmp_p
                       "supernode-2", "clientapp-2", "list", "list"]  # fmt: skip
 
 
+@pytest.mark.parametrize(("module", "clients", "says"), [
+    ("deployment.topology", "0", "at least one client site"),
+    ("deployment.topology", "247", "room for 246 sites"),
+    ("deployment.local_cluster", "0", "at least one client site"),
+])  # fmt: skip
+def test_a_site_count_out_of_range_is_refused_by_name(module, clients, says):
+    """--clients 0 divided by zero; 247 compose sites made the address 172.30.256.2."""
+    done = subprocess.run([sys.executable, "-m", module, "--clients", clients],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "--clients: " in done.stderr and says in done.stderr
+
+
 def test_a_process_tree_follows_parents_and_exact_parent_pid_flags(monkeypatch):
     """A ClientApp names its SuperExec by `--parent-pid N`; pid 12's tree must not take a
     process of pid 123 (tearing one cluster down killed another's ClientApps)."""
