@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from common.datasets import (
     source_fingerprint,
     to_model_tensors,
 )
+from common.files import atomic_file
 from common.partition import (
     client_split,
     default_classes_per_client,
@@ -93,17 +93,11 @@ def _cached_on_disk(
 
 def _saved(data: ClientData, path: Path) -> bool:
     """Write a cache entry atomically; a failure (a full disk) costs the cache, not the run."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(handle, "wb") as f:
+        with atomic_file(path) as f:
             torch.save(dataclasses.asdict(data), f)
-        os.replace(tmp, path)
         return True
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         logger.warning("the partition cache %s was not written (%s); the client trains on",
                        path.parent, err)  # fmt: skip
         return False

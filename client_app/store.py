@@ -10,14 +10,14 @@ and the next run, and a resumed simulation continues with every client's own sta
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
+
+from common.files import atomic_file
 
 PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
@@ -61,12 +61,5 @@ class ClientStore:
         self.state[name] = ArrayRecord(record)
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npz.tmp")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, self._path(name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self._path(name)) as f:
+            np.savez(f, **arrays)

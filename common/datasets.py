@@ -21,7 +21,6 @@ import functools
 import hashlib
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from common.files import atomic_file
 
 TORCHVISION_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "fashion_mnist", "emnist")
 SOURCE_FORMS = (
@@ -267,18 +268,10 @@ def _read_cache(cache_file: Path, expected: int) -> np.ndarray | None:
 
 def _write_cache(cache_file: Path, images: np.ndarray) -> None:
     """Write via a temporary file and os.replace, so readers never see a partial cache."""
-    tmp_name = None
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=cache_file.parent, prefix=cache_file.stem, suffix=".tmp", delete=False
-        ) as tmp:
-            tmp_name = tmp.name
-            np.savez(tmp, images=images)
-        os.replace(tmp_name, cache_file)
+        with atomic_file(cache_file) as f:
+            np.savez(f, images=images)
     except OSError as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         warnings.warn(f"could not write dataset cache {cache_file}: {exc}", stacklevel=3)
 
 

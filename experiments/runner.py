@@ -54,6 +54,7 @@ from common.config import (
     run_config_toml,
     settings_changed,
 )
+from common.files import write_text_atomically
 from deployment.processes import kill_tree
 from experiments.cli import add_set_option
 from experiments.flower import flwr_command, private_flower
@@ -427,7 +428,7 @@ def _write_status(out: Path, name: str | None, runtime: str, outcomes: list[Outc
     names = {o.run for o in outcomes}
     runs = now + [r for r in earlier if r["run"] not in names]
     status = {"sweep": name, "runtime": runtime, "runs": runs}
-    (out / STATUS).write_text(json.dumps(status, indent=2) + "\n")
+    write_text_atomically(out / STATUS, json.dumps(status, indent=2) + "\n")  # read next time
 
 
 # ---------------------------------------------------------------------- CLI

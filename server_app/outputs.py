@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, ExperimentConfig, to_yaml
+from common.files import write_text_atomically
 from server_app.events import RunObserver
 
 
@@ -31,12 +32,6 @@ def json_line(row: Any) -> str:
         return value
 
     return json.dumps(clean(row), allow_nan=False)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunRecorder(RunObserver):
@@ -60,7 +55,7 @@ class RunRecorder(RunObserver):
             )
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)  # the checkpoint in it holds every client's model
-        _atomic_write(directory / "config.yaml", to_yaml(cfg))
+        write_text_atomically(directory / "config.yaml", to_yaml(cfg))
         return cls(directory)
 
     @classmethod
@@ -70,8 +65,8 @@ class RunRecorder(RunObserver):
         recorder = cls(directory)
         (directory / "summary.json").unlink(missing_ok=True)
         lines = "".join(json_line(row) + "\n" for row in history)
-        _atomic_write(recorder.metrics_path, lines)
-        _atomic_write(directory / "config.yaml", to_yaml(cfg))
+        write_text_atomically(recorder.metrics_path, lines)
+        write_text_atomically(directory / "config.yaml", to_yaml(cfg))
         return recorder
 
     def round_finished(self, row: dict[str, Any], num_rounds: int) -> None:
@@ -81,7 +76,7 @@ class RunRecorder(RunObserver):
 
     def run_finished(self, summary: dict[str, Any]) -> None:
         text = json.dumps(json.loads(json_line(summary)), indent=2)
-        _atomic_write(self.directory / "summary.json", text + "\n")
+        write_text_atomically(self.directory / "summary.json", text + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
