@@ -15,6 +15,7 @@ CPU the clients train one by one with `train_sgd`, several at a time in threads 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,21 +186,26 @@ def _rows(tensors: dict[str, torch.Tensor], pick: torch.Tensor | None) -> dict[s
     return tensors if pick is None else {n: t.index_select(0, pick) for n, t in tensors.items()}
 
 
-_JOINED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_JOINED: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[weakref.ref]]] = {}
 
 
 def _joined(
     datasets: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All clients' data in one tensor on the device, built once per group and run (the
-    clients' tensors are memoised per process, so their storage identifies them)."""
+    clients' tensors are memoised per process, so their storage identifies them; weak
+    references check that it still does: freed data's addresses can be reused)."""
     key = (str(device), *((x.data_ptr(), len(x), y.data_ptr()) for x, y in datasets))
-    if key not in _JOINED:
+    sources = [t for pair in datasets for t in pair]
+    cached = _JOINED.get(key)
+    if cached is None or any(ref() is not t for ref, t in zip(cached[2], sources, strict=True)):
+        _JOINED.pop(key, None)
         if len(_JOINED) >= 8:
             _JOINED.pop(next(iter(_JOINED)))
         x_all = torch.cat([x for x, _ in datasets]).to(device)
-        _JOINED[key] = (x_all, torch.cat([y for _, y in datasets]).to(device))
-    return _JOINED[key]
+        y_all = torch.cat([y for _, y in datasets]).to(device)
+        _JOINED[key] = cached = (x_all, y_all, [weakref.ref(t) for t in sources])
+    return cached[0], cached[1]
 
 
 def _clip_per_client(grads: dict[str, torch.Tensor], max_norm: float) -> None:

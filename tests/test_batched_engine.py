@@ -267,3 +267,21 @@ def test_a_given_client_app_is_refused_by_the_batched_engine():
     cfg = resolve_config("default", {"engine": "batched"})
     with pytest.raises(ValueError, match="use engine: loop"):
         run_inprocess(cfg, {"engine": "batched"}, client_app=ClientApp())
+
+
+def test_joined_data_is_rebuilt_when_a_clients_tensor_is_another_at_the_same_address(
+    monkeypatch,
+):
+    """The join is keyed on storage addresses; freed data's addresses can be reused by the
+    next seed's, which must not get the previous seed's joined images."""
+    from client_app import batched
+
+    monkeypatch.setattr(batched, "_JOINED", {})
+    x1, y1 = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    first, _ = batched._joined([(x1, y1)], torch.device("cpu"))
+    assert batched._joined([(x1, y1)], torch.device("cpu"))[0] is first  # built once
+    ((key, (xs, ys, refs)),) = batched._JOINED.items()
+    x2 = torch.ones(4, 3)  # as if x1 were freed and x2 allocated at its address
+    batched._JOINED[key] = (xs, ys, [lambda: x2, refs[1]])
+    again, _ = batched._joined([(x1, y1)], torch.device("cpu"))
+    assert again is not first and torch.equal(again, x1)
