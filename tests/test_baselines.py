@@ -246,3 +246,12 @@ def test_baseline_states_survive_a_checkpoint(tmp_path):
         assert np.array_equal(loaded.generate(["a"])["a"], server.generate(["a"])["a"])
     with pytest.raises(ValueError, match="holds a FedAvgServer"):
         load_checkpoint(tmp_path / "FedAvgServer.pt", PFedHNServer)
+
+
+@pytest.mark.parametrize("method", ["fedakt", "fedavg", "mh_pfedhn"])
+def test_the_message_log_has_every_vector_a_client_receives(method, tiny_npz, tmp_path):
+    """An operator's audit trail (node config message-log) lists evaluate vectors as well as
+    train ones (FedAKT's evaluation skipped it)."""
+    _, received = tiny_run(method, tiny_npz, tmp_path)
+    kinds = {(entry["round"], entry["type"]) for entry in received}
+    assert {(1, "train"), (2, "train"), (2, "evaluate")} <= kinds, kinds

@@ -146,7 +146,9 @@ class AdapterClient(ClientMethod):
 
     def evaluate(self, session: Session, msg: Message) -> RecordDict:
         """The client's own model with the received adapter, predicting as configured."""
+        theta = protocol.read_theta(msg)
+        session.note_received(msg, theta)  # the operator's message log, as for every vector
         adapter = new_adapter(session)
-        vector_to_model(adapter, protocol.read_theta(msg))
+        vector_to_model(adapter, theta)
         model = WithAdapter(session.local_model(), adapter, session.cfg.method_settings.predict)
         return protocol.evaluate_reply(session.evaluate(model))
