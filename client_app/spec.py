@@ -4,7 +4,8 @@ A client decides these from its own settings: the SuperNode's node config in dep
 (`client-key`, `model`, `partition-id`, `num-partitions`, `data-source`, `data-root`, `role`,
 `local-layers`, `frozen-layers`, `state-dir`), and in simulation the experiment's assignment
 rules (client index mod len(clients.models); the last `generalization.novel_clients`
-partitions are novel). Nothing here is ever sent to the server except K and the role.
+partitions are novel). Of these, only the key (with the proof of the client's secret) and the
+role reach the server, beside K; the model, data and layer selections never do.
 """
 
 from __future__ import annotations

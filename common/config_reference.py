@@ -49,15 +49,6 @@ def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def settings(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
-    """(dotted key, field) of every leaf setting of a model, in schema order."""
-    for name, field in model.model_fields.items():
-        if _is_section(field.annotation):
-            yield from settings(field.annotation, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", field
-
-
 def sections() -> list[tuple[str, type[BaseModel], str]]:
     """(section name, model, who it belongs to): the top level, the schema's sections, then
     each method's own section."""

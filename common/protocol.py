@@ -120,7 +120,6 @@ def instruction(
     theta: np.ndarray | None,
     server_round: int,
     config: Mapping[str, bool | int | float | str] | None = None,
-    teacher: np.ndarray | None = None,
     extras: Mapping[str, np.ndarray] | None = None,
 ) -> RecordDict:
     """Content of a train/evaluate instruction (a query carries no vector); `extras`: a
@@ -129,8 +128,6 @@ def instruction(
     arrays = {}
     if theta is not None:
         arrays[THETA] = _array(theta)
-    if teacher is not None:
-        arrays[TEACHER] = _array(teacher)
     arrays.update({name: _array(value) for name, value in (extras or {}).items()})
     if arrays:
         content["arrays"] = ArrayRecord(arrays)

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "--owner",
         type=int,
         default=None,
-        help="chown the private files to this uid (the images' user: 49999)",
+        help="chown every file written to this uid (the images' user: 49999)",
     )
     args = parser.parse_args(argv)  # fmt: skip
     if args.sites < 1:

@@ -67,8 +67,7 @@ class LocalCluster:
     (e.g. network-namespace) hosts: `prefix[name]` goes before service `name`'s command (and
     `prefix["flwr"]` before `flwr run` and `flwr ls`), e.g. ["ip", "netns", "exec", "ns0"];
     `hosts[name]` is the address the others reach it at and `binds[name]` the address it listens on.
-    `extra_args[name]` is appended to service `name`'s command; `service_env` is set for
-    every service (over its own environment).
+    `service_env` is set for every service (over its own environment).
     """
 
     def __init__(
@@ -84,7 +83,6 @@ class LocalCluster:
         prefix: dict[str, list[str]] | None = None,
         hosts: dict[str, str] | None = None,
         binds: dict[str, str] | None = None,
-        extra_args: dict[str, list[str]] | None = None,
         service_env: dict[str, str] | None = None,
     ) -> None:
         # every site keeps its state (its client secret included) across restarts
@@ -107,7 +105,6 @@ class LocalCluster:
         self.prefix = prefix or {}
         self.hosts = hosts or {}
         self.binds = binds or {}
-        self.extra_args = extra_args or {}
         self.service_env = service_env or {}  # over every service's own (e.g. poll intervals)
         self.superlink_port = free_port()
         self.gateway_port = free_port()
@@ -137,7 +134,6 @@ class LocalCluster:
             index = _node_index(service.name, "supernode-")
             if index is not None and index in self.extra_node_config:
                 service.argv[-1] += " " + self.extra_node_config[index]
-            service.argv.extend(self.extra_args.get(service.name, []))
         return out
 
     def host_of(self, name: str) -> str:

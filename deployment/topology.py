@@ -16,6 +16,8 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import yaml
+
 from common.models import PAPER_HETEROGENEOUS_MODELS
 from deployment.credentials import Credentials
 from deployment.gateway import nginx_config
@@ -438,11 +440,10 @@ def _flow_list(args: Sequence[str]) -> str:
 
 
 def _yaml_scalar(value: str) -> str:
-    """Plain words stay bare; numbers and anything with ':' or quotes become quoted strings."""
-    if (
-        not value.isdigit()
-        and value.replace("-", "").replace(".", "").replace("_", "").replace("/", "").isalnum()
-    ):
+    """Plain words stay bare; what YAML would read as another type (0.1, -1, true, off) and
+    anything with ':' or quotes become quoted strings."""
+    word = value.replace("-", "").replace(".", "").replace("_", "").replace("/", "").isalnum()
+    if word and isinstance(yaml.safe_load(value), str):
         return value
     return "'" + value.replace("'", "''") + "'"
 

@@ -20,15 +20,12 @@ import tempfile
 from pathlib import Path
 
 from common.config import resolve_config
-from common.methods import METHODS
+from common.methods import METHODS, RENAMED_METHODS
 from simulation.run import run_inprocess
 
 TIMING_KEYS = ("seconds", "exchange_seconds", "client_seconds", "server_update_seconds",
                "server_seconds_per_client_update", "global_update_seconds")  # fmt: skip
 SCHEDULES = ("one_by_one", "parallel_mean")
-
-
-RENAMED = {"mh_pfedhng": "mh_pfedhngd_no_distill"}  # recordings keep the name they had
 
 
 def cases() -> list[tuple[str, str, dict]]:
@@ -70,11 +67,7 @@ def record_case(method: str, schedule: str, extra: dict, data: str) -> list[dict
         }
         cfg = resolve_config("default", overrides)
         strategy = run_inprocess(cfg, {"experiment": "default", **overrides})
-        history = strategy.history if hasattr(strategy, "history") else strategy
-        rows = []
-        for row in history:
-            rows.append({k: v for k, v in row.items() if k not in TIMING_KEYS})
-        return rows
+        return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in strategy.history]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out and not args.compare:
         parser.error("give --out or --compare")
     recording = {}
-    renamed = {new: old for old, new in RENAMED.items()}
+    renamed = {new: old for old, new in RENAMED_METHODS.items()}  # recordings keep old names
     for method, schedule, extra in cases():
         key = "/".join(
             [

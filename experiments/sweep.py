@@ -307,9 +307,6 @@ class Run:
                 run_config[key] = value
         return resolve_config(self.experiment, run_config), run_config
 
-    def num_clients(self, output_root: str | Path) -> int:
-        return int(self.resolve(output_root)[0].data.num_clients)
-
     def describe(self) -> dict[str, Any]:
         """What the runner writes beside the run's outputs (sweep_run.json)."""
         return {

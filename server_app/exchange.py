@@ -3,8 +3,7 @@
 Flower's `Grid.send_and_receive` sleeps a fixed 3 s between pulls in deployment (HttpGrid);
 this waits `pull_interval` seconds, 1.5x longer after each pull that brought nothing (up to
 `max_pull_interval`: few idle calls while clients train) and `pull_interval` again after one
-that brought a reply. Each reply goes to a callback the moment it arrives, so the server can
-check it while other clients still train. Replies are keyed by the client key of the message
+that brought a reply. Replies are keyed by the client key of the message
 they answer (through the ids `push_messages` returned), never by the node that claims to have
 sent them.
 
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flwr.app import Message
@@ -53,17 +52,9 @@ class Exchange:
         waiting = {mid: key for mid, key in zip(ids, keys, strict=False) if mid}
         return Posted(keys, waiting, time.monotonic())
 
-    def collect(
-        self,
-        posted: Posted,
-        timeout: float,
-        on_reply: Callable[[str, Message], None] | None = None,
-    ) -> tuple[dict[str, Message], list[str]]:
+    def collect(self, posted: Posted, timeout: float) -> tuple[dict[str, Message], list[str]]:
         """Pull the posted messages' replies until all arrived or `timeout` seconds after they
-        were pushed; return (replies by key, keys that did not answer in time).
-
-        `on_reply(key, reply)` runs for each reply as it arrives.
-        """
+        were pushed; return (replies by key, keys that did not answer in time)."""
         waiting = dict(posted.waiting)
         replies: dict[str, Message] = {}
         deadline = posted.at + timeout
@@ -76,8 +67,6 @@ class Exchange:
                     logger.warning("ignored a reply to no message of this exchange")
                     continue
                 replies[key] = reply
-                if on_reply is not None:
-                    on_reply(key, reply)
             if not waiting or time.monotonic() >= deadline:
                 break
             if arrived:
@@ -89,10 +78,7 @@ class Exchange:
         return replies, missing
 
     def run(
-        self,
-        messages: Mapping[str, Message],
-        timeout: float,
-        on_reply: Callable[[str, Message], None] | None = None,
+        self, messages: Mapping[str, Message], timeout: float
     ) -> tuple[dict[str, Message], list[str]]:
         """Post the messages and collect their replies (one exchange on its own)."""
-        return self.collect(self.post(messages), timeout, on_reply)
+        return self.collect(self.post(messages), timeout)

@@ -855,9 +855,7 @@ class RoundLoop(Strategy):
         first = max(first, resume.completed_round + 1)
         self.observers.run_started(self.cfg, first, num_rounds)
         self.wait_for_nodes(grid)
-        log = RoundLog(first)
-        with collecting(log):
-            self.discover(grid, timeout, first)
+        self.discover(grid, timeout, first)  # refusals go to the directory, not a round's row
         self.check_admitted(grid)
         logger.info("server state: %s", self.state.describe())
         for server_round in range(first, num_rounds + 1):

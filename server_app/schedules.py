@@ -58,7 +58,7 @@ class Parallel:
     one_exchange = True  # the round's train messages all carry the round-start vectors
 
     def __init__(self, in_flight: int = 1, vjp_at: str = "current") -> None:
-        self.size = in_flight  # clients per cohort (`cohorts` only)
+        self.size = in_flight  # clients per cohort (`cohorts`), or in flight (`one_by_one`)
         self.vjp_at = vjp_at
 
     @property

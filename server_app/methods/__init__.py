@@ -1,3 +1,3 @@
-"""One module per method's server side, found by its name (common/methods.py declares each
-method): mh_pfedhn, mh_pfedhngd (also mh_pfedhngd_no_distill), local, fedavg (also
-fedprox, whose difference is on the client), fedavgm, pfedhn."""
+"""One module per method's server side, named as the method (common/methods.py declares each
+and says which module serves it: fedprox and fedakt use fedavg's, mh_pfedhngd_no_distill
+mh_pfedhngd's)."""

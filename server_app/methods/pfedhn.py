@@ -63,7 +63,9 @@ class PFedHNServer(HypernetworkServer):
         """The index of `key`'s architecture (in order of first registration)."""
         return self.architectures.index(self.sizes_of[key])
 
-    def heads_of(self, key: str) -> PerTensorHeads:
+    def heads_of(self, key: str) -> nn.Module:
+        """The heads that generate `key`'s architecture (pFedHN's per tensor, pFedLHN's
+        layer-wise)."""
         return self.hnet.heads[self.record(key).head]
 
     # ------------------------------------------------------------- head hooks
