@@ -61,7 +61,9 @@ class MomentumSGD:
     step the same floats (tested), without torch.optim: its first use imports torch._dynamo,
     2-5 s in every fresh ClientApp process a deployed message starts."""
 
-    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float):
+    def __init__(
+        self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float
+    ) -> None:
         self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
         self.buffers: list[torch.Tensor | None] = [None] * len(params)
 

@@ -553,7 +553,7 @@ class Field:
     name: str
     required: bool = True
 
-    def read(self, scalars, arrays: ArrayRecord | None) -> Any:
+    def read(self, scalars: Mapping[str, Any], arrays: ArrayRecord | None) -> Any:
         raise NotImplementedError
 
     def hostile(self) -> list[Any]:
@@ -572,7 +572,7 @@ class Count(Field):
     minimum: int = 1
     maximum: int = MAX_VECTOR
 
-    def read(self, scalars, arrays: ArrayRecord | None) -> int:
+    def read(self, scalars: Mapping[str, Any], arrays: ArrayRecord | None) -> int:
         value = _field(scalars, self.name, (int,))
         if not self.minimum <= value <= self.maximum:
             raise ReplyError(f"{self.name!r} must lie in [{self.minimum}, {self.maximum}], "
@@ -593,7 +593,7 @@ class Number(Field):
     minimum: float = -float("inf")
     maximum: float = float("inf")
 
-    def read(self, scalars, arrays: ArrayRecord | None) -> float:
+    def read(self, scalars: Mapping[str, Any], arrays: ArrayRecord | None) -> float:
         value = float(_field(scalars, self.name, (int, float)))
         if not np.isfinite(value) or not self.minimum <= value <= self.maximum:
             raise ReplyError(f"{self.name!r} must be finite and in [{self.minimum}, "
@@ -613,7 +613,7 @@ class Sizes(Field):
 
     max_length: int = MAX_TENSORS
 
-    def read(self, scalars, arrays: ArrayRecord | None) -> list[int]:
+    def read(self, scalars: Mapping[str, Any], arrays: ArrayRecord | None) -> list[int]:
         value = scalars.get(self.name)  # None (refused below) if it came as an array
         if (
             not isinstance(value, list)
@@ -641,7 +641,7 @@ class Floats(Field):
     max_abs: float = float("inf")
     shape: tuple[int, ...] | None = None
 
-    def read(self, scalars, arrays: ArrayRecord | None) -> np.ndarray:
+    def read(self, scalars: Mapping[str, Any], arrays: ArrayRecord | None) -> np.ndarray:
         if arrays is None or self.name not in arrays:
             raise ReplyError(f"reply lacks the {self.name!r} array")
         values = _decode(arrays, self.name, (np.float32,), self.max_size, any_shape=True)
@@ -673,7 +673,7 @@ class Indices(Field):
     max_size: int = MAX_TENSORS
     max_value: int = MAX_VECTOR
 
-    def read(self, scalars, arrays: ArrayRecord | None) -> np.ndarray:
+    def read(self, scalars: Mapping[str, Any], arrays: ArrayRecord | None) -> np.ndarray:
         if arrays is None or self.name not in arrays:
             raise ReplyError(f"reply lacks the {self.name!r} array")
         values = _decode(arrays, self.name, (np.int32, np.int64), self.max_size)
@@ -698,7 +698,9 @@ def _shape_fits(shape: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
     return all(w in (-1, n) for w, n in zip(wanted, shape, strict=True))
 
 
-def read_fields(fields: Sequence[Field], scalars, arrays: ArrayRecord | None) -> dict[str, Any]:
+def read_fields(
+    fields: Sequence[Field], scalars: Mapping[str, Any], arrays: ArrayRecord | None
+) -> dict[str, Any]:
     """The declared fields of a reply; a missing required one, or any malformed one, is a
     ReplyError (optional ones that are absent are left out)."""
     out = {}

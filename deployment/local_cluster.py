@@ -306,7 +306,9 @@ class LocalCluster:
             f'address = "{self.host_of("superlink")}:{self.superlink_port}"\n{security}\n'
         )
 
-    def flwr_run(self, run_config: str = "", timeout: float = 900, wait: bool = True):
+    def flwr_run(
+        self, run_config: str = "", timeout: float = 900, wait: bool = True
+    ) -> subprocess.CompletedProcess[str] | subprocess.Popen[bytes]:
         """`flwr run . cluster --stream` with the cluster's own min_nodes first.
 
         One --run-config string: Flower merges repeated ones per top-level table, so a

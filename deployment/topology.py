@@ -103,9 +103,9 @@ def _security(tls: TLS | None, server: bool) -> list[str]:
 def services(
     nodes: Sequence[Node],
     *,
-    host_of=lambda name: name,
+    host_of: Callable[[str], str] = lambda name: name,
     superlink_port: int = SUPERLINK_PORT,
-    supernode_port=lambda node: SUPERNODE_PORT,
+    supernode_port: Callable[[Node], int] = lambda node: SUPERNODE_PORT,
     bind_host: str | Callable[[str], str] = "0.0.0.0",
     database: str = "/app/superlink.db",
     tls: TLS | None = None,

@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 
 from client_app.app import app as client_app
 from common import protocol
@@ -35,7 +35,7 @@ class FlippingClientApp:
     def __init__(self, scale: float) -> None:
         self.scale = scale
 
-    def __call__(self, message: Message, context) -> Message:
+    def __call__(self, message: Message, context: Context) -> Message:
         reply = client_app(message, context)
         attacker = int(context.node_config["partition-id"]) == ATTACKER
         if attacker and message.metadata.message_type == protocol.TRAIN and reply.has_content():

@@ -32,8 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from experiments.cli import add_set_option
+
+if TYPE_CHECKING:  # the parent imports no torch: each measured row runs in a child process
+    from common.config import ExperimentConfig
 
 CASES = {
     "lenet": "lenet",
@@ -98,7 +102,7 @@ def child(spec: dict) -> dict:
     return result
 
 
-def bare_torch(cfg, nodes: list[dict]) -> float:
+def bare_torch(cfg: ExperimentConfig, nodes: list[dict]) -> float:
     """Training samples per second of a bare PyTorch loop (torch.optim.SGD, cross-entropy,
     the same clipping, batch size, models, data and memory format) over every client of the
     run, one after another: what local training alone costs, no federation around it."""

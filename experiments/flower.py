@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def private_flower(flwr_home: Path):
+def private_flower(flwr_home: Path) -> Iterator[dict[str, str]]:
     """Environment for flwr commands; on exit, the SuperLink it started and its children die."""
     env = flower_env(flwr_home)
     marker = f"--port {env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}"
@@ -56,7 +57,9 @@ def flwr_command(run_config: str, federation_config: str, app_dir: Path = ROOT) 
     ]
 
 
-def flwr_run(env: dict[str, str], run_config: str, federation_config: str, timeout: float):
+def flwr_run(
+    env: dict[str, str], run_config: str, federation_config: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         flwr_command(run_config, federation_config),
         env=env,

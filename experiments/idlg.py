@@ -69,7 +69,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 
 # ------------------------------------------------------------------ the attack
-def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False):
+def gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False
+) -> tuple[torch.Tensor, ...]:
     loss = F.cross_entropy(model(x), y)
     return torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
 

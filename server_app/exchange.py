@@ -40,7 +40,9 @@ class Posted:
 class Exchange:
     GROWTH = 1.5
 
-    def __init__(self, grid: Grid, pull_interval: float = 0.05, max_pull_interval: float = 0.5):
+    def __init__(
+        self, grid: Grid, pull_interval: float = 0.05, max_pull_interval: float = 0.5
+    ) -> None:
         self.grid = grid
         self.pull_interval = pull_interval
         self.max_pull_interval = max(max_pull_interval, pull_interval)

@@ -59,7 +59,9 @@ def gradients(
     return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
 
 
-def clipped_step(server: HypernetworkServer, grads: Mapping[torch.nn.Parameter, torch.Tensor]):
+def clipped_step(
+    server: HypernetworkServer, grads: Mapping[torch.nn.Parameter, torch.Tensor]
+) -> float:
     """Clip the joint gradient norm, one Adam step; other parameters keep grad None.
 
     A gradient whose norm is not finite (a delta so large that its VJP overflows) is refused

@@ -59,7 +59,9 @@ class RunRecorder(RunObserver):
         return cls(directory)
 
     @classmethod
-    def resume(cls, directory: Path, cfg: ExperimentConfig, history: list[dict[str, Any]]):
+    def resume(
+        cls, directory: Path, cfg: ExperimentConfig, history: list[dict[str, Any]]
+    ) -> RunRecorder:
         """Continue a run's directory: metrics.jsonl becomes exactly the checkpoint's rounds,
         and a summary of fewer rounds (a run extended) goes until the run writes its own."""
         recorder = cls(directory)

@@ -89,7 +89,9 @@ class Parallel:
 class ParallelSequential(Parallel):
     name = "parallel_sequential"
 
-    def apply(self, server, deltas, server_round) -> Applied:
+    def apply(
+        self, server: HypernetworkServer, deltas: Mapping[str, np.ndarray], server_round: int
+    ) -> Applied:
         tensors = steps.as_tensors(server, deltas)
         order = client_order(server.seed, list(tensors), server_round)
         return _each(server, tensors, order, self.remembers_generation)
@@ -99,7 +101,9 @@ class ParallelMean(Parallel):
     name = "parallel_mean"
     remembers_generation = False  # its one step is at the round-start state anyway
 
-    def apply(self, server, deltas, server_round) -> Applied:
+    def apply(
+        self, server: HypernetworkServer, deltas: Mapping[str, np.ndarray], server_round: int
+    ) -> Applied:
         tensors = steps.as_tensors(server, deltas)
         if not tensors:
             return Applied()
@@ -137,7 +141,9 @@ class OneByOne(Parallel):
         for key in client_order(seed, keys, server_round):
             yield [key]
 
-    def apply(self, server, deltas, server_round) -> Applied:
+    def apply(
+        self, server: HypernetworkServer, deltas: Mapping[str, np.ndarray], server_round: int
+    ) -> Applied:
         tensors = steps.as_tensors(server, deltas)
         return _each(server, tensors, list(tensors), self.remembers_generation)
 

@@ -92,7 +92,9 @@ class AdapterObjective(Objective):
     fmd_weight: float
     hdu: bool
 
-    def __call__(self, model: WithAdapter, x, logits, y) -> torch.Tensor:
+    def __call__(
+        self, model: WithAdapter, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         local, adapted = model.features["local"], model.features["adapter"]
         loss = F.cross_entropy(logits, y)
         if self.fmd_weight:  # (at 0, the adapter stays out of the graph: no decay either)

@@ -36,7 +36,9 @@ class ProximalTerm(Objective):
     mu: float
     anchor: list[torch.Tensor]  # the received parameters, in `parameters()` order
 
-    def __call__(self, model: nn.Module, x, logits, y) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         params = [p for p in model.parameters() if p.requires_grad]
         distance = sum((p - a).pow(2).sum() for p, a in zip(params, self.anchor, strict=True))
         return F.cross_entropy(logits, y) + 0.5 * self.mu * distance

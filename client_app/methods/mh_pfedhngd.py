@@ -33,7 +33,9 @@ class Distillation(Objective):
         if memory_format is not None:
             self.teacher.to(memory_format=memory_format)
 
-    def __call__(self, model, x, logits, y) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         return distillation_loss(logits, teacher_logits, y, self.weight, self.temperature)

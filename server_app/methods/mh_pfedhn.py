@@ -96,7 +96,7 @@ class MHpFedHN(RoundLoop):
         return self.schedule.apply(self.state, deltas, server_round).rejected if deltas else {}
 
     # ------------------------------------------------------------- evaluate
-    def evaluation_stats(self, results):
+    def evaluation_stats(self, results: Mapping[str, protocol.EvalResult]) -> dict[str, Any] | None:
         stats = super().evaluation_stats(results)
         if stats is None or self.novel is None or not self.novel.join_round:
             return stats

@@ -156,7 +156,9 @@ class PeFLLServer(ClientRegistry):
         grads = torch.autograd.grad(inner, [v, *self.hnet.parameters()])
         return list(grads[1:]), grads[0].numpy().astype(np.float32)
 
-    def step(self, h_grads: Sequence[Sequence[torch.Tensor]], e_grads: Sequence[np.ndarray]):
+    def step(
+        self, h_grads: Sequence[Sequence[torch.Tensor]], e_grads: Sequence[np.ndarray]
+    ) -> None:
         """One Adam step on the mean over clients of (g_h, g_E), the joint norm clipped."""
         if not h_grads:
             return
