@@ -389,7 +389,7 @@ def markdown(
     runs: list[RunResult],
     incomplete: list[Incomplete],
     title: str,
-    compared: tuple[list[orderings.Comparison], list[str]] = ([], []),
+    compared: tuple[list[orderings.Comparison], list[str]] | None = None,
 ) -> str:
     """results.md; `compared`: orderings.compare(runs), the paper's orderings section."""
     lines = [
@@ -429,7 +429,7 @@ def markdown(
         "",
         "![accuracy against round](accuracy.png)",
         "",
-        *_with_blank(orderings.markdown(*compared) or _no_orderings(runs)),
+        *_with_blank(orderings.markdown(*(compared or ([], []))) or _no_orderings(runs)),
         "## Runs",
         "",
         "| run | seed | final acc (%) | final round | best acc (%) | best round "
