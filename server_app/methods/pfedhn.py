@@ -42,6 +42,8 @@ def head_index(name: str) -> int:
 
 
 class PFedHNServer(HypernetworkServer):
+    head_class: type[nn.Module] = PerTensorHeads  # what generates an architecture's tensors
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.architectures: list[tuple[int, ...]] = []  # tensor sizes, in order of arrival
@@ -81,12 +83,16 @@ class PFedHNServer(HypernetworkServer):
         return sum(self.sizes_of[key]) * (self.settings.hidden_dim + 1)
 
     def make_head(self, key: str, num_params: int) -> nn.Module:
+        """The heads of a new architecture (the `index`-th), seeded by `head_seed`."""
         index, signature = len(self.architectures), self.sizes_of[key]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed if index == 0 else stable_seed(self.seed, "heads", index))
-            heads = PerTensorHeads(self.settings.hidden_dim, signature)
+            torch.manual_seed(self.head_seed(index))
+            heads = self.head_class(self.settings.hidden_dim, signature)
         self.architectures.append(signature)
         return heads
+
+    def head_seed(self, index: int) -> int:
+        return self.seed if index == 0 else stable_seed(self.seed, "heads", index)
 
     def apply_heads(
         self, records: Sequence[EmbeddedClient], features: torch.Tensor

@@ -65,6 +65,8 @@ class LayerWiseHeads(nn.Module):
 
 
 class PFedLHNServer(PFedHNServer):
+    head_class = LayerWiseHeads
+
     def __init__(self, settings: HypernetworkSettings | None = None, *, bank_dim: int = 40,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(settings, **kwargs)
@@ -92,13 +94,8 @@ class PFedLHNServer(PFedHNServer):
     def rows_for(self, key: str, num_params: int) -> int:
         return len(self.sizes_of[key])  # a row of C_i per tensor
 
-    def make_head(self, key: str, num_params: int) -> nn.Module:
-        index, signature = len(self.architectures), self.sizes_of[key]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stable_seed(self.seed, "layer-heads", index))
-            heads = LayerWiseHeads(self.settings.hidden_dim, signature)
-        self.architectures.append(signature)
-        return heads
+    def head_seed(self, index: int) -> int:
+        return stable_seed(self.seed, "layer-heads", index)
 
     def apply_heads(
         self, records: Sequence[EmbeddedClient], features: torch.Tensor
