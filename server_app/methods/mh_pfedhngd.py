@@ -134,22 +134,25 @@ class MHpFedHNGD(MHpFedHN):
         return ArrayRecord({W_G: Array(self.state.global_vector())})
 
     # ------------------------------------------------------------ phase 1
+    def exchange_global(
+        self, grid: Grid, kind: str, server_round: int, config: ConfigRecord,
+        keys: list[str], timeout: float, phase: str = "",
+    ) -> tuple[np.ndarray, Exchanged]:  # fmt: skip
+        """The global model w_g to these clients in a `kind` message; (w_g, the exchange)."""
+        w_g = self.state.global_vector()
+        messages = self.messages(kind, server_round, config, self.view(grid, keys),
+                                 vectors=dict.fromkeys(keys, w_g))  # fmt: skip
+        return w_g, self.exchange(grid, messages, timeout, phase)
+
     def global_phase(
         self, grid: Grid, server_round: int, keys: list[str], timeout: float
     ) -> tuple[dict[str, Any], Exchanged | None]:
         """Phase 1: the chosen clients train w_g; one weighted step. (metrics, exchange)"""
         if not keys or self.state.global_model is None:
             return {}, None
-        w_g = self.state.global_vector()
         phase = "global"
-        messages = self.messages(
-            protocol.TRAIN_GLOBAL,
-            server_round,
-            ConfigRecord(),
-            self.view(grid, keys),
-            vectors=dict.fromkeys(keys, w_g),
-        )
-        exchanged = self.exchange(grid, messages, timeout, phase)
+        w_g, exchanged = self.exchange_global(grid, protocol.TRAIN_GLOBAL, server_round,
+                                              ConfigRecord(), keys, timeout, phase)  # fmt: skip
         limit = self.cfg.server.max_delta_abs
         results = self.parse_all(
             server_round,
@@ -240,15 +243,8 @@ class MHpFedHNGD(MHpFedHN):
         keys = self.connected_clients(grid)
         if not keys or self.state.global_model is None:
             return metrics, exchanges
-        w_g = self.state.global_vector()
-        messages = self.messages(
-            protocol.EVALUATE_GLOBAL,
-            server_round,
-            config,
-            self.view(grid, keys),
-            vectors=dict.fromkeys(keys, w_g),
-        )
-        exchanged = self.exchange(grid, messages, timeout)
+        _, exchanged = self.exchange_global(grid, protocol.EVALUATE_GLOBAL, server_round,
+                                            config, keys, timeout)  # fmt: skip
         stats = from_metrics(self.aggregate_evaluate(server_round, exchanged.replies.values()))
         if stats:
             stats.pop("clients_evaluated")
