@@ -30,6 +30,7 @@ from pathlib import Path
 
 from common.config import resolve_config
 from deployment.local_cluster import LocalCluster, absolute_data_path
+from deployment.processes import exit_on_termination
 from deployment.topology import default_nodes
 from deployment.warm_clientapp import SWITCH_ENV as COLD
 from server_app.outputs import read_metrics
@@ -99,20 +100,40 @@ def breakdown(rows: list[dict], deployed: bool = True) -> dict:
     return out
 
 
-def deployed(args: argparse.Namespace, out: Path, name: str) -> dict:
-    extra, env = VARIANTS[name]
-    config = settings(args, out, name, extra)
+def run_on_cluster(
+    args: argparse.Namespace, out: Path, name: str, config: dict, env: dict | None = None
+) -> tuple[list[dict], float]:
+    """One `flwr run` of `config` on a fresh local cluster of the arguments' sites (`env`
+    over every service's); its rows and the run's wall seconds."""
     nodes = default_nodes(args.clients, args.models.split(","))
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-    with LocalCluster(nodes, out / f"{name}-cluster", service_env=env) as cluster:
+    with (  # a `timeout` or closed terminal stops the cluster, as Ctrl-C does
+        exit_on_termination(),
+        LocalCluster(nodes, out / f"{name}-cluster", service_env=env) as cluster,
+    ):
         started = time.perf_counter()
         done = cluster.flwr_run(run_config, timeout=3600)
         total = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{name}: flwr run failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    result = breakdown(read_metrics(out / name / "metrics.jsonl"))
-    result["total_seconds"] = total
-    return result
+    return read_metrics(out / name / "metrics.jsonl"), total
+
+
+def add_cluster_options(parser: argparse.ArgumentParser, clients: int, rounds: int) -> None:
+    """The data, sites and rounds of the measured runs, and where they go."""
+    parser.add_argument("--data", default="npz:../shared/data/mnist.npz")
+    parser.add_argument("--clients", type=int, default=clients)
+    parser.add_argument("--models", default="lenet,mlp")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+
+
+def deployed(args: argparse.Namespace, out: Path, name: str) -> dict:
+    extra, env = VARIANTS[name]
+    rows, total = run_on_cluster(args, out, name, settings(args, out, name, extra), env)
+    return {**breakdown(rows), "total_seconds": total}
 
 
 def inprocess(args: argparse.Namespace, out: Path, name: str) -> dict:
@@ -145,14 +166,8 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="npz:../shared/data/mnist.npz")
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--models", default="lenet,mlp")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fraction", type=float, default=0.05)
-    parser.add_argument("--epochs", type=int, default=1)
+    add_cluster_options(parser, clients=3, rounds=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.data = absolute_data_path(args.data, Path.cwd())
     out = (args.out or Path(tempfile.mkdtemp(prefix="deployment-benchmark-"))).resolve()

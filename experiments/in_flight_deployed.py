@@ -29,13 +29,10 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from deployment.local_cluster import LocalCluster, absolute_data_path
-from deployment.topology import default_nodes
-from experiments.deployment_benchmark import settings
-from server_app.outputs import read_metrics
+from deployment.local_cluster import absolute_data_path
+from experiments.deployment_benchmark import add_cluster_options, run_on_cluster, settings
 
 
 def modelled_round_seconds(
@@ -72,17 +69,8 @@ def measured(rows: list[dict]) -> dict:
 
 def run_variant(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dict:
     config = settings(args, out, name, {"hypernetwork.schedule": "one_by_one", **extra})
-    nodes = default_nodes(args.clients, args.models.split(","))
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-    with LocalCluster(nodes, out / f"{name}-cluster") as cluster:
-        started = time.perf_counter()
-        done = cluster.flwr_run(run_config, timeout=3600)
-        total = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{name}: flwr run failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    result = measured(read_metrics(out / name / "metrics.jsonl"))
-    result["total_seconds"] = total
-    return result
+    rows, total = run_on_cluster(args, out, name, config)
+    return {**measured(rows), "total_seconds": total}
 
 
 def per_exchange(one_by_one: dict) -> tuple[float, float]:
@@ -142,16 +130,10 @@ def model_sites(text: str) -> dict[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="npz:../shared/data/mnist.npz")
-    parser.add_argument("--clients", type=int, default=6)
-    parser.add_argument("--models", default="lenet,mlp")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--fraction", type=float, default=0.05)
-    parser.add_argument("--epochs", type=int, default=1)
+    add_cluster_options(parser, clients=6, rounds=4)
     parser.add_argument("--in-flight", default="1,2,3,6", help="values of c to run")
     parser.add_argument("--model-sites", type=model_sites, default="10:1,2,5,10;50:1,5,10,25,50",
                         help="sites:c,c,...;... to model from the c = 1 run")  # fmt: skip
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.data = absolute_data_path(args.data, Path.cwd())
     out = (args.out or Path(tempfile.mkdtemp(prefix="in-flight-deployed-"))).resolve()
