@@ -20,7 +20,7 @@ from torch import nn
 
 from client_app.session import Layout, model_layout
 from common.config import HypernetworkConfig
-from common.models import build_model
+from common.models import build_model, check_fits_the_data
 from common.param_vector import parse_layer_patterns, vector_size
 
 
@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("num_classes", "in_channels", "image_size", "chunk_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    shape = {"num_classes": args.num_classes, "in_channels": args.in_channels,
+             "image_size": args.image_size}  # fmt: skip
     try:
-        model = build_model(args.model, num_classes=args.num_classes,
-                            in_channels=args.in_channels, image_size=args.image_size)  # fmt: skip
+        model = build_model(args.model, **shape)
+        check_fits_the_data(args.model, model, shape)  # a zoo model too (not at every build)
         layout = model_layout(model, parse_layer_patterns(args.local_layers),
                               parse_layer_patterns(args.frozen_layers))  # fmt: skip
     except (ImportError, ValueError, TypeError) as err:

@@ -251,7 +251,7 @@ def _call_with_accepted_kwargs(
     return factory(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def _check_fits_the_data(path: str, model: nn.Module, kwargs: dict[str, int]) -> None:
+def check_fits_the_data(path: str, model: nn.Module, kwargs: dict[str, int]) -> None:
     """A plug-in model must map a batch of the data's images to one logit per class: with
     another width it would train on without an error (or fail inside the loss). Run on every
     build (a forward of two blank images), this also initialises lazy layers, whose K is
@@ -265,7 +265,7 @@ def _check_fits_the_data(path: str, model: nn.Module, kwargs: dict[str, int]) ->
             out = model(torch.zeros(shape))
     except Exception as err:
         raise ValueError(
-            f"model factory {path!r}: its model fails on a batch of the data's images, "
+            f"model {path!r} fails on a batch of the data's images, "
             f"shape {shape}: {type(err).__name__}: {err}"
         ) from None
     finally:
@@ -273,7 +273,7 @@ def _check_fits_the_data(path: str, model: nn.Module, kwargs: dict[str, int]) ->
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if got != (2, kwargs["num_classes"]):
         raise ValueError(
-            f"model factory {path!r}: its model maps a batch of shape {shape} to {got}, not "
+            f"model {path!r} maps a batch of shape {shape} to {got}, not "
             f"(2, {kwargs['num_classes']}): one logit per class of the data (num_classes)"
         )
 
@@ -293,7 +293,7 @@ def build_model(
             raise TypeError(
                 f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module"
             )
-        _check_fits_the_data(name, model, kwargs)
+        check_fits_the_data(name, model, kwargs)
         return model
     builder = _REGISTRY.get(name)
     if builder is None:

@@ -6,6 +6,7 @@ Lines are appended and flushed as each round ends, so a crashed run keeps what i
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,27 @@ def json_line(row: Any) -> str:
     return json.dumps(clean(row), allow_nan=False)
 
 
+def _claim(directory: Path) -> bool:
+    """Make `directory` a new run's (private: its checkpoint holds every client's model);
+    False if a run has it (its metrics.jsonl exists)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    try:
+        (directory / "metrics.jsonl").open("x").close()
+    except FileExistsError:
+        return False
+    return True
+
+
+def _taken(directory: Path) -> str:
+    if (directory / "checkpoint.pt").is_file():
+        how = f"continue it with server.resume={str(directory)!r}, or "
+    else:
+        how = "it has no checkpoint to continue from: "
+    return (f"{directory} holds a run already (metrics.jsonl): {how}choose another "
+            "server.run_name, or remove the folder")  # fmt: skip
+
+
 class RunRecorder(RunObserver):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -41,20 +63,19 @@ class RunRecorder(RunObserver):
 
     @classmethod
     def create(cls, cfg: ExperimentConfig, run_id: int | str = "local") -> RunRecorder:
-        """outputs/<name>-<time>-run<id>/ unless server.run_name is set; a folder that holds
-        a run already is refused (its rows would mix with the new run's, its config go)."""
-        name = cfg.server.run_name
-        if name == "auto":
-            name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-        directory = Path(cfg.server.output_root).expanduser().resolve() / name
-        if (directory / "metrics.jsonl").exists():
-            raise ConfigError(
-                f"{directory} holds a run already (metrics.jsonl): continue it with "
-                f"server.resume={str(directory)!r}, or choose another server.run_name, or "
-                "remove the folder"
-            )
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)  # the checkpoint in it holds every client's model
+        """outputs/<name>-<time>-run<id>/ (-2, -3... if a run of the same second has it)
+        unless server.run_name is set; a named folder that holds a run is refused (its rows
+        would mix with the new run's). The folder is claimed by creating metrics.jsonl, so
+        two runs started together cannot both take it."""
+        root = Path(cfg.server.output_root).expanduser().resolve()
+        if cfg.server.run_name != "auto":
+            directory = root / cfg.server.run_name
+            if not _claim(directory):
+                raise ConfigError(_taken(directory))
+        else:
+            stem = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
+            names = (stem if n == 1 else f"{stem}-{n}" for n in itertools.count(1))
+            directory = next(root / name for name in names if _claim(root / name))
         write_text_atomically(directory / "config.yaml", to_yaml(cfg))
         return cls(directory)
 

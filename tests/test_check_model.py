@@ -94,3 +94,9 @@ def test_every_zoo_model_meets_the_recommendation_at_the_default_chunk_size(
     name, channels, classes
 ):  # docs/concepts/hypernetwork.md says so
     assert _check(build_model(name, num_classes=classes, in_channels=channels)).meets_recommendation
+
+
+def test_a_zoo_model_too_small_for_the_images_is_refused(capsys):
+    """build_model checks only plug-in models on every build; the check runs a zoo one too."""
+    assert main(["squeezenet1_0", "--image-size", "16"]) == 1
+    assert "fails on a batch of the data's images" in capsys.readouterr().err

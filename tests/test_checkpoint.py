@@ -12,6 +12,7 @@ from common.config import resolve_config
 from server_app.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
 from server_app.methods.mh_pfedhn import MHpFedHN
+from server_app.outputs import RunRecorder
 from server_app.run import build_state, resume_state, run_experiment
 from server_app.schedules import ParallelSequential
 from simulation.grid import InProcessGrid
@@ -148,4 +149,17 @@ def test_a_fresh_run_into_a_folder_that_holds_a_run_is_refused_and_loses_nothing
     before = {f: (tmp_path / "named" / f).read_bytes() for f in ("metrics.jsonl", "config.yaml")}
     with pytest.raises(ValueError, match=r"holds a run already.*server.resume="):
         run(tmp_path, "named", rounds=2)
+    (tmp_path / "named" / CHECKPOINT_NAME).unlink()
+    with pytest.raises(ValueError, match="no checkpoint to continue from"):
+        run(tmp_path, "named", rounds=2)
     assert before == {f: (tmp_path / "named" / f).read_bytes() for f in before}
+
+
+def test_runs_named_auto_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr("time.strftime", lambda _: "20261206-120000")
+    cfg = resolve_config("default", {**SMALL, "server.output_root": str(tmp_path)})
+    folders = [RunRecorder.create(cfg, run_id=7).directory for _ in range(3)]
+    assert [f.name for f in folders] == [
+        f"{cfg.name}-20261206-120000-run7", f"{cfg.name}-20261206-120000-run7-2",
+        f"{cfg.name}-20261206-120000-run7-3",
+    ]  # fmt: skip

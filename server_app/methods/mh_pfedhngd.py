@@ -160,8 +160,11 @@ class MHpFedHNGD(MHpFedHN):
             lambda key, reply: protocol.parse_train_reply(reply, len(w_g), limit),
             phase,
         )
-        results = {k: self.bounded(server_round, k, results[k])[0] for k in sorted(results)}
+        bounded = {k: self.bounded(server_round, k, results[k]) for k in sorted(results)}
+        results = {k: result for k, (result, _) in bounded.items()}
         metrics: dict[str, Any] = {"bytes_up": sum(r.bytes_up for r in results.values())}
+        if scaled := sum(was_scaled for _, was_scaled in bounded.values()):
+            metrics["global_deltas_scaled"] = scaled
         weights = self.weights(results)
         total = sum(weights.values())
         started = time.perf_counter()

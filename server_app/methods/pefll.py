@@ -265,7 +265,9 @@ class PeFLL(RoundLoop):
         results = self.parse_all(server_round, exchanged.replies.values(), self.parse_train)
         bounded = {k: self.bounded(server_round, k, results[k]) for k in sorted(results)}
         results = {k: result for k, (result, _) in bounded.items()}
+        started = time.perf_counter()  # the server's work: these gradients and the step
         grads = {k: self.state.gradients(k, results[k].delta) for k in sorted(results)}
+        server_s = time.perf_counter() - started
         field = protocol.Floats(EMBED_GRAD, max_size=protocol.MAX_VECTOR,
                                 max_abs=self.cfg.server.max_delta_abs,
                                 shape=(self.state.embed_vector().size,))  # fmt: skip
@@ -280,8 +282,9 @@ class PeFLL(RoundLoop):
             reject(server_round, key, "no embedding gradient: its update is left out")
         started = time.perf_counter()
         self.state.step([grads[k][0] for k in done], [e_grads[k] for k in done])
+        server_s += time.perf_counter() - started
         applied = {k: results[k] for k in done}
-        outcome.metrics = {**self.train_metrics(applied, time.perf_counter() - started),
+        outcome.metrics = {**self.train_metrics(applied, server_s),
                            "bytes_up": sum(r.bytes_up for r in results.values())}  # fmt: skip
         if scaled := sum(was_scaled for _, was_scaled in bounded.values()):
             outcome.metrics["deltas_scaled"] = scaled

@@ -176,9 +176,10 @@ class PFedLAServer(ClientRegistry):
         return models if sent_round == server_round else current
 
     def step(self, key: str, delta: np.ndarray, models: torch.Tensor) -> None:
-        """psi_i <- psi_i - lr J^T delta, the mix taken over `models` (the round's start, or
-        the current ones): d<thetabar, delta>/d alpha^l_j = <theta_j^l, delta^l>, so the
-        gradient flows back through alpha alone, without a graph over all K x N entries."""
+        """psi_i <- psi_i - lr J^T delta, the mix taken over `models` (those the client's
+        mix was made from: `models_sent_to`): d<thetabar, delta>/d alpha^l_j =
+        <theta_j^l, delta^l>, so the gradient flows back through alpha alone, without a graph
+        over all K x N entries."""
         direction = torch.from_numpy(np.asarray(delta, np.float32))
         if self.settings.hn_sign == "reference":
             direction = -direction
