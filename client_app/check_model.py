@@ -32,7 +32,11 @@ class ModelCheck:
     kept_local: int  # trainable parameters that never leave the client
     layers: int  # modules owning a parameter of the vector (BatchNorm included)
     chunk_size: int  # N
-    tau: int
+
+    @property
+    def tau(self) -> int:
+        """ceil(K / N), as the server computes it (server_app/hypernetwork.py num_chunks)."""
+        return math.ceil(self.num_params / self.chunk_size)
 
     @property
     def meets_recommendation(self) -> bool:
@@ -60,7 +64,6 @@ def check_model(model: nn.Module, layout: Layout, chunk_size: int) -> ModelCheck
         kept_local=vector_size(model, layout.local) if layout.local else 0,
         layers=layers,
         chunk_size=chunk_size,
-        tau=math.ceil(num_params / chunk_size),
     )
 
 

@@ -61,7 +61,7 @@ def test_frozen_layers_stay_in_the_vector():
 
 @given(st.integers(1, 10**7), st.integers(1, 500))
 def test_largest_chunk_size_is_the_largest_that_meets_the_recommendation(k, layers):
-    n = ModelCheck(k, 0, layers, 1, k).largest_chunk_size
+    n = ModelCheck(k, 0, layers, 1).largest_chunk_size
     if n:
         assert math.ceil(k / n) > layers >= math.ceil(k / (n + 1))
     else:  # not even one parameter per chunk is enough
