@@ -21,7 +21,7 @@ from torch import nn
 from client_app.session import Layout, model_layout
 from common.config import HypernetworkConfig
 from common.models import build_model, check_fits_the_data
-from common.param_vector import parse_layer_patterns, vector_size
+from common.param_vector import num_chunks, parse_layer_patterns, vector_size
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class ModelCheck:
 
     @property
     def tau(self) -> int:
-        """ceil(K / N), as the server computes it (server_app/hypernetwork.py num_chunks)."""
-        return math.ceil(self.num_params / self.chunk_size)
+        """ceil(K / N), by the rule the server uses."""
+        return num_chunks(self.num_params, self.chunk_size)
 
     @property
     def meets_recommendation(self) -> bool:

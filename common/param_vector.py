@@ -11,6 +11,7 @@ parameters, so they never travel: they stay on the client between rounds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
@@ -21,11 +22,19 @@ from torch import nn
 __all__ = [
     "matching_parameter_names",
     "model_to_vector",
+    "num_chunks",
     "parse_layer_patterns",
     "select_parameter_names",
     "vector_size",
     "vector_to_model",
 ]
+
+
+def num_chunks(num_params: int, chunk_size: int) -> int:
+    """tau = ceil(K / N): how many chunks (and embedding vectors) the hypernetwork generates a
+    vector of K parameters from. Here, not in the server, because a site checks its own tau
+    (client_app/check_model.py) against its layers, which the server never learns."""
+    return math.ceil(num_params / chunk_size)
 
 
 def select_parameter_names(

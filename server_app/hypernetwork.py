@@ -14,11 +14,6 @@ import torch
 from torch import nn
 
 
-def num_chunks(num_params: int, chunk_size: int) -> int:
-    """tau = ceil(K / N): how many chunks (and embedding vectors) a client of size K needs."""
-    return math.ceil(num_params / chunk_size)
-
-
 class FeatureExtractor(nn.Sequential):
     """Linear(e, h) ReLU, then (layers - 1) x [Linear(h, h) ReLU], as the authors' code."""
 

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from common.config import DEFAULT_MAX_PARAMS, ExperimentConfig
+from common.param_vector import num_chunks
 from common.seeding import stable_seed
 from server_app.generated_from import GeneratedFrom
-from server_app.hypernetwork import ChunkHead, MultiHeadHypernetwork, num_chunks
+from server_app.hypernetwork import ChunkHead, MultiHeadHypernetwork
 from server_app.memory import BYTES_PER_WEIGHT, fused_adam, memory_budget_bytes, resolve_device
 from server_app.server_state import ClientRecord, ClientRegistry, RegistrationError
 

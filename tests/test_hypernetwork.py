@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.param_vector import num_chunks
 from server_app import hypernetwork_steps as steps
-from server_app.hypernetwork import MultiHeadHypernetwork, num_chunks
+from server_app.hypernetwork import MultiHeadHypernetwork
 from server_app.hypernetwork_server import HypernetworkServer, HypernetworkSettings
 from server_app.memory import resolve_device
 from server_app.schedules import client_order, schedule_named
