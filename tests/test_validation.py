@@ -67,6 +67,19 @@ def test_selection_picks_the_round_of_best_validation_not_best_test():
     assert select_by_validation([{"round": 1, "accuracy": 0.5}]) is None
 
 
+def test_rounds_of_equal_validation_accuracy_are_told_apart_by_validation_loss():
+    history = [
+        {"round": 1, "accuracy": 0.60, "val_accuracy": 0.70, "val_loss": 0.90},
+        {"round": 2, "accuracy": 0.58, "val_accuracy": 0.70, "val_loss": 0.80},  # lowest loss
+        {"round": 3, "accuracy": 0.62, "val_accuracy": 0.70, "val_loss": 0.80},  # same: later
+        {"round": 4, "accuracy": 0.65, "val_accuracy": 0.70, "val_loss": None},  # no loss
+        {"round": 5, "accuracy": 0.90, "val_accuracy": 0.69, "val_loss": 0.10},  # lower accuracy
+    ]
+    assert select_by_validation(history)["round"] == 2
+    assert select_by_validation(history[3:])["round"] == 4
+    assert select_by_validation([history[3], history[0]])["round"] == 1
+
+
 @pytest.mark.slow
 def test_a_run_reports_validation_accuracy_and_the_round_it_selects(mnist_npz, tmp_path):
     """Both splits are evaluated in the same exchanges: no extra round trip per round."""
