@@ -28,11 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.config import resolve_config
+from common.config import ConfigError, resolve_config
 from deployment.local_cluster import LocalCluster, absolute_data_path
 from deployment.processes import exit_on_termination
 from deployment.topology import default_nodes
 from deployment.warm_clientapp import SWITCH_ENV as COLD
+from experiments.cli import add_set_option
 from server_app.outputs import read_metrics
 from simulation.run import run_inprocess
 
@@ -67,6 +68,7 @@ def settings(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dic
         "server.output_root": str(out),
         "server.run_name": name,
         **BASE,
+        **dict(args.set),
         **extra,
     }
 
@@ -128,6 +130,22 @@ def add_cluster_options(parser: argparse.ArgumentParser, clients: int, rounds: i
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    add_set_option(parser, help="any other setting of the measured runs (a variant's own win), "
+                   "e.g. preset=paper_text")  # fmt: skip
+
+
+def parse_cluster_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """The arguments, with the data path made absolute and every `--set` checked here: a
+    misspelt key fails before any cluster starts, not in the server of the first run."""
+    args = parser.parse_args(argv)
+    args.data = absolute_data_path(args.data, Path.cwd())
+    try:
+        resolve_config("default", dict(args.set))
+    except ConfigError as error:
+        parser.error(f"--set: {error}")
+    return args
 
 
 def deployed(args: argparse.Namespace, out: Path, name: str) -> dict:
@@ -168,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cluster_options(parser, clients=3, rounds=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parser.parse_args(argv)
-    args.data = absolute_data_path(args.data, Path.cwd())
+    args = parse_cluster_args(parser, argv)
     out = (args.out or Path(tempfile.mkdtemp(prefix="deployment-benchmark-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -31,8 +31,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from deployment.local_cluster import absolute_data_path
-from experiments.deployment_benchmark import add_cluster_options, run_on_cluster, settings
+from experiments.deployment_benchmark import (
+    add_cluster_options,
+    parse_cluster_args,
+    run_on_cluster,
+    settings,
+)
 
 
 def modelled_round_seconds(
@@ -134,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", default="1,2,3,6", help="values of c to run")
     parser.add_argument("--model-sites", type=model_sites, default="10:1,2,5,10;50:1,5,10,25,50",
                         help="sites:c,c,...;... to model from the c = 1 run")  # fmt: skip
-    args = parser.parse_args(argv)
-    args.data = absolute_data_path(args.data, Path.cwd())
+    args = parse_cluster_args(parser, argv)
     out = (args.out or Path(tempfile.mkdtemp(prefix="in-flight-deployed-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     try:

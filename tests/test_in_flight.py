@@ -8,6 +8,7 @@ got, so a plain-PyTorch reimplementation of the definition can be compared bit f
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import numpy as np
@@ -257,6 +258,30 @@ def test_model_sites_without_c_1_or_out_of_range_are_refused_before_any_run(bad,
     with pytest.raises(SystemExit) as exit_:
         main(["--model-sites", bad])
     assert exit_.value.code == 2 and "--model-sites" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["deployment_benchmark", "in_flight_deployed"])
+def test_a_misspelt_set_is_refused_before_any_cluster_starts(module, capsys, monkeypatch):
+    import importlib
+
+    script = importlib.import_module(f"experiments.{module}")
+    monkeypatch.setattr(script, "run_on_cluster", lambda *a, **k: pytest.fail("a cluster ran"))
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--set", "client.lrr=0.1"])
+    assert exit_.value.code == 2
+    assert "did you mean 'client.lr'" in capsys.readouterr().err
+
+
+def test_set_reaches_the_measured_runs_but_not_over_a_variants_own_settings(tmp_path):
+    from experiments.deployment_benchmark import VARIANTS, add_cluster_options, settings
+
+    parser = argparse.ArgumentParser()
+    add_cluster_options(parser, clients=3, rounds=3)
+    args = parser.parse_args(["--set", "preset=paper_text", "--set", "hypernetwork.schedule=x"])
+    one_by_one = settings(args, tmp_path, "fast-one-by-one", VARIANTS["fast-one-by-one"][0])
+    assert one_by_one["preset"] == "paper_text"
+    assert one_by_one["hypernetwork.schedule"] == "one_by_one"
+    assert settings(args, tmp_path, "fast", {})["hypernetwork.schedule"] == "x"
 
 
 class Interrupted(RuntimeError):
