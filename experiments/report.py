@@ -228,8 +228,16 @@ def _figures_so_far(
     return _result(directory, rows, summary)
 
 
+def latest_per_round(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round, the last logged, in round order. A resume rewrites metrics.jsonl to
+    its checkpoint's rounds, but a file appended to by hand or by an older version may repeat
+    rounds, and every figure must come from the rows the run kept."""
+    return sorted({int(r["round"]): r for r in rows}.values(), key=lambda r: int(r["round"]))
+
+
 def _result(directory: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> RunResult:
     experiment, method, seed = _identity(directory)
+    rows = latest_per_round(rows)
     training = [t for r in rows if r.get("round", 0) > 0 and (t := _seconds(r)) is not None]
     curve = _curve(rows)
     values = [curve[r] for r in sorted(curve)]

@@ -123,6 +123,26 @@ def test_report_shows_the_validation_selected_accuracy_beside_the_others(tmp_pat
     assert "val-selected acc (%)" in text and "| 55.00 ± 7.07 |" in text
 
 
+def test_a_round_logged_twice_counts_once_with_its_last_row(tmp_path):
+    """An older version's resume appended the replayed rounds: the discarded first copy of
+    round 2 must neither be selected on validation nor counted in the seconds per round."""
+    from experiments.report import load_run
+
+    run = tmp_path / "r0"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: exp\nmethod: local\nseed: 0\n")
+    rows = [(0, 0.1, 0.1, 1.0), (1, 0.5, 0.5, 1.0), (2, 0.9, 0.9, 7.0),  # lost in a crash
+            (2, 0.6, 0.6, 1.0), (3, 0.7, 0.7, 1.0)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": r, "accuracy": a, "val_accuracy": v, "seconds": s}) + "\n"
+        for r, a, v, s in rows))  # fmt: skip
+    (run / "summary.json").write_text(json.dumps({"rounds": 3, "total_bytes_down": 0,
+                                                  "total_bytes_up": 0}))  # fmt: skip
+    result = load_run(run)
+    assert (result.selected_round, result.selected_accuracy) == (3, 0.7)
+    assert result.seconds_per_round == 1.0 and result.largest_drop == 0.0
+
+
 def test_the_report_gives_each_architectures_accuracy_in_runs_of_several_models(tmp_path):
     from experiments.report import architecture_accuracy, write_report
 
