@@ -28,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.config import ConfigError, resolve_config
+from flwr.common.config import parse_config_args
+
+from common.config import EXPERIMENT_KEY, resolve_config, toml_value
 from deployment.local_cluster import LocalCluster, absolute_data_path
 from deployment.processes import exit_on_termination
 from deployment.topology import default_nodes
@@ -51,10 +53,8 @@ VARIANTS = {
 BASE = {"hypernetwork.schedule": "parallel_sequential"}
 
 
-def settings(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dict:
-    """The run config of one measured run, whose folder `out/name` is cleared (a rerun
-    measures afresh)."""
-    shutil.rmtree(out / name, ignore_errors=True)
+def _script_settings(args: argparse.Namespace, out: Path, name: str) -> dict:
+    """What the script's own options say about a measured run (and where it writes)."""
     return {
         "data.source": args.data,
         "data.fraction": args.fraction,
@@ -67,10 +67,24 @@ def settings(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dic
         "server.checkpoint_every": 0,
         "server.output_root": str(out),
         "server.run_name": name,
-        **BASE,
-        **dict(args.set),
-        **extra,
     }
+
+
+def measured_config(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dict:
+    """The run config of one measured run: `--set` over the base round, the variant's own
+    settings over those (they are what is measured), the script's options over all."""
+    return {**BASE, **dict(args.set), **extra, **_script_settings(args, out, name)}
+
+
+def settings(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dict:
+    """measured_config, with the run's folder `out/name` cleared (a rerun measures afresh)."""
+    shutil.rmtree(out / name, ignore_errors=True)
+    return measured_config(args, out, name, extra)
+
+
+def run_config_string(config: dict) -> str:
+    """The config as one `flwr run --run-config` string of TOML values."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
 def breakdown(rows: list[dict], deployed: bool = True) -> dict:
@@ -108,7 +122,7 @@ def run_on_cluster(
     """One `flwr run` of `config` on a fresh local cluster of the arguments' sites (`env`
     over every service's); its rows and the run's wall seconds."""
     nodes = default_nodes(args.clients, args.models.split(","))
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    run_config = run_config_string(config)
     with (  # a `timeout` or closed terminal stops the cluster, as Ctrl-C does
         exit_on_termination(),
         LocalCluster(nodes, out / f"{name}-cluster", service_env=env) as cluster,
@@ -137,15 +151,30 @@ def add_cluster_options(parser: argparse.ArgumentParser, clients: int, rounds: i
 def parse_cluster_args(
     parser: argparse.ArgumentParser, argv: list[str] | None
 ) -> argparse.Namespace:
-    """The arguments, with the data path made absolute and every `--set` checked here: a
-    misspelt key fails before any cluster starts, not in the server of the first run."""
+    """The arguments, with the data path made absolute; `--set` may not redo what an option
+    of the script says (it would measure one thing and record another)."""
     args = parser.parse_args(argv)
     args.data = absolute_data_path(args.data, Path.cwd())
-    try:
-        resolve_config("default", dict(args.set))
-    except ConfigError as error:
-        parser.error(f"--set: {error}")
+    owned = {*_script_settings(args, Path(), ""), EXPERIMENT_KEY}
+    if clash := sorted(owned & {key for key, _ in args.set}):
+        parser.error(f"--set {', '.join(clash)}: given by the script's own options (--data, "
+                     "--clients, --models, --rounds, --fraction, --epochs, --out) or, for "
+                     "experiment, fixed to the default one here")  # fmt: skip
     return args
+
+
+def check_measured_configs(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path, extras: dict[str, dict]
+) -> None:
+    """Every measured run's config, resolved and parsed as `flwr run` will parse it, before
+    any cluster starts: a bad `--set` fails now, not in a server minutes of runs later."""
+    for name, extra in extras.items():
+        config = measured_config(args, out, name, extra)
+        try:
+            resolve_config("default", config)
+            parse_config_args([run_config_string(config)])
+        except Exception as error:  # ConfigError, toml_value's, click's from Flower's parser
+            parser.error(f"--set: the {name} run's config: {error}")
 
 
 def deployed(args: argparse.Namespace, out: Path, name: str) -> dict:
@@ -187,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     add_cluster_options(parser, clients=3, rounds=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parse_cluster_args(parser, argv)
+    names = args.variants.split(",")
+    if unknown := [name for name in names if name not in VARIANTS]:
+        parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     out = (args.out or Path(tempfile.mkdtemp(prefix="deployment-benchmark-"))).resolve()
+    check_measured_configs(parser, args, out, {name: VARIANTS[name][0] for name in names})
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in args.variants.split(","):
+    for name in names:
         results[name] = {
             "deployed": deployed(args, out, name),
             "in-process": inprocess(args, out, name),

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from experiments.deployment_benchmark import (
     add_cluster_options,
+    check_measured_configs,
     parse_cluster_args,
     run_on_cluster,
     settings,
@@ -71,9 +72,15 @@ def measured(rows: list[dict]) -> dict:
     }
 
 
+def variants(values: list[int]) -> dict[str, dict]:
+    """The measured runs: one_by_one with each c in flight, then the parallel round."""
+    runs = {f"c{c}": {"hypernetwork.schedule": "one_by_one", "hypernetwork.in_flight": c}
+            for c in values}  # fmt: skip
+    return {**runs, "parallel_mean": {"hypernetwork.schedule": "parallel_mean"}}
+
+
 def run_variant(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dict:
-    config = settings(args, out, name, {"hypernetwork.schedule": "one_by_one", **extra})
-    rows, total = run_on_cluster(args, out, name, config)
+    rows, total = run_on_cluster(args, out, name, settings(args, out, name, extra))
     return {**measured(rows), "total_seconds": total}
 
 
@@ -148,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     if 1 not in values or min(values) < 1:
         parser.error("--in-flight: values of at least 1, with 1 among them (the model is fitted "
                      "to that run)")  # fmt: skip
+    runs = variants(values)
+    check_measured_configs(parser, args, out, runs)
     results: dict[str, dict] = {}
-    for c in values:
-        results[f"c{c}"] = run_variant(args, out, f"c{c}", {"hypernetwork.in_flight": c})
-        print(f"c={c}: {results[f'c{c}']['seconds_per_round']:.2f} s/round", flush=True)
-    results["parallel_mean"] = run_variant(args, out, "parallel_mean",
-                                           {"hypernetwork.schedule": "parallel_mean"})  # fmt: skip
+    for name, extra in runs.items():
+        results[name] = run_variant(args, out, name, extra)
+        print(f"{name}: {results[name]['seconds_per_round']:.2f} s/round", flush=True)
     exchange_s, server_s = per_exchange(results["c1"])
     model: dict = {"exchange_s": exchange_s, "server_s": server_s, "sites": {}}
     for sites, cs in args.model_sites.items():

@@ -183,10 +183,11 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         if error.is_file():
             lines = [line for line in error.read_text().splitlines() if line.strip()]
             reason += f" ({lines[-1]})" if lines else ""
-        rows, planned = _readable_rows(directory), _config(directory).get("rounds")
+        rows = latest_per_round(_readable_rows(directory))
+        planned = _config(directory).get("rounds")
         so_far = _so_far(directory, rows, planned)
         return Incomplete(directory.name, reason + _progress(rows, planned), so_far)
-    return _result(directory, read_metrics(directory / "metrics.jsonl"), summary)
+    return _result(directory, latest_per_round(read_metrics(directory / "metrics.jsonl")), summary)
 
 
 def _so_far(directory: Path, rows: list[dict[str, Any]], planned: int | None) -> RunResult | None:
@@ -232,12 +233,12 @@ def latest_per_round(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per round, the last logged, in round order. A resume rewrites metrics.jsonl to
     its checkpoint's rounds, but a file appended to by hand or by an older version may repeat
     rounds, and every figure must come from the rows the run kept."""
-    return sorted({int(r["round"]): r for r in rows}.values(), key=lambda r: int(r["round"]))
+    by_round = {int(r["round"]): r for r in rows if _finite(r.get("round"))}
+    return [by_round[r] for r in sorted(by_round)]
 
 
 def _result(directory: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> RunResult:
     experiment, method, seed = _identity(directory)
-    rows = latest_per_round(rows)
     training = [t for r in rows if r.get("round", 0) > 0 and (t := _seconds(r)) is not None]
     curve = _curve(rows)
     values = [curve[r] for r in sorted(curve)]

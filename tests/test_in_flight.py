@@ -261,15 +261,27 @@ def test_model_sites_without_c_1_or_out_of_range_are_refused_before_any_run(bad,
 
 
 @pytest.mark.parametrize("module", ["deployment_benchmark", "in_flight_deployed"])
-def test_a_misspelt_set_is_refused_before_any_cluster_starts(module, capsys, monkeypatch):
+@pytest.mark.parametrize(("bad", "says"), [
+    ("client.lrr=0.1", "did you mean 'client.lr'"),
+    ("rounds=5", "given by the script's own options"),  # --rounds would be recorded
+    ("experiment=other", "given by the script's own options"),
+    ("clients.local_layers=[fc3.weight, fc3.bias]", "must be a bool, int, float or string"),
+    ("server.max_delta_abs=.inf", "not a finite number"),
+    ('tracking.experiment=a"b', "invalid format"),  # Flower's run-config parser refuses it
+    ("generalization.join_round=9", "join_round"),  # valid alone, not with the runs' rounds
+])  # fmt: skip
+def test_a_bad_set_is_refused_before_any_cluster_starts(
+    module, bad, says, capsys, monkeypatch, tmp_path
+):
+    """Each would have failed in a server after minutes of other measured runs."""
     import importlib
 
     script = importlib.import_module(f"experiments.{module}")
     monkeypatch.setattr(script, "run_on_cluster", lambda *a, **k: pytest.fail("a cluster ran"))
     with pytest.raises(SystemExit) as exit_:
-        script.main(["--set", "client.lrr=0.1"])
+        script.main(["--set", bad, "--out", str(tmp_path)])
     assert exit_.value.code == 2
-    assert "did you mean 'client.lr'" in capsys.readouterr().err
+    assert says in capsys.readouterr().err
 
 
 def test_set_reaches_the_measured_runs_but_not_over_a_variants_own_settings(tmp_path):

@@ -78,6 +78,9 @@ def test_rounds_of_equal_validation_accuracy_are_told_apart_by_validation_loss()
     assert select_by_validation(history)["round"] == 2
     assert select_by_validation(history[3:])["round"] == 4
     assert select_by_validation([history[3], history[0]])["round"] == 1
+    nan_loss = {**history[0], "round": 0, "val_loss": float("nan")}
+    assert select_by_validation([nan_loss, history[0]])["round"] == 1
+    assert select_by_validation([history[0], nan_loss])["round"] == 1
 
 
 @pytest.mark.slow
@@ -141,6 +144,9 @@ def test_a_round_logged_twice_counts_once_with_its_last_row(tmp_path):
     result = load_run(run)
     assert (result.selected_round, result.selected_accuracy) == (3, 0.7)
     assert result.seconds_per_round == 1.0 and result.largest_drop == 0.0
+    (run / "summary.json").unlink()  # unfinished: its figures so far
+    so_far = load_run(run).so_far
+    assert (so_far.best_round, so_far.best_accuracy, so_far.total_seconds) == (3, 0.7, 4.0)
 
 
 def test_the_report_gives_each_architectures_accuracy_in_runs_of_several_models(tmp_path):
