@@ -847,6 +847,11 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"run-config value {value!r} must be a bool, int, float or string")
 
 
+def run_config_string(run_config: Mapping[str, Any]) -> str:
+    """A flat run config as one `flwr run --run-config` string of TOML values."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
+
+
 def run_config_toml(run_config: Mapping[str, Any]) -> str:
     """A flat run config as a TOML file for `flwr run --run-config FILE.toml` (dotted keys
     are quoted, so they stay flat keys, exactly as `-c 'data.source="..."'` gives them)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from common.config import toml_value
+from common.config import run_config_string
 from deployment.credentials import Credentials, make_credentials
 from deployment.gateway import nginx_config
 from deployment.processes import (
@@ -360,7 +360,7 @@ def absolute_data_paths(run_config: str, cwd: Path) -> str:
     for key in ("data.source", "data.root", "data.cache_dir"):
         if isinstance(overrides.get(key), str) and overrides[key]:
             overrides[key] = absolute_data_path(overrides[key], cwd, key == "data.source")
-    return " ".join(f"{key}={toml_value(value)}" for key, value in overrides.items())
+    return run_config_string(overrides)
 
 
 def absolute_data_path(value: str, cwd: Path, is_source: bool = True) -> str:

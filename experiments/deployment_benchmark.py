@@ -30,7 +30,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from common.config import EXPERIMENT_KEY, resolve_config, toml_value
+from common.config import EXPERIMENT_KEY, resolve_config, run_config_string
 from deployment.local_cluster import LocalCluster, absolute_data_path
 from deployment.processes import exit_on_termination
 from deployment.topology import default_nodes
@@ -80,11 +80,6 @@ def settings(args: argparse.Namespace, out: Path, name: str, extra: dict) -> dic
     """measured_config, with the run's folder `out/name` cleared (a rerun measures afresh)."""
     shutil.rmtree(out / name, ignore_errors=True)
     return measured_config(args, out, name, extra)
-
-
-def run_config_string(config: dict) -> str:
-    """The config as one `flwr run --run-config` string of TOML values."""
-    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
 def breakdown(rows: list[dict], deployed: bool = True) -> dict:
