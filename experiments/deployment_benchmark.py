@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -144,12 +145,16 @@ def add_cluster_options(parser: argparse.ArgumentParser, clients: int, rounds: i
 
 
 def parse_cluster_args(
-    parser: argparse.ArgumentParser, argv: list[str] | None
+    parser: argparse.ArgumentParser, argv: list[str] | None, prefix: str
 ) -> argparse.Namespace:
-    """The arguments, with the data path made absolute; `--set` may not redo what an option
-    of the script says (it would measure one thing and record another)."""
+    """The arguments, with the data path made absolute and `--out` an absolute folder (by
+    default a new one, `prefix` and a time stamp, in the system's temporary folder). Nothing
+    is made yet, so a command refused later leaves nothing behind. `--set` may not redo what
+    an option of the script says (it would measure one thing and record another)."""
     args = parser.parse_args(argv)
     args.data = absolute_data_path(args.data, Path.cwd())
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    args.out = (args.out or Path(tempfile.gettempdir()) / f"{prefix}-{stamp}").resolve()
     owned = {*_script_settings(args, Path(), ""), EXPERIMENT_KEY}
     if clash := sorted(owned & {key for key, _ in args.set}):
         parser.error(f"--set {', '.join(clash)}: given by the script's own options (--data, "
@@ -210,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cluster_options(parser, clients=3, rounds=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parse_cluster_args(parser, argv)
+    args = parse_cluster_args(parser, argv, "deployment-benchmark")
     names = args.variants.split(",")
     if unknown := [name for name in names if name not in VARIANTS]:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
-    out = (args.out or Path(tempfile.mkdtemp(prefix="deployment-benchmark-"))).resolve()
+    out = args.out
     check_measured_configs(parser, args, out, {name: VARIANTS[name][0] for name in names})
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 from experiments.deployment_benchmark import (
@@ -145,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", default="1,2,3,6", help="values of c to run")
     parser.add_argument("--model-sites", type=model_sites, default="10:1,2,5,10;50:1,5,10,25,50",
                         help="sites:c,c,...;... to model from the c = 1 run")  # fmt: skip
-    args = parse_cluster_args(parser, argv)
-    out = (args.out or Path(tempfile.mkdtemp(prefix="in-flight-deployed-"))).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    args = parse_cluster_args(parser, argv, "in-flight-deployed")
+    out = args.out
     try:
         values = [int(c) for c in args.in_flight.split(",")]
     except ValueError:
@@ -157,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                      "to that run)")  # fmt: skip
     runs = variants(values)
     check_measured_configs(parser, args, out, runs)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     for name, extra in runs.items():
         results[name] = run_variant(args, out, name, extra)

@@ -273,15 +273,22 @@ def test_model_sites_without_c_1_or_out_of_range_are_refused_before_any_run(bad,
 def test_a_bad_set_is_refused_before_any_cluster_starts(
     module, bad, says, capsys, monkeypatch, tmp_path
 ):
-    """Each would have failed in a server after minutes of other measured runs."""
+    """Each would have failed in a server after minutes of other measured runs. The refused
+    command leaves no output folder behind, named or default."""
     import importlib
+    import tempfile
 
     script = importlib.import_module(f"experiments.{module}")
     monkeypatch.setattr(script, "run_on_cluster", lambda *a, **k: pytest.fail("a cluster ran"))
-    with pytest.raises(SystemExit) as exit_:
-        script.main(["--set", bad, "--out", str(tmp_path)])
-    assert exit_.value.code == 2
-    assert says in capsys.readouterr().err
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for out in (["--out", str(tmp_path / "out")], []):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(["--set", bad, *out])
+        assert exit_.value.code == 2
+        assert says in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+    assert not any((tmp_path / "tmp").iterdir())
 
 
 def test_set_reaches_the_measured_runs_but_not_over_a_variants_own_settings(tmp_path):
