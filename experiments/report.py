@@ -355,7 +355,7 @@ def aggregate(runs: Iterable[RunResult]) -> list[dict[str, Any]]:
         seeds = [r.seed for r in members]
         row["repeated_seeds"] = " ".join(str(s) for s in sorted(set(seeds)) if seeds.count(s) > 1)
         row["partial_figures"] = " ".join(
-            name for name, _ in orderings.MEASURES
+            name for name in SUMMARISED
             if 0 < sum(math.isnan(getattr(r, name)) for r in members) < len(members)
         )  # fmt: skip
         row["best_selected_by"] = BEST_LABEL

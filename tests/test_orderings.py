@@ -261,6 +261,8 @@ def test_a_table_whose_rows_ran_for_different_lengths_says_so():
 def test_a_row_with_two_runs_of_one_seed_or_a_figure_missing_from_some_runs_says_so():
     """A copied rerun of seed 0 must not pass for a second seed, and a mean over two of three
     runs must not pass for a three-seed mean."""
+    import dataclasses
+
     from experiments.report import _mixed_rows, aggregate
 
     rerun = [_result("local", 0, 0.85), _result("local", 0, 0.65), _result("local", 1, 0.8)]
@@ -270,6 +272,9 @@ def test_a_row_with_two_runs_of_one_seed_or_a_figure_missing_from_some_runs_says
     partial[1].selected_accuracy = float("nan")  # a run without a validation split
     (other,) = aggregate(partial)
     assert other["partial_figures"] == "selected_accuracy"
+    no_drop = [*partial[:2], dataclasses.replace(partial[2], mean_drop=float("nan"))]
+    (row_2,) = aggregate(no_drop)  # every summarised figure is checked, not only accuracies
+    assert row_2["partial_figures"] == "selected_accuracy mean_drop"
     assert _mixed_rows([row]) == [
         "",
         "- **x / local has more than one run of seed 0**: they count as separate seeds in its "
