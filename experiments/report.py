@@ -187,7 +187,22 @@ def load_run(directory: Path) -> RunResult | Incomplete:
         planned = _config(directory).get("rounds")
         so_far = _so_far(directory, rows, planned)
         return Incomplete(directory.name, reason + _progress(rows, planned), so_far)
-    return _result(directory, latest_per_round(read_metrics(directory / "metrics.jsonl")), summary)
+    return _result(directory, latest_per_round(_finished_rows(directory)), summary)
+
+
+class UnreadableRun(ValueError):
+    """A finished run (it has summary.json) whose metrics.jsonl is missing or malformed: its
+    figures cannot be computed, and leaving it out would change the table silently."""
+
+
+def _finished_rows(directory: Path) -> list[dict[str, Any]]:
+    path = directory / "metrics.jsonl"
+    try:
+        return read_metrics(path)
+    except OSError as error:
+        raise UnreadableRun(f"{path}: cannot be read ({error.strerror or error})") from error
+    except ValueError as error:
+        raise UnreadableRun(f"{path}: not JSON lines ({error})") from error
 
 
 def _so_far(directory: Path, rows: list[dict[str, Any]], planned: int | None) -> RunResult | None:
@@ -786,7 +801,13 @@ def main(argv: list[str] | None = None) -> int:
     if not directory.is_dir():
         print(f"error: {directory} is not a folder", file=sys.stderr)
         return 2
-    found = write_report(directory)
+    try:
+        found = write_report(directory)
+    except UnreadableRun as error:
+        print(f"error: {error}; the run has a summary.json, so it finished and its figures "
+              "would be missing from the table: nothing written, its results.* files are left "
+              "as they are", file=sys.stderr)  # fmt: skip
+        return 2
     if not found["runs"] and not found["incomplete"]:
         print(
             f"error: {directory} holds no run folders (a <run>/metrics.jsonl); "

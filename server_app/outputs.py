@@ -107,5 +107,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def parse_metrics(text: str) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl text."""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The rows of a metrics.jsonl text; a malformed line is a ValueError naming its number."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as error:
+                raise ValueError(f"line {number}: {error}") from error
+    return rows

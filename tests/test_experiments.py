@@ -660,29 +660,34 @@ def test_run_config_travels_to_flower_as_toml(tmp_path):
     assert parse_config_args([str(path)]) == config
 
 
+def _finished_run(run, seed, accs):
+    """A finished run's folder as the server writes it (config, metrics, summary)."""
+    run.mkdir()
+    (run / "config.yaml").write_text(f"name: exp\nmethod: mh_pfedhn\nseed: {seed}\n")
+    rows = [
+        {"round": i, "accuracy": a, "accuracy_client_mean": a, "seconds": 2.0 + i}
+        for i, a in enumerate(accs)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {
+        "rounds": 2,
+        "total_seconds": 9.0,
+        "total_bytes_down": 2_000_000,
+        "total_bytes_up": 1_000_000,
+        "final_accuracy": accs[-1],
+        "final_round": 2,
+        "final_accuracy_client_mean": accs[-1],
+        "best_accuracy": max(accs),
+        "best_round": accs.index(max(accs)),
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
 def test_report_regenerates_from_a_folder(tmp_path, capsys):
     """`python -m experiments.report DIR` over runs it did not make (no sweep_run.json)."""
     for seed, accs in ((0, [0.1, 0.5, 0.4]), (1, [0.1, 0.3, 0.6])):
-        run = tmp_path / f"r{seed}"
-        run.mkdir()
-        (run / "config.yaml").write_text(f"name: exp\nmethod: mh_pfedhn\nseed: {seed}\n")
-        rows = [
-            {"round": i, "accuracy": a, "accuracy_client_mean": a, "seconds": 2.0 + i}
-            for i, a in enumerate(accs)
-        ]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        summary = {
-            "rounds": 2,
-            "total_seconds": 9.0,
-            "total_bytes_down": 2_000_000,
-            "total_bytes_up": 1_000_000,
-            "final_accuracy": accs[-1],
-            "final_round": 2,
-            "final_accuracy_client_mean": accs[-1],
-            "best_accuracy": max(accs),
-            "best_round": accs.index(max(accs)),
-        }
-        (run / "summary.json").write_text(json.dumps(summary))
+        _finished_run(tmp_path / f"r{seed}", seed, accs)
     from experiments.report import main
 
     assert main([str(tmp_path)]) == 0
@@ -752,6 +757,28 @@ def test_report_over_a_folder_without_runs_writes_nothing(tmp_path, capsys):
     assert "no run folders" in capsys.readouterr().err
     assert (tmp_path / "results.md").read_text() == "the table\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+@pytest.mark.parametrize("metrics", [None, '{"round": 0, "accuracy": 0.1}\n{"round": 1, "acc'])
+def test_report_refuses_a_finished_run_whose_metrics_cannot_be_read(tmp_path, capsys, metrics):
+    """A run with summary.json finished: without its rows its figures would silently be missing
+    from the table, so the report names the file and line and writes nothing."""
+    from experiments.report import main
+
+    _finished_run(tmp_path / "r0", 0, [0.1, 0.5, 0.4])
+    bad = _finished_run(tmp_path / "r1", 1, [0.1, 0.3, 0.6])
+    (bad / "metrics.jsonl").unlink()
+    if metrics is not None:
+        (bad / "metrics.jsonl").write_text(metrics)
+    sweep_run = {"experiment": "exp", "method": "mh_pfedhn", "seed": 1}  # marks a run folder
+    (bad / "sweep_run.json").write_text(json.dumps(sweep_run))
+    (tmp_path / "results.md").write_text("the table\n")
+    assert main([str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert str(bad / "metrics.jsonl") in error and "nothing written" in error
+    assert ("line 2:" in error) if metrics else ("cannot be read" in error)
+    assert (tmp_path / "results.md").read_text() == "the table\n"
+    assert not (tmp_path / "results.csv").exists()
 
 
 def test_report_says_how_far_a_run_still_going_has_got(tmp_path):
