@@ -154,7 +154,7 @@ def select_by_validation(history: list[dict[str, Any]]) -> dict[str, Any] | None
     """The evaluated round of highest pooled validation accuracy, or None when the run has no
     validation split.
 
-    Accuracy moves in steps of one validation example, so equal rounds are common (7 of the 56
+    Accuracy moves in steps of one validation example, so equal rounds are common (7 of the 60
     Table 7 seed runs) and the choice among them can swing the test accuracy by 0.7 points.
     They are told apart by the lower validation loss, still on validation data only (a missing
     or non-finite one ranks last), and then by the earlier round.
