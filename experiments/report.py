@@ -39,7 +39,7 @@ import yaml
 from common.config import defining_settings
 from experiments import orderings
 from experiments.paper_table7 import mismatches, paper_accuracy
-from server_app.outputs import read_metrics
+from server_app.outputs import parse_metrics, read_metrics
 from server_app.round_log import select_by_validation
 
 BEST_LABEL = "best round by pooled test accuracy (authors' protocol)"
@@ -145,16 +145,9 @@ def _readable_rows(directory: Path) -> list[dict[str, Any]]:
     """An unfinished run's metrics rows up to the first unreadable line (a running run's last
     line may be half written); none when the file cannot be read."""
     try:
-        lines = (directory / "metrics.jsonl").read_text().splitlines()
-    except (OSError, ValueError):
+        return parse_metrics((directory / "metrics.jsonl").read_text(), up_to_malformed=True)
+    except (OSError, ValueError):  # ValueError: not text
         return []
-    rows = []
-    for line in filter(str.strip, lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows
 
 
 def _progress(rows: list[dict[str, Any]], planned: int | None) -> str:

@@ -106,13 +106,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return parse_metrics(Path(path).read_text())
 
 
-def parse_metrics(text: str) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl text; a malformed line is a ValueError naming its number."""
+def parse_metrics(text: str, *, up_to_malformed: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl text; a malformed line is a ValueError naming its number,
+    or with `up_to_malformed` the end of the rows (a running run's last line may be half
+    written)."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except ValueError as error:
+                if up_to_malformed:
+                    break
                 raise ValueError(f"line {number}: {error}") from error
     return rows
